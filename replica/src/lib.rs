@@ -1,0 +1,17 @@
+//! Tandem's replica: the replicated key-value server (passive and active replication,
+//! checkpoints, recovery), the client library, and the wire contract they share.
+//!
+//! Pure cores (`state`, `log`, `replication`, `checkpoint`) decide; `server` and `peers`
+//! do the I/O around them; `client` is what the CLI, benchmarks and tests use.
+
+pub mod checkpoint;
+pub mod error;
+pub mod log;
+pub mod replication;
+pub mod state;
+
+/// Generated code of the `tandem.v1` protobuf package.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("tandem.v1");
+}

@@ -1,0 +1,916 @@
+//! The replication core: one replica's protocol state, as a deterministic state machine.
+//! Events come in as method calls (a client request, a leader's entries, a follower's
+//! answer, a configuration, a checkpoint); decisions come out as return values (reply,
+//! wait, forward, what to send a peer, which requests executed). No I/O, no clocks: the
+//! server (server.rs, peers.rs) does the sending and the waiting.
+//!
+//! Both modes share one mechanism: the configuration's `primary` (passive primary, or
+//! active order-keeper) is the leader; it orders requests into the log and replicates
+//! them to every member; an entry is committed once every member of the configuration
+//! holds it. Passive: only the primary executes, backups log and install checkpoints.
+//! Active: every member executes committed entries and answers its clients.
+//!
+//! Safety rests on three rules: configurations come only from the RM with a growing
+//! epoch; a replica refuses messages of an older epoch; the RM names as leader only a
+//! member of the previous configuration (which holds every committed entry, since
+//! committing needs every member).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::ReplicaError;
+use crate::log::{Accepted, Log};
+use crate::pb::{self, Mode, Role};
+use crate::state::{Applied, StateMachine, validate};
+
+/// Most entries one append carries.
+pub const MAX_BATCH_ENTRIES: usize = 512;
+/// Soft byte limit of one append (a single bigger entry travels alone).
+pub const MAX_BATCH_BYTES: usize = 2 << 20;
+/// Entries a leader keeps past what it executed, for followers that fall a little
+/// behind (further behind, they get a checkpoint instead).
+pub const LEADER_LOG_RETENTION: u64 = 4096;
+
+/// A request that executed here, for the server to answer whoever waits for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Executed {
+    pub seq: u64,
+    pub client_id: String,
+    pub request_id: u64,
+    /// The reply, or the session's last request id when this one was stale.
+    pub outcome: Result<pb::OpResult, u64>,
+}
+
+/// What to do with a client request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    /// Answer now (a retry answered from the session table).
+    Reply(pb::ExecuteReply),
+    /// Refuse with a typed error; nothing changed.
+    Refuse(ReplicaError),
+    /// Wait until the request executes here. Active mode, on a member that is not the
+    /// order-keeper: also hand it to `forward_to` for ordering.
+    Wait { forward_to: Option<pb::Member> },
+}
+
+/// What a leader should send a follower next.
+#[derive(Debug, Clone)]
+pub enum PeerWork {
+    Append(pb::AppendRequest),
+    Checkpoint(Checkpoint),
+    /// Nothing to send until something changes.
+    Idle,
+    /// Not a peer of this leader (any more): the peer's sender should stop.
+    Gone,
+}
+
+/// A leader's view of one follower (a member, or a joining learner).
+#[derive(Debug, Clone)]
+struct Progress {
+    address: String,
+    member: bool,
+    /// Next sequence number to send.
+    next_seq: u64,
+    /// The follower's log agrees with ours up to here.
+    match_seq: u64,
+    /// Whether the follower has a consistent state (else its log does not count).
+    has_state: bool,
+    /// The commit sequence number the follower was last told.
+    told_commit: u64,
+    checkpoint_wanted: bool,
+    checkpoint_in_flight: bool,
+    checkpoint_seq: u64,
+}
+
+impl Progress {
+    fn new(address: String, member: bool, next_seq: u64) -> Self {
+        Self {
+            address,
+            member,
+            next_seq,
+            match_seq: 0,
+            has_state: false,
+            told_commit: 0,
+            checkpoint_wanted: false,
+            checkpoint_in_flight: false,
+            checkpoint_seq: 0,
+        }
+    }
+}
+
+/// What changed when a configuration was installed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigChange {
+    pub epoch: u64,
+    pub role: Role,
+    /// This replica led before and does not lead now: its waiting clients must go.
+    pub stepped_down: bool,
+    pub became_leader: bool,
+    /// Requests executed because a promotion replayed the log.
+    pub executed: Vec<Executed>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Core {
+    id: String,
+    config: Option<pb::Configuration>,
+    state: StateMachine,
+    /// Every entry up to here is reflected in `state`.
+    applied_seq: u64,
+    log: Log,
+    commit_seq: u64,
+    /// Whether `state` + `log` are a consistent prefix of the group's history. A fresh
+    /// replica has none until a checkpoint arrives, unless it bootstraps a new group.
+    has_state: bool,
+    /// Header of a checkpoint being received, past the end of our log.
+    pending_checkpoint: Option<u64>,
+    /// Last checkpoint installed (follower) or taken for a follower (leader).
+    checkpoint_seq: u64,
+    /// Leader only: followers.
+    peers: BTreeMap<String, Progress>,
+    /// Leader only: highest request id per client ordered but not yet executed.
+    ordered: HashMap<String, u64>,
+}
+
+impl Core {
+    /// A replica with no configuration. `bootstrap`: it starts a new group, so its empty
+    /// state is the group's state; otherwise it must get a checkpoint before it is ready.
+    pub fn new(id: impl Into<String>, bootstrap: bool) -> Self {
+        Self {
+            id: id.into(),
+            config: None,
+            state: StateMachine::default(),
+            applied_seq: 0,
+            log: Log::default(),
+            commit_seq: 0,
+            has_state: bootstrap,
+            pending_checkpoint: None,
+            checkpoint_seq: 0,
+            peers: BTreeMap::new(),
+            ordered: HashMap::new(),
+        }
+    }
+
+    // ------------------------------------------------------------ queries
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn config(&self) -> Option<&pb::Configuration> {
+        self.config.as_ref()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.config.as_ref().map_or(0, |c| c.epoch)
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.config.as_ref().map_or(Mode::Unspecified, |c| c.mode())
+    }
+
+    fn member(&self, id: &str) -> Option<&pb::Member> {
+        self.config.as_ref()?.members.iter().find(|m| m.id == id)
+    }
+
+    pub fn is_member(&self) -> bool {
+        self.member(&self.id).is_some()
+    }
+
+    fn named_primary(&self) -> bool {
+        self.config.as_ref().is_some_and(|c| c.primary == self.id)
+    }
+
+    /// Leads (orders requests) in the current configuration.
+    pub fn is_leader(&self) -> bool {
+        self.has_state && self.named_primary() && self.is_member()
+    }
+
+    /// Has a configuration and a consistent state: may serve, and may be added.
+    pub fn is_ready(&self) -> bool {
+        self.config.is_some() && self.has_state
+    }
+
+    fn executes(&self) -> bool {
+        self.has_state && (self.mode() == Mode::Active || self.is_leader())
+    }
+
+    pub fn role(&self) -> Role {
+        match &self.config {
+            None => Role::Unconfigured,
+            Some(_) if !self.has_state => Role::Joining,
+            Some(_) if !self.is_member() => Role::Standby,
+            Some(_) if self.named_primary() => Role::Primary,
+            Some(_) => Role::Backup,
+        }
+    }
+
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.config.is_none() {
+            Some("no configuration installed yet".into())
+        } else if let Some(seq) = self.pending_checkpoint.filter(|_| !self.has_state) {
+            Some(format!("receiving checkpoint at seq {seq}"))
+        } else if !self.has_state {
+            Some("joining: waiting for a checkpoint from the leader".into())
+        } else {
+            None
+        }
+    }
+
+    pub fn leader(&self) -> Option<&pb::Member> {
+        self.member(&self.config.as_ref()?.primary)
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.log.last_seq()
+    }
+
+    pub fn commit_seq(&self) -> u64 {
+        self.commit_seq
+    }
+
+    pub fn applied_seq(&self) -> u64 {
+        self.applied_seq
+    }
+
+    pub fn checkpoint_seq(&self) -> u64 {
+        self.checkpoint_seq
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.log.len()
+    }
+
+    pub fn keys(&self) -> usize {
+        self.state.keys()
+    }
+
+    /// Followers this leader replicates to: (id, address).
+    pub fn peer_addresses(&self) -> Vec<(String, String)> {
+        self.peers
+            .iter()
+            .map(|(id, p)| (id.clone(), p.address.clone()))
+            .collect()
+    }
+
+    /// The state as of the commit point, and the entries still to replay on it for a
+    /// passive backup (whose state is its last checkpoint). Cheap: the digest itself is
+    /// computed by the caller, outside any lock.
+    pub fn committed_state(&self) -> (StateMachine, Vec<pb::Entry>, u64) {
+        let replay = if self.has_state && self.commit_seq > self.applied_seq {
+            self.log
+                .after(self.applied_seq)
+                .take_while(|e| e.seq <= self.commit_seq)
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let seq = if self.has_state {
+            self.applied_seq
+                .max(self.commit_seq.min(self.log.last_seq()))
+        } else {
+            0
+        };
+        (self.state.clone(), replay, seq)
+    }
+
+    fn not_ready(&self) -> ReplicaError {
+        ReplicaError::NotReady {
+            replica: self.id.clone(),
+            epoch: self.epoch(),
+            reason: self
+                .not_ready_reason()
+                .unwrap_or_else(|| "not a member of the configuration".into()),
+        }
+    }
+
+    fn not_primary(&self) -> ReplicaError {
+        let leader = self.leader().cloned().unwrap_or_default();
+        ReplicaError::NotPrimary {
+            replica: self.id.clone(),
+            epoch: self.epoch(),
+            primary_id: leader.id,
+            primary_address: leader.address,
+        }
+    }
+
+    /// Checks a peer message's epoch against ours: older is refused with our
+    /// configuration (so the sender learns where the group went), newer asks for the
+    /// configuration first.
+    fn check_epoch(&self, epoch: u64) -> Result<(), ReplicaError> {
+        let current = self.epoch();
+        if epoch < current {
+            Err(ReplicaError::WrongEpoch {
+                replica: self.id.clone(),
+                got: epoch,
+                current,
+                configuration: self.config.clone(),
+            })
+        } else if epoch > current {
+            Err(ReplicaError::ConfigurationRequired {
+                replica: self.id.clone(),
+                have: current,
+                want: epoch,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    // ------------------------------------------------------------ configuration
+
+    /// Installs a configuration from the RM (directly, or relayed by a peer).
+    pub fn install_config(
+        &mut self,
+        config: pb::Configuration,
+    ) -> Result<ConfigChange, ReplicaError> {
+        check_configuration(&config)?;
+        if let Some(current) = &self.config {
+            if config.epoch < current.epoch {
+                return Err(ReplicaError::WrongEpoch {
+                    replica: self.id.clone(),
+                    got: config.epoch,
+                    current: current.epoch,
+                    configuration: Some(current.clone()),
+                });
+            }
+            if config.epoch == current.epoch {
+                if &config == current {
+                    return Ok(ConfigChange {
+                        epoch: config.epoch,
+                        role: self.role(),
+                        stepped_down: false,
+                        became_leader: false,
+                        executed: Vec::new(),
+                    });
+                }
+                return Err(ReplicaError::InvalidRequest {
+                    field: "configuration".into(),
+                    reason: format!(
+                        "epoch {} already has a different configuration (primary {}); a new configuration needs a new epoch",
+                        current.epoch, current.primary
+                    ),
+                });
+            }
+        }
+        let was_leader = self.is_leader();
+        self.config = Some(config);
+        let is_leader = self.is_leader();
+        if is_leader {
+            if !was_leader {
+                self.peers.clear();
+                self.ordered = self.unexecuted_requests();
+            }
+            self.sync_peers();
+        } else {
+            self.peers.clear();
+            self.ordered.clear();
+        }
+        let executed = self.advance();
+        Ok(ConfigChange {
+            epoch: self.epoch(),
+            role: self.role(),
+            stepped_down: was_leader && !is_leader,
+            became_leader: is_leader && !was_leader,
+            executed,
+        })
+    }
+
+    /// Highest request id per client among logged, unexecuted entries: what a new
+    /// leader must not order a second time.
+    fn unexecuted_requests(&self) -> HashMap<String, u64> {
+        let mut ordered = HashMap::new();
+        for entry in self.log.after(self.applied_seq) {
+            let highest = ordered.entry(entry.client_id.clone()).or_insert(0);
+            *highest = entry.request_id.max(*highest);
+        }
+        ordered
+    }
+
+    /// Leader: one progress per member (keeping what it knew), learners kept.
+    fn sync_peers(&mut self) {
+        let next = self.log.last_seq() + 1;
+        let members: Vec<pb::Member> = self.config.iter().flat_map(|c| c.members.clone()).collect();
+        // Members the RM removed are dropped; learners still joining are kept.
+        self.peers
+            .retain(|id, progress| !progress.member || members.iter().any(|m| &m.id == id));
+        for progress in self.peers.values_mut() {
+            progress.member = false;
+        }
+        for member in members.into_iter().filter(|m| m.id != self.id) {
+            let progress = self
+                .peers
+                .entry(member.id)
+                .or_insert_with(|| Progress::new(member.address.clone(), true, next));
+            progress.member = true;
+            progress.address = member.address;
+        }
+    }
+
+    // ------------------------------------------------------------ client requests
+
+    /// Decides what to do with a client request; a leader orders it right away.
+    pub fn route(&mut self, request: &pb::ExecuteRequest) -> Route {
+        match self.route_checked(request) {
+            Ok(route) => route,
+            Err(error) => Route::Refuse(error),
+        }
+    }
+
+    fn route_checked(&mut self, request: &pb::ExecuteRequest) -> Result<Route, ReplicaError> {
+        validate(&request.client_id, request.request_id, request.op.as_ref()).map_err(
+            |invalid| ReplicaError::InvalidRequest {
+                field: invalid.field.into(),
+                reason: invalid.reason,
+            },
+        )?;
+        if self.config.is_none() || !self.has_state {
+            return Err(self.not_ready());
+        }
+        if request.epoch != 0 && request.epoch != self.epoch() {
+            return Err(ReplicaError::WrongEpoch {
+                replica: self.id.clone(),
+                got: request.epoch,
+                current: self.epoch(),
+                configuration: None,
+            });
+        }
+        match self.mode() {
+            Mode::Active if !self.is_member() => return Err(self.not_ready()),
+            Mode::Active => {}
+            _ if !self.is_leader() => return Err(self.not_primary()),
+            _ => {}
+        }
+        if let Some(reply) = self.answer_from_session(&request.client_id, request.request_id)? {
+            return Ok(Route::Reply(reply));
+        }
+        if self.is_leader() {
+            self.order(&request.client_id, request.request_id, request.op.clone());
+            return Ok(Route::Wait { forward_to: None });
+        }
+        Ok(Route::Wait {
+            forward_to: self.leader().cloned(),
+        })
+    }
+
+    /// A retry of the session's last request is answered from the table; an older one
+    /// is stale.
+    fn answer_from_session(
+        &self,
+        client_id: &str,
+        request_id: u64,
+    ) -> Result<Option<pb::ExecuteReply>, ReplicaError> {
+        let Some(session) = self.state.session(client_id) else {
+            return Ok(None);
+        };
+        if request_id == session.last_request_id {
+            return Ok(Some(pb::ExecuteReply {
+                result: Some(session.last_reply.clone()),
+                replica_id: self.id.clone(),
+                epoch: self.epoch(),
+                seq: session.last_seq,
+            }));
+        }
+        if request_id < session.last_request_id {
+            return Err(ReplicaError::StaleRequest {
+                client_id: client_id.into(),
+                request_id,
+                last_request_id: session.last_request_id,
+            });
+        }
+        Ok(None)
+    }
+
+    /// Active mode: a member hands a client request to this order-keeper.
+    pub fn on_order(&mut self, request: &pb::OrderRequest) -> Result<u64, ReplicaError> {
+        self.check_epoch(request.epoch)?;
+        validate(&request.client_id, request.request_id, request.op.as_ref()).map_err(
+            |invalid| ReplicaError::InvalidRequest {
+                field: invalid.field.into(),
+                reason: invalid.reason,
+            },
+        )?;
+        if !self.is_leader() {
+            return Err(self.not_primary());
+        }
+        if self
+            .answer_from_session(&request.client_id, request.request_id)?
+            .is_some()
+        {
+            return Ok(0);
+        }
+        Ok(self.order(&request.client_id, request.request_id, request.op.clone()))
+    }
+
+    /// Appends a request to the leader's log, once per (client, request id). Returns its
+    /// sequence number (0: already ordered).
+    fn order(&mut self, client_id: &str, request_id: u64, op: Option<pb::Operation>) -> u64 {
+        if self
+            .ordered
+            .get(client_id)
+            .is_some_and(|&highest| highest >= request_id)
+        {
+            return 0;
+        }
+        let seq = self.log.last_seq() + 1;
+        self.log.push(pb::Entry {
+            seq,
+            epoch: self.epoch(),
+            client_id: client_id.into(),
+            request_id,
+            op,
+        });
+        self.ordered.insert(client_id.into(), request_id);
+        seq
+    }
+
+    // ------------------------------------------------------------ leader side
+
+    /// Registers a replica that wants to join: it gets a checkpoint, then the log.
+    pub fn on_join(&mut self, id: &str, address: &str) -> Result<u64, ReplicaError> {
+        if !self.is_leader() {
+            return Err(self.not_primary());
+        }
+        if id == self.id {
+            return Err(ReplicaError::InvalidRequest {
+                field: "replica_id".into(),
+                reason: format!("{id} is this leader's own id"),
+            });
+        }
+        let next = self.log.last_seq() + 1;
+        let member = self.member(id).is_some();
+        let progress = self
+            .peers
+            .entry(id.into())
+            .or_insert_with(|| Progress::new(address.into(), member, next));
+        progress.address = address.into();
+        Ok(self.epoch())
+    }
+
+    /// Forgets a learner that went away (members stay until the RM removes them).
+    pub fn forget_learner(&mut self, id: &str) {
+        if self.peers.get(id).is_some_and(|p| !p.member) {
+            self.peers.remove(id);
+        }
+    }
+
+    /// Passive mode: marks every follower behind the executed state for a checkpoint.
+    pub fn schedule_checkpoints(&mut self) {
+        if !self.is_leader() || self.mode() != Mode::Passive {
+            return;
+        }
+        for progress in self.peers.values_mut() {
+            if progress.has_state && progress.checkpoint_seq < self.applied_seq {
+                progress.checkpoint_wanted = true;
+            }
+        }
+    }
+
+    /// What to send `peer` next. `keepalive`: send even an empty append (so a follower
+    /// learns the commit point, or a deposed leader learns it was deposed).
+    pub fn next_work(&mut self, peer: &str, keepalive: bool) -> PeerWork {
+        if !self.is_leader() {
+            return PeerWork::Gone;
+        }
+        let applied = self.applied_seq;
+        let base = self.log.base_seq();
+        let Some(progress) = self.peers.get_mut(peer) else {
+            return PeerWork::Gone;
+        };
+        if progress.next_seq <= base && !progress.checkpoint_in_flight {
+            progress.checkpoint_wanted = true;
+        }
+        if progress.checkpoint_wanted && !progress.checkpoint_in_flight {
+            progress.checkpoint_wanted = false;
+            progress.checkpoint_in_flight = true;
+            progress.next_seq = applied + 1;
+            let seq_epoch = self
+                .log
+                .epoch_at(applied)
+                .expect("a leader keeps the epoch of what it executed");
+            return PeerWork::Checkpoint(Checkpoint {
+                seq: applied,
+                seq_epoch,
+                state: self.state.clone(),
+            });
+        }
+        if progress.next_seq <= base {
+            return PeerWork::Idle;
+        }
+        let entries = self
+            .log
+            .slice(progress.next_seq, MAX_BATCH_ENTRIES, MAX_BATCH_BYTES)
+            .unwrap_or_default();
+        if entries.is_empty() && progress.told_commit >= self.commit_seq && !keepalive {
+            return PeerWork::Idle;
+        }
+        let prev_seq = progress.next_seq - 1;
+        let config = self.config.as_ref().expect("a leader has a configuration");
+        PeerWork::Append(pb::AppendRequest {
+            epoch: config.epoch,
+            leader_id: self.id.clone(),
+            prev_seq,
+            prev_epoch: self
+                .log
+                .epoch_at(prev_seq)
+                .expect("prev_seq is inside the leader's log"),
+            entries,
+            commit_seq: self.commit_seq,
+        })
+    }
+
+    /// A follower answered an append. Returns what executed as a result.
+    pub fn on_append_reply(
+        &mut self,
+        peer: &str,
+        sent: &pb::AppendRequest,
+        reply: &pb::AppendReply,
+    ) -> Vec<Executed> {
+        if sent.epoch != self.epoch() || !self.is_leader() {
+            return Vec::new();
+        }
+        let Some(progress) = self.peers.get_mut(peer) else {
+            return Vec::new();
+        };
+        progress.has_state = reply.has_state;
+        if reply.matched {
+            let sent_through = sent.prev_seq + sent.entries.len() as u64;
+            let through = reply.match_seq.min(sent_through);
+            progress.match_seq = progress.match_seq.max(through);
+            progress.next_seq = progress.next_seq.max(through + 1);
+            progress.told_commit = progress.told_commit.max(sent.commit_seq.min(through));
+            progress.checkpoint_seq = progress.checkpoint_seq.max(reply.base_seq);
+        } else if !progress.checkpoint_in_flight {
+            // Back up: one entry, or straight to the follower's end if that is earlier.
+            let backed_up = (sent.prev_seq)
+                .min(reply.last_seq + 1)
+                .max(reply.base_seq + 1);
+            progress.next_seq = backed_up.min(progress.next_seq).max(1);
+            if !reply.has_state {
+                progress.checkpoint_wanted = true;
+            }
+        }
+        self.advance()
+    }
+
+    /// A checkpoint transfer to `peer` ended (`installed`: the follower's answer).
+    pub fn on_checkpoint_sent(
+        &mut self,
+        peer: &str,
+        seq: u64,
+        installed: Result<&pb::InstallCheckpointReply, ()>,
+    ) {
+        let Some(progress) = self.peers.get_mut(peer) else {
+            return;
+        };
+        progress.checkpoint_in_flight = false;
+        match installed {
+            Ok(reply) => {
+                progress.checkpoint_seq = progress.checkpoint_seq.max(reply.installed_seq);
+                progress.has_state = true;
+                progress.match_seq = progress.match_seq.max(reply.installed_seq.min(seq));
+                if progress.next_seq <= reply.installed_seq {
+                    progress.next_seq = reply.installed_seq + 1;
+                }
+            }
+            Err(()) => progress.checkpoint_wanted = true,
+        }
+        self.checkpoint_seq = self.checkpoint_seq.max(seq);
+    }
+
+    /// Leader: the commit point is what every member holds. Everyone: execute what is
+    /// committed if this replica executes, then fold executed entries out of the log.
+    pub fn advance(&mut self) -> Vec<Executed> {
+        if self.is_leader() {
+            let held_by_all = self
+                .peers
+                .values()
+                .filter(|p| p.member)
+                .map(|p| if p.has_state { p.match_seq } else { 0 })
+                .fold(self.log.last_seq(), u64::min);
+            self.commit_seq = self.commit_seq.max(held_by_all);
+        }
+        let executed = self.apply_committed();
+        self.compact();
+        executed
+    }
+
+    fn apply_committed(&mut self) -> Vec<Executed> {
+        let mut executed = Vec::new();
+        if !self.executes() {
+            return executed;
+        }
+        while self.applied_seq < self.commit_seq {
+            let seq = self.applied_seq + 1;
+            let Some(entry) = self.log.get(seq) else {
+                break;
+            };
+            let op = entry.op.clone().unwrap_or_default();
+            let outcome = match self
+                .state
+                .apply(seq, &entry.client_id, entry.request_id, &op)
+            {
+                Applied::Executed(reply) | Applied::Duplicate(reply) => Ok(reply),
+                Applied::Stale { last_request_id } => Err(last_request_id),
+            };
+            if self
+                .ordered
+                .get(&entry.client_id)
+                .is_some_and(|&highest| highest <= entry.request_id)
+            {
+                self.ordered.remove(&entry.client_id);
+            }
+            executed.push(Executed {
+                seq,
+                client_id: entry.client_id.clone(),
+                request_id: entry.request_id,
+                outcome,
+            });
+            self.applied_seq = seq;
+        }
+        executed
+    }
+
+    /// Drops log entries nobody needs: a follower keeps what it has not folded into its
+    /// state; a leader also keeps what its followers still lack (within a bound).
+    fn compact(&mut self) {
+        let mut upto = self.applied_seq;
+        if self.is_leader() {
+            let slowest = self
+                .peers
+                .values()
+                .map(|p| p.match_seq)
+                .min()
+                .unwrap_or(upto);
+            upto = upto.min(slowest.max(upto.saturating_sub(LEADER_LOG_RETENTION)));
+        }
+        if upto > self.log.base_seq() {
+            let epoch = self
+                .log
+                .epoch_at(upto)
+                .expect("executed entries are in the log");
+            self.log.compact_to(upto, epoch);
+        }
+    }
+
+    // ------------------------------------------------------------ follower side
+
+    /// A leader's append. Returns the answer and what executed (active mode).
+    pub fn on_append(
+        &mut self,
+        request: &pb::AppendRequest,
+    ) -> Result<(pb::AppendReply, Vec<Executed>), ReplicaError> {
+        self.check_epoch(request.epoch)?;
+        self.check_leader(&request.leader_id)?;
+        if !self.has_state && self.pending_checkpoint.is_none() {
+            return Ok((self.append_reply(false, 0), Vec::new()));
+        }
+        let executed = match self
+            .log
+            .accept(request.prev_seq, request.prev_epoch, &request.entries)
+        {
+            Accepted::Matched { through } => {
+                self.commit_seq = self.commit_seq.max(request.commit_seq.min(through));
+                let executed = self.advance();
+                return Ok((self.append_reply(true, through), executed));
+            }
+            Accepted::Mismatch { .. } => Vec::new(),
+        };
+        Ok((self.append_reply(false, 0), executed))
+    }
+
+    fn check_leader(&self, leader_id: &str) -> Result<(), ReplicaError> {
+        let primary = self
+            .config
+            .as_ref()
+            .map(|c| c.primary.as_str())
+            .unwrap_or_default();
+        if leader_id != primary || leader_id == self.id {
+            return Err(ReplicaError::InvalidRequest {
+                field: "leader_id".into(),
+                reason: format!(
+                    "{leader_id} is not the leader of epoch {} (the primary is {primary})",
+                    self.epoch()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn append_reply(&self, matched: bool, match_seq: u64) -> pb::AppendReply {
+        pb::AppendReply {
+            matched,
+            match_seq,
+            last_seq: self.log.last_seq(),
+            has_state: self.has_state,
+            base_seq: self.log.base_seq(),
+        }
+    }
+
+    /// The header of a checkpoint arrived. If it reaches past our log, the log restarts
+    /// at its sequence number (entries after it may arrive while the body streams), and
+    /// we have no consistent state until the body is installed.
+    pub fn on_checkpoint_header(
+        &mut self,
+        header: &pb::CheckpointHeader,
+    ) -> Result<(), ReplicaError> {
+        self.check_epoch(header.epoch)?;
+        self.check_leader(&header.leader_id)?;
+        if header.seq > self.log.last_seq() && header.seq > self.applied_seq {
+            self.log.compact_to(header.seq, header.seq_epoch);
+            self.has_state = false;
+            self.pending_checkpoint = Some(header.seq);
+        }
+        Ok(())
+    }
+
+    /// A whole, verified checkpoint arrived: it replaces the state if it is newer; the
+    /// logged entries past it are then replayed (active) or kept (passive backup).
+    pub fn install_checkpoint(&mut self, checkpoint: Checkpoint) -> Vec<Executed> {
+        if self.has_state && checkpoint.seq <= self.applied_seq {
+            return Vec::new();
+        }
+        self.pending_checkpoint = None;
+        if checkpoint.seq >= self.log.base_seq() {
+            self.log.compact_to(checkpoint.seq, checkpoint.seq_epoch);
+        } else {
+            // Without a state, a log starting after the checkpoint is of no use: start
+            // over from the checkpoint; the leader resends what follows it.
+            self.log = Log::starting_at(checkpoint.seq, checkpoint.seq_epoch);
+        }
+        self.state = checkpoint.state;
+        self.applied_seq = checkpoint.seq;
+        self.checkpoint_seq = checkpoint.seq;
+        self.commit_seq = self.commit_seq.max(checkpoint.seq);
+        self.has_state = true;
+        if self.is_leader() {
+            // A restarted replica named primary is now able to lead.
+            self.sync_peers();
+        }
+        self.advance()
+    }
+
+    /// The follower's answer to a finished checkpoint transfer.
+    pub fn checkpoint_reply(&self) -> pb::InstallCheckpointReply {
+        pb::InstallCheckpointReply {
+            installed_seq: self.checkpoint_seq,
+            last_seq: self.log.last_seq(),
+        }
+    }
+
+    pub fn status(&self, address: &str, checkpoint_interval_ms: u64) -> pb::ReplicaStatus {
+        pb::ReplicaStatus {
+            replica_id: self.id.clone(),
+            address: address.into(),
+            role: self.role().into(),
+            ready: self.is_ready(),
+            configuration: self.config.clone(),
+            last_seq: self.log.last_seq(),
+            commit_seq: self.commit_seq,
+            applied_seq: self.applied_seq,
+            checkpoint_seq: self.checkpoint_seq,
+            checkpoint_interval_ms,
+            keys: self.state.keys() as u64,
+            not_ready_reason: self.not_ready_reason().unwrap_or_default(),
+        }
+    }
+}
+
+/// Rejects a configuration that no RM could have meant.
+pub fn check_configuration(config: &pb::Configuration) -> Result<(), ReplicaError> {
+    let invalid = |field: &str, reason: String| {
+        Err(ReplicaError::InvalidRequest {
+            field: field.into(),
+            reason,
+        })
+    };
+    if config.epoch == 0 {
+        return invalid("epoch", "must be at least 1".into());
+    }
+    if !matches!(config.mode(), Mode::Passive | Mode::Active) {
+        return invalid(
+            "mode",
+            format!("must be passive or active, got {}", config.mode),
+        );
+    }
+    if config.members.is_empty() {
+        return invalid("members", "must name at least one replica".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    for member in &config.members {
+        if member.id.is_empty() || member.address.is_empty() {
+            return invalid(
+                "members",
+                format!("member {:?} needs an id and an address", member.id),
+            );
+        }
+        if !seen.insert(member.id.as_str()) {
+            return invalid("members", format!("{} is listed twice", member.id));
+        }
+    }
+    if !seen.contains(config.primary.as_str()) {
+        return invalid("primary", format!("{:?} is not a member", config.primary));
+    }
+    Ok(())
+}
