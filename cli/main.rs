@@ -1,1 +1,71 @@
-fn main() {}
+//! `tandem`: the one command of Tandem. Runs a replica (`tandem replica`), talks to a
+//! running group as a client (`put`, `get`, `del`, `incr`, `cas`), and administers it
+//! (`status`, `configure`, `digest`). Every flag also reads a TANDEM_* variable.
+
+mod admin;
+mod endpoints;
+mod kv;
+mod replica;
+mod telemetry;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "A fault-tolerant replicated key-value service",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(flatten)]
+    telemetry: telemetry::LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one replica (the server).
+    Replica(replica::ReplicaArgs),
+    /// Read a key.
+    Get(kv::GetArgs),
+    /// Write a key.
+    Put(kv::PutArgs),
+    /// Delete a key.
+    Del(kv::DelArgs),
+    /// Add to a key holding a decimal integer (absent counts as 0).
+    Incr(kv::IncrArgs),
+    /// Compare-and-swap a key.
+    Cas(kv::CasArgs),
+    /// Show each replica's role, epoch, readiness and sequence numbers.
+    Status(admin::StatusArgs),
+    /// Install a configuration on replicas by hand (what the RM does for you).
+    Configure(admin::ConfigureArgs),
+    /// Show each replica's state digest (equal digests at equal seq: equal state).
+    Digest(admin::DigestArgs),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(&cli.telemetry);
+    let outcome = match cli.command {
+        Command::Replica(args) => replica::run(args).await,
+        Command::Get(args) => kv::get(args).await,
+        Command::Put(args) => kv::put(args).await,
+        Command::Del(args) => kv::del(args).await,
+        Command::Incr(args) => kv::incr(args).await,
+        Command::Cas(args) => kv::cas(args).await,
+        Command::Status(args) => admin::status(args).await,
+        Command::Configure(args) => admin::configure(args).await,
+        Command::Digest(args) => admin::digest(args).await,
+    };
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -5,9 +5,12 @@
 //! do the I/O around them; `client` is what the CLI, benchmarks and tests use.
 
 pub mod checkpoint;
+pub mod client;
 pub mod error;
 pub mod log;
+pub mod peers;
 pub mod replication;
+pub mod server;
 pub mod state;
 
 /// Generated code of the `tandem.v1` protobuf package.

@@ -130,6 +130,13 @@ pub struct Core {
     peers: BTreeMap<String, Progress>,
     /// Leader only: highest request id per client ordered but not yet executed.
     ordered: HashMap<String, u64>,
+    /// Leader only: the log's end when this replica began leading the current epoch.
+    epoch_start_seq: u64,
+    /// Last epoch in which our log provably held every committed entry (see the RM's
+    /// promotion rule: only a member synced during its current membership is safe).
+    synced_epoch: u64,
+    /// Bootstraps a new group: the first configuration finds it synced (all are empty).
+    genesis: bool,
 }
 
 impl Core {
@@ -148,6 +155,9 @@ impl Core {
             checkpoint_seq: 0,
             peers: BTreeMap::new(),
             ordered: HashMap::new(),
+            epoch_start_seq: 0,
+            synced_epoch: 0,
+            genesis: bootstrap,
         }
     }
 
@@ -235,6 +245,10 @@ impl Core {
 
     pub fn checkpoint_seq(&self) -> u64 {
         self.checkpoint_seq
+    }
+
+    pub fn synced_epoch(&self) -> u64 {
+        self.synced_epoch
     }
 
     pub fn log_len(&self) -> usize {
@@ -357,7 +371,13 @@ impl Core {
         let was_leader = self.is_leader();
         self.config = Some(config);
         let is_leader = self.is_leader();
+        if std::mem::take(&mut self.genesis) && self.has_state && self.log.last_seq() == 0 {
+            self.synced_epoch = self.epoch();
+        }
         if is_leader {
+            // The leader's log defines the group's history from here on.
+            self.epoch_start_seq = self.log.last_seq();
+            self.synced_epoch = self.epoch();
             if !was_leader {
                 self.peers.clear();
                 self.ordered = self.unexecuted_requests();
@@ -617,6 +637,7 @@ impl Core {
                 .expect("prev_seq is inside the leader's log"),
             entries,
             commit_seq: self.commit_seq,
+            epoch_start_seq: self.epoch_start_seq,
         })
     }
 
@@ -772,6 +793,9 @@ impl Core {
         {
             Accepted::Matched { through } => {
                 self.commit_seq = self.commit_seq.max(request.commit_seq.min(through));
+                if self.has_state && through >= request.epoch_start_seq {
+                    self.synced_epoch = self.synced_epoch.max(request.epoch);
+                }
                 let executed = self.advance();
                 return Ok((self.append_reply(true, through), executed));
             }
@@ -844,10 +868,6 @@ impl Core {
         self.checkpoint_seq = checkpoint.seq;
         self.commit_seq = self.commit_seq.max(checkpoint.seq);
         self.has_state = true;
-        if self.is_leader() {
-            // A restarted replica named primary is now able to lead.
-            self.sync_peers();
-        }
         self.advance()
     }
 
@@ -873,6 +893,7 @@ impl Core {
             checkpoint_interval_ms,
             keys: self.state.keys() as u64,
             not_ready_reason: self.not_ready_reason().unwrap_or_default(),
+            synced_epoch: self.synced_epoch,
         }
     }
 }

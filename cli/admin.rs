@@ -1,0 +1,260 @@
+//! Administration by hand: `status` (the group at a glance), `configure` (install a
+//! configuration, which the RM does in normal operation) and `digest`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use futures::future::join_all;
+use tandem_replica::pb::{self, Mode};
+use tonic::transport::Endpoint;
+
+use crate::endpoints::EndpointArgs;
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub endpoints: EndpointArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DigestArgs {
+    #[command(flatten)]
+    pub endpoints: EndpointArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    Passive,
+    Active,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigureArgs {
+    /// The new epoch; must be higher than every replica's current one.
+    #[arg(long)]
+    pub epoch: u64,
+    #[arg(long, value_enum)]
+    pub mode: ModeArg,
+    /// Id of the primary (passive) or order-keeper (active).
+    #[arg(long)]
+    pub primary: String,
+    /// Members as id=host:port, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub members: Vec<String>,
+    /// Also send the configuration to these replicas (host:port), e.g. one that joins.
+    #[arg(long, value_delimiter = ',')]
+    pub also: Vec<String>,
+}
+
+async fn replica_client(
+    address: &str,
+) -> anyhow::Result<pb::replica_client::ReplicaClient<tonic::transport::Channel>> {
+    let channel = Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(CALL_TIMEOUT)
+        .connect_lazy();
+    Ok(pb::replica_client::ReplicaClient::new(channel))
+}
+
+async fn status_of(address: String) -> (String, anyhow::Result<pb::ReplicaStatus>) {
+    let answer = async {
+        let mut client = replica_client(&address).await?;
+        let reply = tokio::time::timeout(CALL_TIMEOUT, client.status(pb::StatusRequest {}))
+            .await
+            .context("timed out")??;
+        Ok(reply.into_inner())
+    }
+    .await;
+    (address, answer)
+}
+
+/// The given endpoints plus every member their configurations name.
+async fn all_statuses(endpoints: Vec<String>) -> Vec<(String, anyhow::Result<pb::ReplicaStatus>)> {
+    let mut statuses = join_all(endpoints.iter().cloned().map(status_of)).await;
+    let known: Vec<String> = statuses.iter().map(|(a, _)| a.clone()).collect();
+    let mut more: Vec<String> = statuses
+        .iter()
+        .filter_map(|(_, s)| s.as_ref().ok()?.configuration.clone())
+        .flat_map(|c| c.members.into_iter().map(|m| m.address))
+        .filter(|a| !known.contains(a))
+        .collect();
+    more.sort();
+    more.dedup();
+    statuses.extend(join_all(more.into_iter().map(status_of)).await);
+    statuses
+}
+
+fn role_name(role: i32) -> &'static str {
+    match pb::Role::try_from(role).unwrap_or_default() {
+        pb::Role::Primary => "primary",
+        pb::Role::Backup => "backup",
+        pb::Role::Joining => "joining",
+        pb::Role::Standby => "standby",
+        pb::Role::Unconfigured => "unconfigured",
+        pb::Role::Unspecified => "?",
+    }
+}
+
+pub fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Passive => "passive",
+        Mode::Active => "active",
+        Mode::Unspecified => "-",
+    }
+}
+
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let statuses = all_statuses(args.endpoints.resolve()?).await;
+    println!(
+        "{:<8} {:<21} {:<12} {:<6} {:>5} {:<8} {:<8} {:>9} {:>9} {:>9} {:>10} {:>8}",
+        "REPLICA",
+        "ADDRESS",
+        "ROLE",
+        "READY",
+        "EPOCH",
+        "MODE",
+        "PRIMARY",
+        "LAST",
+        "COMMIT",
+        "APPLIED",
+        "CHECKPOINT",
+        "KEYS"
+    );
+    let mut reachable = 0;
+    for (address, answer) in &statuses {
+        match answer {
+            Ok(s) => {
+                reachable += 1;
+                let config = s.configuration.clone().unwrap_or_default();
+                println!(
+                    "{:<8} {:<21} {:<12} {:<6} {:>5} {:<8} {:<8} {:>9} {:>9} {:>9} {:>10} {:>8}",
+                    s.replica_id,
+                    address,
+                    role_name(s.role),
+                    if s.ready { "yes" } else { "no" },
+                    config.epoch,
+                    mode_name(config.mode()),
+                    if config.primary.is_empty() {
+                        "-"
+                    } else {
+                        &config.primary
+                    },
+                    s.last_seq,
+                    s.commit_seq,
+                    s.applied_seq,
+                    s.checkpoint_seq,
+                    s.keys
+                );
+                if !s.not_ready_reason.is_empty() {
+                    println!("         not ready: {}", s.not_ready_reason);
+                }
+            }
+            Err(error) => println!("{:<8} {:<21} unreachable: {error:#}", "?", address),
+        }
+    }
+    anyhow::ensure!(reachable > 0, "no replica answered");
+    Ok(())
+}
+
+pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {
+    let addresses: Vec<String> = all_statuses(args.endpoints.resolve()?)
+        .await
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    let digests = join_all(addresses.into_iter().map(|address| async move {
+        let answer = async {
+            let mut client = replica_client(&address).await?;
+            let reply = tokio::time::timeout(CALL_TIMEOUT, client.digest(pb::DigestRequest {}))
+                .await
+                .context("timed out")??;
+            anyhow::Ok(reply.into_inner())
+        }
+        .await;
+        (address, answer)
+    }))
+    .await;
+    for (address, answer) in digests {
+        match answer {
+            Ok(d) => println!(
+                "{:<8} {:<21} seq {:>9} keys {:>8} {}",
+                d.replica_id, address, d.seq, d.keys, d.digest
+            ),
+            Err(error) => println!("{:<8} {:<21} unreachable: {error:#}", "?", address),
+        }
+    }
+    Ok(())
+}
+
+/// Parses `id=host:port`.
+fn parse_member(text: &str) -> anyhow::Result<pb::Member> {
+    let (id, address) = text
+        .split_once('=')
+        .with_context(|| format!("member {text:?} is not id=host:port"))?;
+    Ok(pb::Member {
+        id: id.trim().into(),
+        address: address.trim().into(),
+    })
+}
+
+pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
+    let members = args
+        .members
+        .iter()
+        .map(|m| parse_member(m))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mode = match args.mode {
+        ModeArg::Passive => Mode::Passive,
+        ModeArg::Active => Mode::Active,
+    };
+    let config = pb::Configuration {
+        epoch: args.epoch,
+        mode: mode.into(),
+        primary: args.primary,
+        members,
+    };
+    tandem_replica::replication::check_configuration(&config)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut targets: Vec<String> = config.members.iter().map(|m| m.address.clone()).collect();
+    targets.extend(args.also);
+    let results = join_all(targets.into_iter().map(|address| {
+        let config = config.clone();
+        async move {
+            let answer = async {
+                let channel = Endpoint::from_shared(format!("http://{address}"))?
+                    .connect_timeout(CALL_TIMEOUT)
+                    .connect_lazy();
+                let mut client = pb::control_client::ControlClient::new(channel);
+                let reply =
+                    tokio::time::timeout(CALL_TIMEOUT, client.install_configuration(config))
+                        .await
+                        .context("timed out")??;
+                anyhow::Ok(reply.into_inner())
+            }
+            .await;
+            (address, answer)
+        }
+    }))
+    .await;
+    let mut failures = 0;
+    for (address, answer) in results {
+        match answer {
+            Ok(reply) => println!(
+                "{address}: epoch {} installed, role {}",
+                reply.epoch,
+                role_name(reply.role)
+            ),
+            Err(error) => {
+                failures += 1;
+                println!("{address}: failed: {error:#}");
+            }
+        }
+    }
+    anyhow::ensure!(
+        failures == 0,
+        "{failures} replica(s) did not take the configuration"
+    );
+    Ok(())
+}

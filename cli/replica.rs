@@ -1,0 +1,90 @@
+//! `tandem replica`: runs one replica until Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tandem_replica::server::{Node, ReplicaSettings};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info};
+
+#[derive(Debug, Args)]
+pub struct ReplicaArgs {
+    /// Replica id, unique in the group (e.g. r1).
+    #[arg(long, env = "TANDEM_REPLICA_ID")]
+    pub id: String,
+    /// Address to listen on.
+    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7101")]
+    pub listen: SocketAddr,
+    /// Address others use to reach this replica (default: the listen address).
+    #[arg(long, env = "TANDEM_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Start a new group: this replica's empty state is the group's state. Without it,
+    /// the replica joins an existing group and is not ready until a checkpoint arrives.
+    #[arg(long, env = "TANDEM_BOOTSTRAP")]
+    pub bootstrap: bool,
+    /// Replicas (host:port, comma-separated) to ask for the configuration at start.
+    #[arg(long, env = "TANDEM_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Passive mode: checkpoint interval in milliseconds (0: off). Changeable at run time.
+    #[arg(long, env = "TANDEM_CHECKPOINT_INTERVAL_MS", default_value_t = 2000)]
+    pub checkpoint_interval_ms: u64,
+    /// Timeout of one call to a peer, in milliseconds.
+    #[arg(long, env = "TANDEM_PEER_TIMEOUT_MS", default_value_t = 1000)]
+    pub peer_timeout_ms: u64,
+    /// How long a client request may wait to execute, in milliseconds.
+    #[arg(long, env = "TANDEM_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
+    pub request_timeout_ms: u64,
+}
+
+pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
+    let mut settings = ReplicaSettings::new(args.id, args.listen);
+    settings.advertise = args.advertise.unwrap_or_else(|| args.listen.to_string());
+    settings.bootstrap = args.bootstrap;
+    settings.seeds = args
+        .peers
+        .into_iter()
+        .filter(|p| !p.trim().is_empty())
+        .collect();
+    settings.checkpoint_interval = Duration::from_millis(args.checkpoint_interval_ms);
+    settings.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
+    settings.request_timeout = Duration::from_millis(args.request_timeout_ms);
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    let node = Node::new(settings, shutdown);
+    let span = node.span();
+    node.serve(listener)
+        .instrument(span)
+        .await
+        .context("gRPC server failed")?;
+    info!("replica stopped");
+    Ok(())
+}
+
+/// Cancels `shutdown` on Ctrl-C or SIGTERM.
+pub async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    shutdown.cancel();
+}

@@ -1,0 +1,457 @@
+//! The client library, used by the `tandem` command, the benchmarks and the tests.
+//!
+//! A client is one session: a client id and a growing request id, one request at a time.
+//! It learns the configuration from the replicas it is given, sends passive-mode
+//! requests to the primary (following redirects) and active-mode requests to every
+//! member (keeping the first reply, discarding the duplicates), and retries a request
+//! with the same id across failovers until its deadline, so that a request is executed
+//! at most once and answered exactly once.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tracing::debug;
+
+use crate::error::error_detail;
+use crate::pb::{self, Mode, error_detail::Kind as Detail, op_result, operation};
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// Replicas to start from (`host:port`); the configuration names the rest.
+    pub endpoints: Vec<String>,
+    /// Session id; a random one when `None`.
+    pub client_id: Option<String>,
+    /// How long one request may take, retries included.
+    pub deadline: Duration,
+    /// Timeout of one attempt against one replica.
+    pub attempt_timeout: Duration,
+}
+
+impl ClientSettings {
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            client_id: None,
+            deadline: Duration::from_secs(15),
+            attempt_timeout: Duration::from_secs(6),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ClientError {
+    #[error("no endpoints given (use --endpoints or TANDEM_ENDPOINTS)")]
+    NoEndpoints,
+    #[error("invalid request: {field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error(
+        "request {request_id} is stale: the session already executed request {last_request_id}"
+    )]
+    Stale {
+        request_id: u64,
+        last_request_id: u64,
+    },
+    #[error("wrong epoch: asked for epoch {got}, the group is at epoch {current}")]
+    WrongEpoch { got: u64, current: u64 },
+    #[error("the operation failed: {0}")]
+    OpFailed(String),
+    #[error("request {request_id} got no answer within {waited_ms} ms; last error: {last_error}")]
+    Timeout {
+        request_id: u64,
+        waited_ms: u64,
+        last_error: String,
+    },
+    #[error("bad endpoint {0:?}")]
+    BadEndpoint(String),
+}
+
+impl ClientError {
+    /// Whether the request may have executed: only a timeout leaves that open.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Self::Timeout { .. })
+    }
+}
+
+/// What the client believes about the group.
+#[derive(Debug, Clone, Default)]
+struct View {
+    epoch: u64,
+    mode: Mode,
+    primary: Option<String>,
+    members: Vec<String>,
+}
+
+pub struct Client {
+    settings: ClientSettings,
+    client_id: String,
+    last_request_id: u64,
+    channels: HashMap<String, Channel>,
+    view: View,
+    /// Which endpoint to try while the primary is unknown; moves on after a failure.
+    rotation: usize,
+}
+
+impl Client {
+    pub fn new(settings: ClientSettings) -> Result<Self, ClientError> {
+        if settings.endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let client_id = settings
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("c{:08x}", rand::random::<u32>()));
+        Ok(Self {
+            settings,
+            client_id,
+            last_request_id: 0,
+            channels: HashMap::new(),
+            view: View::default(),
+            rotation: 0,
+        })
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// The id the next request will carry.
+    pub fn next_request_id(&self) -> u64 {
+        self.last_request_id + 1
+    }
+
+    fn channel(&mut self, address: &str) -> Result<Channel, ClientError> {
+        if let Some(channel) = self.channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|_| ClientError::BadEndpoint(address.to_owned()))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        self.channels.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Asks every known replica for its configuration and keeps the newest.
+    async fn refresh_view(&mut self) {
+        let mut addresses = self.settings.endpoints.clone();
+        addresses.extend(self.view.members.iter().cloned());
+        addresses.sort();
+        addresses.dedup();
+        let mut calls = FuturesUnordered::new();
+        for address in addresses {
+            let Ok(channel) = self.channel(&address) else {
+                continue;
+            };
+            let timeout = self.settings.attempt_timeout.min(Duration::from_secs(1));
+            calls.push(async move {
+                let mut client = pb::replica_client::ReplicaClient::new(channel);
+                tokio::time::timeout(timeout, client.status(pb::StatusRequest {})).await
+            });
+        }
+        while let Some(answer) = calls.next().await {
+            let Ok(Ok(status)) = answer else { continue };
+            let Some(config) = status.into_inner().configuration else {
+                continue;
+            };
+            if config.epoch > self.view.epoch {
+                self.view = View {
+                    epoch: config.epoch,
+                    mode: config.mode(),
+                    primary: config
+                        .members
+                        .iter()
+                        .find(|m| m.id == config.primary)
+                        .map(|m| m.address.clone()),
+                    members: config.members.iter().map(|m| m.address.clone()).collect(),
+                };
+            }
+        }
+    }
+
+    /// Sends `op` as a new request and waits for its one answer.
+    pub async fn execute(&mut self, op: operation::Kind) -> Result<pb::ExecuteReply, ClientError> {
+        self.last_request_id += 1;
+        self.execute_as(self.last_request_id, op, 0).await
+    }
+
+    /// Sends `op` with an explicit request id (and, when non-zero, a required epoch).
+    /// Retries with the same id until the deadline.
+    pub async fn execute_as(
+        &mut self,
+        request_id: u64,
+        op: operation::Kind,
+        epoch: u64,
+    ) -> Result<pb::ExecuteReply, ClientError> {
+        self.last_request_id = self.last_request_id.max(request_id);
+        let request = pb::ExecuteRequest {
+            client_id: self.client_id.clone(),
+            request_id,
+            op: Some(pb::Operation { kind: Some(op) }),
+            epoch,
+        };
+        let deadline = Instant::now() + self.settings.deadline;
+        let mut last_error;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if self.view.epoch == 0 {
+                self.refresh_view().await;
+            }
+            let attempt = match self.view.mode {
+                Mode::Active => self.attempt_all(&request).await,
+                _ => self.attempt_primary(&request).await,
+            };
+            match attempt {
+                Ok(reply) => return Ok(reply),
+                Err(Attempt::Fatal(error)) => return Err(error),
+                Err(Attempt::Redirected) => continue,
+                Err(Attempt::Retry(error)) => last_error = error,
+            }
+            if Instant::now() + pause >= deadline {
+                return Err(ClientError::Timeout {
+                    request_id,
+                    waited_ms: self.settings.deadline.as_millis() as u64,
+                    last_error,
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+            self.view = View::default();
+            self.rotation += 1;
+        }
+    }
+
+    /// Passive mode: the primary, or any endpoint when the primary is unknown.
+    async fn attempt_primary(
+        &mut self,
+        request: &pb::ExecuteRequest,
+    ) -> Result<pb::ExecuteReply, Attempt> {
+        let endpoints = &self.settings.endpoints;
+        let target = self
+            .view
+            .primary
+            .clone()
+            .unwrap_or_else(|| endpoints[self.rotation % endpoints.len()].clone());
+        match self.send(&target, request.clone()).await {
+            Ok(reply) => Ok(reply),
+            Err(status) => match classify(&status) {
+                Attempt::Redirected => {
+                    if let Some(Detail::NotPrimary(hint)) = error_detail(&status) {
+                        if !hint.primary_address.is_empty()
+                            && Some(&hint.primary_address) != self.view.primary.as_ref()
+                        {
+                            debug!(request = request.request_id, from = %target, to = %hint.primary_address, "redirected to the primary");
+                            self.view.primary = Some(hint.primary_address);
+                            return Err(Attempt::Redirected);
+                        }
+                    }
+                    Err(Attempt::Retry(format!("{target}: {}", status.message())))
+                }
+                other => Err(other.with_context(&target)),
+            },
+        }
+    }
+
+    /// Active mode: every member; the first reply wins, the others are discarded.
+    async fn attempt_all(
+        &mut self,
+        request: &pb::ExecuteRequest,
+    ) -> Result<pb::ExecuteReply, Attempt> {
+        let mut calls = FuturesUnordered::new();
+        for address in self.view.members.clone() {
+            let channel = self.channel(&address).map_err(Attempt::Fatal)?;
+            let timeout = self.settings.attempt_timeout;
+            let request = request.clone();
+            calls.push(async move { (address, call_execute(channel, request, timeout).await) });
+        }
+        let mut last = Attempt::Retry("no member answered".into());
+        while let Some((address, answer)) = calls.next().await {
+            match answer {
+                Ok(reply) => {
+                    let request_id = request.request_id;
+                    // Let the other replicas' replies arrive and be discarded, off the
+                    // caller's path.
+                    tokio::spawn(async move {
+                        while let Some((_, late)) = calls.next().await {
+                            if let Ok(late) = late {
+                                debug!(
+                                    "request {request_id}: discarded duplicate reply from {}",
+                                    late.replica_id
+                                );
+                            }
+                        }
+                    });
+                    return Ok(reply);
+                }
+                Err(status) => {
+                    let attempt = classify(&status).with_context(&address);
+                    if matches!(attempt, Attempt::Fatal(_)) {
+                        return Err(attempt);
+                    }
+                    last = attempt;
+                }
+            }
+        }
+        Err(match last {
+            Attempt::Redirected => Attempt::Retry("no member could execute the request".into()),
+            other => other,
+        })
+    }
+
+    async fn send(
+        &mut self,
+        address: &str,
+        request: pb::ExecuteRequest,
+    ) -> Result<pb::ExecuteReply, Status> {
+        let channel = self
+            .channel(address)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        call_execute(channel, request, self.settings.attempt_timeout).await
+    }
+
+    pub async fn get(&mut self, key: &str) -> Result<Option<Bytes>, ClientError> {
+        match result(
+            self.execute(operation::Kind::Get(pb::Get { key: key.into() }))
+                .await?,
+        )? {
+            op_result::Kind::Get(get) => Ok(get.value),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn put(&mut self, key: &str, value: impl Into<Bytes>) -> Result<(), ClientError> {
+        match result(
+            self.execute(operation::Kind::Put(pb::Put {
+                key: key.into(),
+                value: value.into(),
+            }))
+            .await?,
+        )? {
+            op_result::Kind::Put(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes `key`; true when it existed.
+    pub async fn delete(&mut self, key: &str) -> Result<bool, ClientError> {
+        match result(
+            self.execute(operation::Kind::Delete(pb::Delete { key: key.into() }))
+                .await?,
+        )? {
+            op_result::Kind::Delete(delete) => Ok(delete.existed),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets `new_value` if the value is `expected` (`None`: if the key is absent).
+    /// Returns whether it swapped, and the value before.
+    pub async fn compare_and_swap(
+        &mut self,
+        key: &str,
+        expected: Option<Bytes>,
+        new_value: impl Into<Bytes>,
+    ) -> Result<(bool, Option<Bytes>), ClientError> {
+        let op = pb::CompareAndSwap {
+            key: key.into(),
+            expected,
+            new_value: new_value.into(),
+        };
+        match result(self.execute(operation::Kind::CompareAndSwap(op)).await?)? {
+            op_result::Kind::CompareAndSwap(cas) => Ok((cas.swapped, cas.current)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn increment(&mut self, key: &str, delta: i64) -> Result<i64, ClientError> {
+        match result(
+            self.execute(operation::Kind::Increment(pb::Increment {
+                key: key.into(),
+                delta,
+            }))
+            .await?,
+        )? {
+            op_result::Kind::Increment(incr) => Ok(incr.value),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+async fn call_execute(
+    channel: Channel,
+    request: pb::ExecuteRequest,
+    timeout: Duration,
+) -> Result<pb::ExecuteReply, Status> {
+    let mut client = pb::replica_client::ReplicaClient::new(channel);
+    match tokio::time::timeout(timeout, client.execute(request)).await {
+        Ok(answer) => answer.map(tonic::Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no answer within {} ms",
+            timeout.as_millis()
+        ))),
+    }
+}
+
+/// What one failed attempt means for the request.
+#[derive(Debug)]
+enum Attempt {
+    /// Not retryable: the request itself is wrong.
+    Fatal(ClientError),
+    /// The replica named where to go instead.
+    Redirected,
+    /// Try again (after a pause, with a fresh view of the group).
+    Retry(String),
+}
+
+impl Attempt {
+    fn with_context(self, address: &str) -> Self {
+        match self {
+            Self::Retry(message) => Self::Retry(format!("{address}: {message}")),
+            other => other,
+        }
+    }
+}
+
+fn classify(status: &Status) -> Attempt {
+    match error_detail(status) {
+        Some(Detail::InvalidRequest(invalid)) => Attempt::Fatal(ClientError::Invalid {
+            field: invalid.field,
+            reason: invalid.reason,
+        }),
+        Some(Detail::StaleRequest(stale)) => Attempt::Fatal(ClientError::Stale {
+            request_id: stale.request_id,
+            last_request_id: stale.last_request_id,
+        }),
+        Some(Detail::WrongEpoch(wrong)) => Attempt::Fatal(ClientError::WrongEpoch {
+            got: wrong.got,
+            current: wrong.current,
+        }),
+        Some(Detail::NotPrimary(_)) => Attempt::Redirected,
+        _ if status.code() == Code::InvalidArgument => Attempt::Fatal(ClientError::Invalid {
+            field: String::new(),
+            reason: status.message().to_owned(),
+        }),
+        _ => Attempt::Retry(status.message().to_owned()),
+    }
+}
+
+/// The operation's result, with a deterministic operation failure as an error.
+pub fn result(reply: pb::ExecuteReply) -> Result<op_result::Kind, ClientError> {
+    match reply.result.and_then(|r| r.kind) {
+        Some(op_result::Kind::Failed(failed)) => Err(ClientError::OpFailed(failed.reason)),
+        Some(kind) => Ok(kind),
+        None => Err(ClientError::OpFailed(
+            "the replica sent an empty result".into(),
+        )),
+    }
+}
+
+fn unexpected(kind: op_result::Kind) -> ClientError {
+    ClientError::OpFailed(format!("result of the wrong kind: {kind:?}"))
+}

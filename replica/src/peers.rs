@@ -1,0 +1,451 @@
+//! Talking to other replicas: the leader's per-follower sender (appends and checkpoint
+//! transfers), an active member forwarding client requests to the order-keeper, and a
+//! non-member keeping itself joined to the leader. Every call has a timeout; every
+//! failure backs off and retries with what the core says now.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::error::error_detail;
+use crate::pb::{self, error_detail::Kind as Detail};
+use crate::replication::PeerWork;
+use crate::server::{MAX_MESSAGE_BYTES, Node, RequestTag, checkpoint_stream};
+
+/// How often a leader tells an idle follower that it is still there (and where the
+/// commit point is); also how soon a deposed leader hears of it.
+const KEEPALIVE: Duration = Duration::from_millis(200);
+/// A checkpoint transfer may take much longer than one call.
+const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(120);
+/// A learner that cannot be reached for this long is forgotten (it re-joins if alive).
+const LEARNER_GIVE_UP: Duration = Duration::from_secs(10);
+/// How often a non-member asks the leader to feed it.
+const JOIN_RETRY: Duration = Duration::from_millis(500);
+
+/// Lazily connected channels to peers, by address.
+pub struct PeerClients {
+    timeout: Duration,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl PeerClients {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn channel(&self, address: &str) -> Result<Channel, tonic::Status> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| {
+                tonic::Status::invalid_argument(format!("bad peer address {address:?}: {e}"))
+            })?
+            .connect_timeout(self.timeout)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    pub fn peer(
+        &self,
+        address: &str,
+    ) -> Result<pb::peer_client::PeerClient<Channel>, tonic::Status> {
+        Ok(pb::peer_client::PeerClient::new(self.channel(address)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES))
+    }
+
+    pub fn control(
+        &self,
+        address: &str,
+    ) -> Result<pb::control_client::ControlClient<Channel>, tonic::Status> {
+        Ok(pb::control_client::ControlClient::new(
+            self.channel(address)?,
+        ))
+    }
+
+    pub fn replica(
+        &self,
+        address: &str,
+    ) -> Result<pb::replica_client::ReplicaClient<Channel>, tonic::Status> {
+        Ok(pb::replica_client::ReplicaClient::new(
+            self.channel(address)?,
+        ))
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// Runs `call` with the peer timeout, folding a timeout into a status.
+async fn with_timeout<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {} ms",
+            limit.as_millis()
+        )))
+    })
+}
+
+/// Leader side: keeps one follower up to date until the core says it is no longer ours.
+pub async fn replicate_to(node: Arc<Node>, peer: String, address: String) {
+    let mut changed = node.changed.subscribe();
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    let mut keepalive_due = true;
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    let mut backoff = Backoff::default();
+    debug!(%peer, %address, "replicating to follower");
+    loop {
+        let work = node.lock().core.next_work(&peer, keepalive_due);
+        keepalive_due = false;
+        let outcome = match work {
+            PeerWork::Gone => {
+                debug!(%peer, "no longer a follower of this replica");
+                return;
+            }
+            PeerWork::Idle => {
+                tokio::select! {
+                    _ = changed.changed() => {}
+                    _ = keepalive.tick() => keepalive_due = true,
+                    () = node.shutdown.cancelled() => return,
+                }
+                continue;
+            }
+            PeerWork::Append(request) => send_append(&node, &peer, &address, request).await,
+            PeerWork::Checkpoint(checkpoint) => {
+                let node = Arc::clone(&node);
+                let (peer, address) = (peer.clone(), address.clone());
+                tokio::spawn(async move { send_checkpoint(node, peer, address, checkpoint).await });
+                continue;
+            }
+        };
+        match outcome {
+            Ok(progressed) => {
+                failing_since = None;
+                backoff.reset();
+                if !progressed {
+                    // A mismatch while the follower waits for its checkpoint header:
+                    // give it a moment rather than spin.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            Err(()) => {
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                let is_learner = !node
+                    .lock()
+                    .core
+                    .config()
+                    .is_some_and(|c| c.members.iter().any(|m| m.id == peer));
+                if is_learner && since.elapsed() > LEARNER_GIVE_UP {
+                    info!(%peer, "learner unreachable, forgetting it");
+                    node.lock().core.forget_learner(&peer);
+                    return;
+                }
+                tokio::select! {
+                    () = backoff.wait() => {}
+                    () = node.shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// One append. Ok(matched) when the follower answered, Err when it could not be reached
+/// or refused (in which case the refusal has been acted on).
+async fn send_append(
+    node: &Arc<Node>,
+    peer: &str,
+    address: &str,
+    request: pb::AppendRequest,
+) -> Result<bool, ()> {
+    let mut client = node
+        .peers
+        .peer(address)
+        .map_err(|e| warn!(%peer, error = %e, "no channel"))?;
+    let limit = node.peers.timeout();
+    match with_timeout(limit, client.append(request.clone())).await {
+        Ok(reply) => {
+            let reply = reply.into_inner();
+            let mut inner = node.lock();
+            let executed = inner.core.on_append_reply(peer, &request, &reply);
+            inner.resolve(executed);
+            node.after_change(&inner);
+            Ok(reply.matched)
+        }
+        Err(status) => {
+            handle_refusal(node, peer, address, &status).await;
+            Err(())
+        }
+    }
+}
+
+/// Acts on a follower's refusal: learn a newer configuration (and step down), or give
+/// an older follower the configuration it lacks.
+async fn handle_refusal(node: &Arc<Node>, peer: &str, address: &str, status: &tonic::Status) {
+    match error_detail(status) {
+        Some(Detail::WrongEpoch(wrong)) => {
+            if let Some(config) = wrong
+                .configuration
+                .filter(|c| c.epoch > node.lock().core.epoch())
+            {
+                warn!(%peer, newer_epoch = config.epoch, "a follower is at a newer epoch: this replica was deposed");
+                if let Err(error) = node.install_configuration(config) {
+                    warn!(%error, "could not install the newer configuration");
+                }
+            }
+        }
+        Some(Detail::ConfigurationRequired(_)) => {
+            let Some(config) = node.lock().core.config().cloned() else {
+                return;
+            };
+            debug!(%peer, epoch = config.epoch, "follower lacks the configuration; relaying it");
+            if let Ok(mut control) = node.peers.control(address) {
+                if let Err(error) =
+                    with_timeout(node.peers.timeout(), control.install_configuration(config)).await
+                {
+                    debug!(%peer, %error, "relaying the configuration failed");
+                }
+            }
+        }
+        _ => debug!(%peer, code = ?status.code(), error = %status.message(), "append failed"),
+    }
+}
+
+/// Streams a checkpoint to a follower, then tells the core how it went.
+async fn send_checkpoint(
+    node: Arc<Node>,
+    peer: String,
+    address: String,
+    checkpoint: crate::checkpoint::Checkpoint,
+) {
+    let (seq, keys) = (checkpoint.seq, checkpoint.state.keys());
+    let (epoch, leader) = (node.lock().core.epoch(), node.id().to_owned());
+    info!(%peer, seq, keys, "sending checkpoint");
+    let started = tokio::time::Instant::now();
+    let result = match node.peers.peer(&address) {
+        Ok(mut client) => {
+            let chunks = checkpoint_stream(checkpoint, epoch, leader);
+            match tokio::time::timeout(
+                CHECKPOINT_TIMEOUT,
+                client.install_checkpoint(tonic::Request::new(chunks)),
+            )
+            .await
+            {
+                Ok(answer) => answer,
+                Err(_) => Err(tonic::Status::deadline_exceeded(
+                    "checkpoint transfer timed out",
+                )),
+            }
+        }
+        Err(status) => Err(status),
+    };
+    {
+        let mut inner = node.lock();
+        match &result {
+            Ok(reply) => {
+                info!(%peer, seq, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint installed by follower");
+                inner
+                    .core
+                    .on_checkpoint_sent(&peer, seq, Ok(reply.get_ref()));
+            }
+            Err(status) => {
+                warn!(%peer, seq, error = %status.message(), "checkpoint transfer failed");
+                inner.core.on_checkpoint_sent(&peer, seq, Err(()));
+            }
+        }
+        node.after_change(&inner);
+    }
+    if result.is_err() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        node.changed.send_modify(|v| *v += 1);
+    }
+}
+
+/// Active mode, on a member that is not the order-keeper: hands the request to the
+/// order-keeper, and again to each new one, until it executed here or the client left.
+pub async fn forward_to_leader(
+    node: Arc<Node>,
+    request: pb::ExecuteRequest,
+    done: CancellationToken,
+) {
+    let mut epochs = node.epoch.subscribe();
+    let mut backoff = Backoff::default();
+    let tag = RequestTag(&request.client_id, node.id(), request.request_id);
+    loop {
+        let (leader, epoch) = {
+            let inner = node.lock();
+            (inner.core.leader().cloned(), inner.core.epoch())
+        };
+        epochs.borrow_and_update();
+        let delivered = match leader {
+            Some(leader) if leader.id != node.id() => {
+                let order = pb::OrderRequest {
+                    epoch,
+                    from_replica: node.id().to_owned(),
+                    client_id: request.client_id.clone(),
+                    request_id: request.request_id,
+                    op: request.op.clone(),
+                };
+                match node.peers.peer(&leader.address) {
+                    Ok(mut client) => {
+                        match with_timeout(node.peers.timeout(), client.order(order)).await {
+                            Ok(_) => true,
+                            Err(status) => {
+                                debug!(req = %tag, leader = %leader.id, error = %status.message(), "forwarding failed");
+                                if let Some(Detail::WrongEpoch(wrong)) = error_detail(&status) {
+                                    if let Some(config) = wrong.configuration {
+                                        let _ = node.install_configuration(config);
+                                    }
+                                }
+                                false
+                            }
+                        }
+                    }
+                    Err(_) => false,
+                }
+            }
+            // This replica leads now: order the request here.
+            Some(_) => {
+                let mut inner = node.lock();
+                let order = pb::OrderRequest {
+                    epoch,
+                    from_replica: node.id().to_owned(),
+                    client_id: request.client_id.clone(),
+                    request_id: request.request_id,
+                    op: request.op.clone(),
+                };
+                let ordered = inner.core.on_order(&order).is_ok();
+                let executed = inner.core.advance();
+                inner.resolve(executed);
+                node.after_change(&inner);
+                ordered
+            }
+            // No leader in the configuration: wait for the next one.
+            None => true,
+        };
+        let retry = if delivered {
+            Duration::from_secs(3600)
+        } else {
+            backoff.next()
+        };
+        tokio::select! {
+            () = done.cancelled() => return,
+            _ = epochs.changed() => {}
+            () = tokio::time::sleep(retry) => {}
+        }
+    }
+}
+
+/// A replica that is not (yet) a member, or has no state, keeps asking the leader to
+/// feed it; one started without configuration first asks its seeds for it.
+pub async fn keep_joined(node: Arc<Node>) {
+    let mut seeds_asked = false;
+    loop {
+        let (config, wants_feed) = {
+            let inner = node.lock();
+            let core = &inner.core;
+            let wants = core.config().is_some()
+                && (!core.is_member() || !core.is_ready())
+                && !core.is_leader();
+            (core.config().cloned(), wants)
+        };
+        if config.is_none() && !node.settings.seeds.is_empty() {
+            if let Some(found) = newest_configuration(&node).await {
+                info!(epoch = found.epoch, "learned the configuration from a seed");
+                let _ = node.install_configuration(found);
+            } else if !seeds_asked {
+                info!(seeds = ?node.settings.seeds, "waiting for a configuration (none of the seeds has one yet)");
+            }
+            seeds_asked = true;
+        }
+        if wants_feed {
+            let leader = config
+                .as_ref()
+                .and_then(|c| c.members.iter().find(|m| m.id == c.primary))
+                .cloned();
+            if let Some(leader) = leader.filter(|l| l.id != node.id()) {
+                let join = pb::JoinRequest {
+                    replica_id: node.id().to_owned(),
+                    address: node.settings.advertise.clone(),
+                };
+                match node.peers.peer(&leader.address) {
+                    Ok(mut client) => {
+                        match with_timeout(node.peers.timeout(), client.join(join)).await {
+                            Ok(_) => debug!(leader = %leader.id, "joined the leader's feed"),
+                            Err(status) => {
+                                debug!(leader = %leader.id, error = %status.message(), "join failed");
+                                if let Some(Detail::WrongEpoch(wrong)) = error_detail(&status) {
+                                    if let Some(config) = wrong.configuration {
+                                        let _ = node.install_configuration(config);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Err(status) => warn!(error = %status.message(), "cannot reach the leader"),
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(JOIN_RETRY) => {}
+            () = node.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The highest-epoch configuration any seed reports.
+async fn newest_configuration(node: &Arc<Node>) -> Option<pb::Configuration> {
+    let mut newest: Option<pb::Configuration> = None;
+    for seed in &node.settings.seeds {
+        let Ok(mut client) = node.peers.replica(seed) else {
+            continue;
+        };
+        if let Ok(status) =
+            with_timeout(node.peers.timeout(), client.status(pb::StatusRequest {})).await
+        {
+            if let Some(config) = status.into_inner().configuration {
+                if newest.as_ref().is_none_or(|n| config.epoch > n.epoch) {
+                    newest = Some(config);
+                }
+            }
+        }
+    }
+    newest
+}
+
+/// Exponential back-off between failed calls: 20 ms doubling to 500 ms.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let delay =
+            Duration::from_millis(20 << self.failures.min(5)).min(Duration::from_millis(500));
+        self.failures += 1;
+        delay
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next()).await;
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
