@@ -52,9 +52,8 @@ pub struct ConfigureArgs {
 async fn replica_client(
     address: &str,
 ) -> anyhow::Result<pb::replica_client::ReplicaClient<tonic::transport::Channel>> {
-    let channel = Endpoint::from_shared(format!("http://{address}"))?
-        .connect_timeout(CALL_TIMEOUT)
-        .connect_lazy();
+    let channel =
+        Endpoint::from_shared(format!("http://{address}"))?.connect_timeout(CALL_TIMEOUT).connect_lazy();
     Ok(pb::replica_client::ReplicaClient::new(channel))
 }
 
@@ -136,11 +135,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
                     if s.ready { "yes" } else { "no" },
                     config.epoch,
                     mode_name(config.mode()),
-                    if config.primary.is_empty() {
-                        "-"
-                    } else {
-                        &config.primary
-                    },
+                    if config.primary.is_empty() { "-" } else { &config.primary },
                     s.last_seq,
                     s.commit_seq,
                     s.applied_seq,
@@ -159,11 +154,8 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {
-    let addresses: Vec<String> = all_statuses(args.endpoints.resolve()?)
-        .await
-        .into_iter()
-        .map(|(a, _)| a)
-        .collect();
+    let addresses: Vec<String> =
+        all_statuses(args.endpoints.resolve()?).await.into_iter().map(|(a, _)| a).collect();
     let digests = join_all(addresses.into_iter().map(|address| async move {
         let answer = async {
             let mut client = replica_client(&address).await?;
@@ -190,33 +182,19 @@ pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {
 
 /// Parses `id=host:port`.
 fn parse_member(text: &str) -> anyhow::Result<pb::Member> {
-    let (id, address) = text
-        .split_once('=')
-        .with_context(|| format!("member {text:?} is not id=host:port"))?;
-    Ok(pb::Member {
-        id: id.trim().into(),
-        address: address.trim().into(),
-    })
+    let (id, address) =
+        text.split_once('=').with_context(|| format!("member {text:?} is not id=host:port"))?;
+    Ok(pb::Member { id: id.trim().into(), address: address.trim().into() })
 }
 
 pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
-    let members = args
-        .members
-        .iter()
-        .map(|m| parse_member(m))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let members = args.members.iter().map(|m| parse_member(m)).collect::<anyhow::Result<Vec<_>>>()?;
     let mode = match args.mode {
         ModeArg::Passive => Mode::Passive,
         ModeArg::Active => Mode::Active,
     };
-    let config = pb::Configuration {
-        epoch: args.epoch,
-        mode: mode.into(),
-        primary: args.primary,
-        members,
-    };
-    tandem_replica::replication::check_configuration(&config)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = pb::Configuration { epoch: args.epoch, mode: mode.into(), primary: args.primary, members };
+    tandem_replica::replication::check_configuration(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut targets: Vec<String> = config.members.iter().map(|m| m.address.clone()).collect();
     targets.extend(args.also);
     let results = join_all(targets.into_iter().map(|address| {
@@ -227,10 +205,9 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
                     .connect_timeout(CALL_TIMEOUT)
                     .connect_lazy();
                 let mut client = pb::control_client::ControlClient::new(channel);
-                let reply =
-                    tokio::time::timeout(CALL_TIMEOUT, client.install_configuration(config))
-                        .await
-                        .context("timed out")??;
+                let reply = tokio::time::timeout(CALL_TIMEOUT, client.install_configuration(config))
+                    .await
+                    .context("timed out")??;
                 anyhow::Ok(reply.into_inner())
             }
             .await;
@@ -241,20 +218,15 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
     let mut failures = 0;
     for (address, answer) in results {
         match answer {
-            Ok(reply) => println!(
-                "{address}: epoch {} installed, role {}",
-                reply.epoch,
-                role_name(reply.role)
-            ),
+            Ok(reply) => {
+                println!("{address}: epoch {} installed, role {}", reply.epoch, role_name(reply.role))
+            }
             Err(error) => {
                 failures += 1;
                 println!("{address}: failed: {error:#}");
             }
         }
     }
-    anyhow::ensure!(
-        failures == 0,
-        "{failures} replica(s) did not take the configuration"
-    );
+    anyhow::ensure!(failures == 0, "{failures} replica(s) did not take the configuration");
     Ok(())
 }

@@ -5,13 +5,7 @@ use clap::Args;
 #[derive(Debug, Clone, Args)]
 pub struct EndpointArgs {
     /// Replica addresses (host:port, comma-separated); the configuration names the rest.
-    #[arg(
-        long,
-        short = 'e',
-        env = "TANDEM_ENDPOINTS",
-        value_delimiter = ',',
-        global = true
-    )]
+    #[arg(long, short = 'e', env = "TANDEM_ENDPOINTS", value_delimiter = ',', global = true)]
     pub endpoints: Vec<String>,
 }
 

@@ -101,14 +101,9 @@ async fn run(args: &ClientArgs, op: Kind) -> anyhow::Result<()> {
             None => anyhow::bail!("not found"),
         },
         op_result::Kind::Put(_) => println!("OK"),
-        op_result::Kind::Delete(delete) => println!(
-            "{}",
-            if delete.existed {
-                "deleted"
-            } else {
-                "not found"
-            }
-        ),
+        op_result::Kind::Delete(delete) => {
+            println!("{}", if delete.existed { "deleted" } else { "not found" })
+        }
         op_result::Kind::Increment(incr) => println!("{}", incr.value),
         op_result::Kind::CompareAndSwap(cas) => {
             let current = cas.current.as_ref().map_or_else(|| "(absent)".into(), text);
@@ -127,14 +122,7 @@ pub async fn get(args: GetArgs) -> anyhow::Result<()> {
 }
 
 pub async fn put(args: PutArgs) -> anyhow::Result<()> {
-    run(
-        &args.client,
-        Kind::Put(pb::Put {
-            key: args.key,
-            value: Bytes::from(args.value),
-        }),
-    )
-    .await
+    run(&args.client, Kind::Put(pb::Put { key: args.key, value: Bytes::from(args.value) })).await
 }
 
 pub async fn del(args: DelArgs) -> anyhow::Result<()> {
@@ -142,14 +130,7 @@ pub async fn del(args: DelArgs) -> anyhow::Result<()> {
 }
 
 pub async fn incr(args: IncrArgs) -> anyhow::Result<()> {
-    run(
-        &args.client,
-        Kind::Increment(pb::Increment {
-            key: args.key,
-            delta: args.delta,
-        }),
-    )
-    .await
+    run(&args.client, Kind::Increment(pb::Increment { key: args.key, delta: args.delta })).await
 }
 
 pub async fn cas(args: CasArgs) -> anyhow::Result<()> {

@@ -42,11 +42,7 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     let mut settings = ReplicaSettings::new(args.id, args.listen);
     settings.advertise = args.advertise.unwrap_or_else(|| args.listen.to_string());
     settings.bootstrap = args.bootstrap;
-    settings.seeds = args
-        .peers
-        .into_iter()
-        .filter(|p| !p.trim().is_empty())
-        .collect();
+    settings.seeds = args.peers.into_iter().filter(|p| !p.trim().is_empty()).collect();
     settings.checkpoint_interval = Duration::from_millis(args.checkpoint_interval_ms);
     settings.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
     settings.request_timeout = Duration::from_millis(args.request_timeout_ms);
@@ -57,10 +53,7 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let node = Node::new(settings, shutdown);
     let span = node.span();
-    node.serve(listener)
-        .instrument(span)
-        .await
-        .context("gRPC server failed")?;
+    node.serve(listener).instrument(span).await.context("gRPC server failed")?;
     info!("replica stopped");
     Ok(())
 }
@@ -70,15 +63,14 @@ pub async fn stop_on_signal(shutdown: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    shutdown.cancel();
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                shutdown.cancel();
+                return;
+            }
+        };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -19,22 +19,13 @@ pub struct LogArgs {
     #[arg(long, global = true, env = "TANDEM_LOG", default_value = "info")]
     pub log_level: String,
     /// Log line format.
-    #[arg(
-        long,
-        global = true,
-        env = "TANDEM_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
+    #[arg(long, global = true, env = "TANDEM_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
 
 pub fn init(args: &LogArgs) {
     let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|error| {
-        eprintln!(
-            "warning: bad --log-level {:?} ({error}); using info",
-            args.log_level
-        );
+        eprintln!("warning: bad --log-level {:?} ({error}); using info", args.log_level);
         EnvFilter::new("info")
     });
     let builder = tracing_subscriber::fmt()

@@ -23,11 +23,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// The chunks that carry this checkpoint, produced lazily (a large state is never
     /// encoded all at once). The digest is computed from the same immutable snapshot.
-    pub fn into_chunks(
-        self,
-        epoch: u64,
-        leader_id: String,
-    ) -> impl Iterator<Item = pb::CheckpointChunk> {
+    pub fn into_chunks(self, epoch: u64, leader_id: String) -> impl Iterator<Item = pb::CheckpointChunk> {
         let header = Part::Header(pb::CheckpointHeader {
             epoch,
             leader_id,
@@ -38,27 +34,17 @@ impl Checkpoint {
         });
         let digest_source = self.state.clone();
         let (key_values, sessions) = self.state.into_parts();
-        let key_values = batches(
-            key_values
-                .into_iter()
-                .map(|(key, value)| pb::KeyValue { key, value }),
-        )
-        .map(|entries| Part::KeyValues(pb::KeyValueBatch { entries }));
-        let sessions = batches(
-            sessions
-                .into_iter()
-                .map(|(client_id, session)| pb::Session {
-                    client_id,
-                    last_request_id: session.last_request_id,
-                    last_reply: Some(session.last_reply),
-                    last_seq: session.last_seq,
-                }),
-        )
+        let key_values = batches(key_values.into_iter().map(|(key, value)| pb::KeyValue { key, value }))
+            .map(|entries| Part::KeyValues(pb::KeyValueBatch { entries }));
+        let sessions = batches(sessions.into_iter().map(|(client_id, session)| pb::Session {
+            client_id,
+            last_request_id: session.last_request_id,
+            last_reply: Some(session.last_reply),
+            last_seq: session.last_seq,
+        }))
         .map(|sessions| Part::Sessions(pb::SessionBatch { sessions }));
         let trailer = std::iter::once_with(move || {
-            Part::Trailer(pb::CheckpointTrailer {
-                digest: digest_source.digest(),
-            })
+            Part::Trailer(pb::CheckpointTrailer { digest: digest_source.digest() })
         });
         std::iter::once(header)
             .chain(key_values)
@@ -98,11 +84,7 @@ pub enum AssemblyError {
     #[error("chunk {index} arrived after the trailer")]
     AfterTrailer { index: usize },
     #[error("header announced {expected} {what}, the stream carried {got}")]
-    CountMismatch {
-        what: &'static str,
-        expected: u64,
-        got: u64,
-    },
+    CountMismatch { what: &'static str, expected: u64, got: u64 },
     #[error("digest mismatch: sender {expected}, received state {got}")]
     DigestMismatch { expected: String, got: String },
 }
@@ -159,19 +141,12 @@ impl Assembler {
                 ];
                 for (what, expected, got) in counts {
                     if expected != got as u64 {
-                        return Err(AssemblyError::CountMismatch {
-                            what,
-                            expected,
-                            got: got as u64,
-                        });
+                        return Err(AssemblyError::CountMismatch { what, expected, got: got as u64 });
                     }
                 }
                 let got = self.state.digest();
                 if got != trailer.digest {
-                    return Err(AssemblyError::DigestMismatch {
-                        expected: trailer.digest,
-                        got,
-                    });
+                    return Err(AssemblyError::DigestMismatch { expected: trailer.digest, got });
                 }
                 self.finished = Some(Checkpoint {
                     seq: header.seq,
@@ -215,18 +190,10 @@ mod tests {
     #[test]
     fn large_state_travels_in_bounded_chunks_and_arrives_equal() {
         let state = state_with(300, 4096);
-        let checkpoint = Checkpoint {
-            seq: 300,
-            seq_epoch: 2,
-            state: state.clone(),
-        };
+        let checkpoint = Checkpoint { seq: 300, seq_epoch: 2, state: state.clone() };
         let chunks: Vec<_> = checkpoint.into_chunks(2, "r1".into()).collect();
         assert!(chunks.len() > 4, "1.2 MB in {} chunks", chunks.len());
-        assert!(
-            chunks
-                .iter()
-                .all(|c| c.encoded_len() <= CHUNK_BYTES + 8 * 1024)
-        );
+        assert!(chunks.iter().all(|c| c.encoded_len() <= CHUNK_BYTES + 8 * 1024));
         let mut assembler = Assembler::default();
         for chunk in chunks {
             assembler.push(chunk).expect("valid chunk");
@@ -238,67 +205,34 @@ mod tests {
 
     #[test]
     fn a_lost_chunk_is_detected() {
-        let checkpoint = Checkpoint {
-            seq: 50,
-            seq_epoch: 1,
-            state: state_with(50, 20_000),
-        };
+        let checkpoint = Checkpoint { seq: 50, seq_epoch: 1, state: state_with(50, 20_000) };
         let mut chunks: Vec<_> = checkpoint.into_chunks(1, "r1".into()).collect();
         chunks.remove(1);
         let mut assembler = Assembler::default();
-        let result = chunks
-            .into_iter()
-            .try_for_each(|c| assembler.push(c).map(|_| ()));
-        assert!(
-            matches!(
-                result,
-                Err(AssemblyError::CountMismatch { what: "keys", .. })
-            ),
-            "{result:?}"
-        );
+        let result = chunks.into_iter().try_for_each(|c| assembler.push(c).map(|_| ()));
+        assert!(matches!(result, Err(AssemblyError::CountMismatch { what: "keys", .. })), "{result:?}");
     }
 
     #[test]
     fn a_tampered_value_fails_the_digest() {
-        let checkpoint = Checkpoint {
-            seq: 5,
-            seq_epoch: 1,
-            state: state_with(5, 10),
-        };
+        let checkpoint = Checkpoint { seq: 5, seq_epoch: 1, state: state_with(5, 10) };
         let mut chunks: Vec<_> = checkpoint.into_chunks(1, "r1".into()).collect();
         if let Some(Part::KeyValues(batch)) = chunks[1].part.as_mut() {
             batch.entries[0].value = Bytes::from_static(b"tampered");
         }
         let mut assembler = Assembler::default();
-        let result = chunks
-            .into_iter()
-            .try_for_each(|c| assembler.push(c).map(|_| ()));
-        assert!(
-            matches!(result, Err(AssemblyError::DigestMismatch { .. })),
-            "{result:?}"
-        );
+        let result = chunks.into_iter().try_for_each(|c| assembler.push(c).map(|_| ()));
+        assert!(matches!(result, Err(AssemblyError::DigestMismatch { .. })), "{result:?}");
     }
 
     #[test]
     fn a_stream_without_header_or_trailer_is_refused() {
         let mut assembler = Assembler::default();
-        let body = pb::CheckpointChunk {
-            part: Some(Part::KeyValues(pb::KeyValueBatch::default())),
-        };
-        assert_eq!(
-            assembler.push(body),
-            Err(AssemblyError::MissingHeader { index: 0 })
-        );
-        let checkpoint = Checkpoint {
-            seq: 1,
-            seq_epoch: 1,
-            state: state_with(1, 1),
-        };
+        let body = pb::CheckpointChunk { part: Some(Part::KeyValues(pb::KeyValueBatch::default())) };
+        assert_eq!(assembler.push(body), Err(AssemblyError::MissingHeader { index: 0 }));
+        let checkpoint = Checkpoint { seq: 1, seq_epoch: 1, state: state_with(1, 1) };
         let mut assembler = Assembler::default();
-        let header = checkpoint
-            .into_chunks(1, "r1".into())
-            .next()
-            .expect("header");
+        let header = checkpoint.into_chunks(1, "r1".into()).next().expect("header");
         assembler.push(header).expect("header");
         assert_eq!(assembler.finish().err(), Some(AssemblyError::Truncated));
     }

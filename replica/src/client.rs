@@ -51,23 +51,14 @@ pub enum ClientError {
     NoEndpoints,
     #[error("invalid request: {field}: {reason}")]
     Invalid { field: String, reason: String },
-    #[error(
-        "request {request_id} is stale: the session already executed request {last_request_id}"
-    )]
-    Stale {
-        request_id: u64,
-        last_request_id: u64,
-    },
+    #[error("request {request_id} is stale: the session already executed request {last_request_id}")]
+    Stale { request_id: u64, last_request_id: u64 },
     #[error("wrong epoch: asked for epoch {got}, the group is at epoch {current}")]
     WrongEpoch { got: u64, current: u64 },
     #[error("the operation failed: {0}")]
     OpFailed(String),
     #[error("request {request_id} got no answer within {waited_ms} ms; last error: {last_error}")]
-    Timeout {
-        request_id: u64,
-        waited_ms: u64,
-        last_error: String,
-    },
+    Timeout { request_id: u64, waited_ms: u64, last_error: String },
     #[error("bad endpoint {0:?}")]
     BadEndpoint(String),
 }
@@ -103,10 +94,8 @@ impl Client {
         if settings.endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
-        let client_id = settings
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("c{:08x}", rand::random::<u32>()));
+        let client_id =
+            settings.client_id.clone().unwrap_or_else(|| format!("c{:08x}", rand::random::<u32>()));
         Ok(Self {
             settings,
             client_id,
@@ -229,28 +218,21 @@ impl Client {
     }
 
     /// Passive mode: the primary, or any endpoint when the primary is unknown.
-    async fn attempt_primary(
-        &mut self,
-        request: &pb::ExecuteRequest,
-    ) -> Result<pb::ExecuteReply, Attempt> {
+    async fn attempt_primary(&mut self, request: &pb::ExecuteRequest) -> Result<pb::ExecuteReply, Attempt> {
         let endpoints = &self.settings.endpoints;
-        let target = self
-            .view
-            .primary
-            .clone()
-            .unwrap_or_else(|| endpoints[self.rotation % endpoints.len()].clone());
+        let target =
+            self.view.primary.clone().unwrap_or_else(|| endpoints[self.rotation % endpoints.len()].clone());
         match self.send(&target, request.clone()).await {
             Ok(reply) => Ok(reply),
             Err(status) => match classify(&status) {
                 Attempt::Redirected => {
-                    if let Some(Detail::NotPrimary(hint)) = error_detail(&status) {
-                        if !hint.primary_address.is_empty()
-                            && Some(&hint.primary_address) != self.view.primary.as_ref()
-                        {
-                            debug!(request = request.request_id, from = %target, to = %hint.primary_address, "redirected to the primary");
-                            self.view.primary = Some(hint.primary_address);
-                            return Err(Attempt::Redirected);
-                        }
+                    if let Some(Detail::NotPrimary(hint)) = error_detail(&status)
+                        && !hint.primary_address.is_empty()
+                        && Some(&hint.primary_address) != self.view.primary.as_ref()
+                    {
+                        debug!(request = request.request_id, from = %target, to = %hint.primary_address, "redirected to the primary");
+                        self.view.primary = Some(hint.primary_address);
+                        return Err(Attempt::Redirected);
                     }
                     Err(Attempt::Retry(format!("{target}: {}", status.message())))
                 }
@@ -260,10 +242,7 @@ impl Client {
     }
 
     /// Active mode: every member; the first reply wins, the others are discarded.
-    async fn attempt_all(
-        &mut self,
-        request: &pb::ExecuteRequest,
-    ) -> Result<pb::ExecuteReply, Attempt> {
+    async fn attempt_all(&mut self, request: &pb::ExecuteRequest) -> Result<pb::ExecuteReply, Attempt> {
         let mut calls = FuturesUnordered::new();
         for address in self.view.members.clone() {
             let channel = self.channel(&address).map_err(Attempt::Fatal)?;
@@ -305,22 +284,13 @@ impl Client {
         })
     }
 
-    async fn send(
-        &mut self,
-        address: &str,
-        request: pb::ExecuteRequest,
-    ) -> Result<pb::ExecuteReply, Status> {
-        let channel = self
-            .channel(address)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    async fn send(&mut self, address: &str, request: pb::ExecuteRequest) -> Result<pb::ExecuteReply, Status> {
+        let channel = self.channel(address).map_err(|e| Status::invalid_argument(e.to_string()))?;
         call_execute(channel, request, self.settings.attempt_timeout).await
     }
 
     pub async fn get(&mut self, key: &str) -> Result<Option<Bytes>, ClientError> {
-        match result(
-            self.execute(operation::Kind::Get(pb::Get { key: key.into() }))
-                .await?,
-        )? {
+        match result(self.execute(operation::Kind::Get(pb::Get { key: key.into() })).await?)? {
             op_result::Kind::Get(get) => Ok(get.value),
             other => Err(unexpected(other)),
         }
@@ -328,11 +298,7 @@ impl Client {
 
     pub async fn put(&mut self, key: &str, value: impl Into<Bytes>) -> Result<(), ClientError> {
         match result(
-            self.execute(operation::Kind::Put(pb::Put {
-                key: key.into(),
-                value: value.into(),
-            }))
-            .await?,
+            self.execute(operation::Kind::Put(pb::Put { key: key.into(), value: value.into() })).await?,
         )? {
             op_result::Kind::Put(_) => Ok(()),
             other => Err(unexpected(other)),
@@ -341,10 +307,7 @@ impl Client {
 
     /// Deletes `key`; true when it existed.
     pub async fn delete(&mut self, key: &str) -> Result<bool, ClientError> {
-        match result(
-            self.execute(operation::Kind::Delete(pb::Delete { key: key.into() }))
-                .await?,
-        )? {
+        match result(self.execute(operation::Kind::Delete(pb::Delete { key: key.into() })).await?)? {
             op_result::Kind::Delete(delete) => Ok(delete.existed),
             other => Err(unexpected(other)),
         }
@@ -358,11 +321,7 @@ impl Client {
         expected: Option<Bytes>,
         new_value: impl Into<Bytes>,
     ) -> Result<(bool, Option<Bytes>), ClientError> {
-        let op = pb::CompareAndSwap {
-            key: key.into(),
-            expected,
-            new_value: new_value.into(),
-        };
+        let op = pb::CompareAndSwap { key: key.into(), expected, new_value: new_value.into() };
         match result(self.execute(operation::Kind::CompareAndSwap(op)).await?)? {
             op_result::Kind::CompareAndSwap(cas) => Ok((cas.swapped, cas.current)),
             other => Err(unexpected(other)),
@@ -371,11 +330,7 @@ impl Client {
 
     pub async fn increment(&mut self, key: &str, delta: i64) -> Result<i64, ClientError> {
         match result(
-            self.execute(operation::Kind::Increment(pb::Increment {
-                key: key.into(),
-                delta,
-            }))
-            .await?,
+            self.execute(operation::Kind::Increment(pb::Increment { key: key.into(), delta })).await?,
         )? {
             op_result::Kind::Increment(incr) => Ok(incr.value),
             other => Err(unexpected(other)),
@@ -391,10 +346,7 @@ async fn call_execute(
     let mut client = pb::replica_client::ReplicaClient::new(channel);
     match tokio::time::timeout(timeout, client.execute(request)).await {
         Ok(answer) => answer.map(tonic::Response::into_inner),
-        Err(_) => Err(Status::deadline_exceeded(format!(
-            "no answer within {} ms",
-            timeout.as_millis()
-        ))),
+        Err(_) => Err(Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis()))),
     }
 }
 
@@ -420,23 +372,20 @@ impl Attempt {
 
 fn classify(status: &Status) -> Attempt {
     match error_detail(status) {
-        Some(Detail::InvalidRequest(invalid)) => Attempt::Fatal(ClientError::Invalid {
-            field: invalid.field,
-            reason: invalid.reason,
-        }),
+        Some(Detail::InvalidRequest(invalid)) => {
+            Attempt::Fatal(ClientError::Invalid { field: invalid.field, reason: invalid.reason })
+        }
         Some(Detail::StaleRequest(stale)) => Attempt::Fatal(ClientError::Stale {
             request_id: stale.request_id,
             last_request_id: stale.last_request_id,
         }),
-        Some(Detail::WrongEpoch(wrong)) => Attempt::Fatal(ClientError::WrongEpoch {
-            got: wrong.got,
-            current: wrong.current,
-        }),
+        Some(Detail::WrongEpoch(wrong)) => {
+            Attempt::Fatal(ClientError::WrongEpoch { got: wrong.got, current: wrong.current })
+        }
         Some(Detail::NotPrimary(_)) => Attempt::Redirected,
-        _ if status.code() == Code::InvalidArgument => Attempt::Fatal(ClientError::Invalid {
-            field: String::new(),
-            reason: status.message().to_owned(),
-        }),
+        _ if status.code() == Code::InvalidArgument => {
+            Attempt::Fatal(ClientError::Invalid { field: String::new(), reason: status.message().to_owned() })
+        }
         _ => Attempt::Retry(status.message().to_owned()),
     }
 }
@@ -446,9 +395,7 @@ pub fn result(reply: pb::ExecuteReply) -> Result<op_result::Kind, ClientError> {
     match reply.result.and_then(|r| r.kind) {
         Some(op_result::Kind::Failed(failed)) => Err(ClientError::OpFailed(failed.reason)),
         Some(kind) => Ok(kind),
-        None => Err(ClientError::OpFailed(
-            "the replica sent an empty result".into(),
-        )),
+        None => Err(ClientError::OpFailed("the replica sent an empty result".into())),
     }
 }
 

@@ -13,27 +13,13 @@ pub enum ReplicaError {
     #[error(
         "replica {replica} is not the primary of epoch {epoch}; the primary is {primary_id} at {primary_address}"
     )]
-    NotPrimary {
-        replica: String,
-        epoch: u64,
-        primary_id: String,
-        primary_address: String,
-    },
+    NotPrimary { replica: String, epoch: u64, primary_id: String, primary_address: String },
 
     #[error("replica {replica} is not ready (epoch {epoch}): {reason}")]
-    NotReady {
-        replica: String,
-        epoch: u64,
-        reason: String,
-    },
+    NotReady { replica: String, epoch: u64, reason: String },
 
     #[error("wrong epoch: the message is for epoch {got}, replica {replica} is at epoch {current}")]
-    WrongEpoch {
-        replica: String,
-        got: u64,
-        current: u64,
-        configuration: Option<pb::Configuration>,
-    },
+    WrongEpoch { replica: String, got: u64, current: u64, configuration: Option<pb::Configuration> },
 
     #[error("invalid request: {field}: {reason}")]
     InvalidRequest { field: String, reason: String },
@@ -41,31 +27,17 @@ pub enum ReplicaError {
     #[error(
         "stale request <{client_id}, {request_id}>: the session already executed request {last_request_id}"
     )]
-    StaleRequest {
-        client_id: String,
-        request_id: u64,
-        last_request_id: u64,
-    },
+    StaleRequest { client_id: String, request_id: u64, last_request_id: u64 },
 
     #[error(
         "replica {replica} is at epoch {have} and the sender at epoch {want}: install the configuration first"
     )]
-    ConfigurationRequired {
-        replica: String,
-        have: u64,
-        want: u64,
-    },
+    ConfigurationRequired { replica: String, have: u64, want: u64 },
 
     #[error(
         "request <{client_id}, {replica}, {request_id}> did not execute within {waited_ms} ms (epoch {epoch}); retry with the same request id"
     )]
-    NotExecuted {
-        client_id: String,
-        replica: String,
-        request_id: u64,
-        epoch: u64,
-        waited_ms: u64,
-    },
+    NotExecuted { client_id: String, replica: String, request_id: u64, epoch: u64, waited_ms: u64 },
 
     #[error("checkpoint refused: {reason}")]
     BadCheckpoint { reason: String },
@@ -86,41 +58,21 @@ impl ReplicaError {
 
     fn detail(&self) -> Option<error_detail::Kind> {
         Some(match self.clone() {
-            Self::NotPrimary {
-                epoch,
-                primary_id,
-                primary_address,
-                ..
-            } => error_detail::Kind::NotPrimary(pb::NotPrimary {
-                epoch,
-                primary_id,
-                primary_address,
-            }),
+            Self::NotPrimary { epoch, primary_id, primary_address, .. } => {
+                error_detail::Kind::NotPrimary(pb::NotPrimary { epoch, primary_id, primary_address })
+            }
             Self::NotReady { reason, epoch, .. } => {
                 error_detail::Kind::NotReady(pb::NotReady { reason, epoch })
             }
-            Self::WrongEpoch {
-                got,
-                current,
-                configuration,
-                ..
-            } => error_detail::Kind::WrongEpoch(pb::WrongEpoch {
-                got,
-                current,
-                configuration,
-            }),
+            Self::WrongEpoch { got, current, configuration, .. } => {
+                error_detail::Kind::WrongEpoch(pb::WrongEpoch { got, current, configuration })
+            }
             Self::InvalidRequest { field, reason } => {
                 error_detail::Kind::InvalidRequest(pb::InvalidRequest { field, reason })
             }
-            Self::StaleRequest {
-                client_id,
-                request_id,
-                last_request_id,
-            } => error_detail::Kind::StaleRequest(pb::StaleRequest {
-                client_id,
-                request_id,
-                last_request_id,
-            }),
+            Self::StaleRequest { client_id, request_id, last_request_id } => {
+                error_detail::Kind::StaleRequest(pb::StaleRequest { client_id, request_id, last_request_id })
+            }
             Self::ConfigurationRequired { have, want, .. } => {
                 error_detail::Kind::ConfigurationRequired(pb::ConfigurationRequired { have, want })
             }
@@ -161,24 +113,13 @@ mod tests {
         };
         let status = Status::from(error);
         assert_eq!(status.code(), Code::FailedPrecondition);
-        assert!(
-            status
-                .message()
-                .contains("the primary is r1 at 127.0.0.1:7101"),
-            "{}",
-            status.message()
-        );
-        let Some(error_detail::Kind::NotPrimary(detail)) = error_detail(&status) else {
-            panic!("no detail")
-        };
+        assert!(status.message().contains("the primary is r1 at 127.0.0.1:7101"), "{}", status.message());
+        let Some(error_detail::Kind::NotPrimary(detail)) = error_detail(&status) else { panic!("no detail") };
         assert_eq!((detail.epoch, detail.primary_id.as_str()), (3, "r1"));
     }
 
     #[test]
     fn plain_status_has_no_detail() {
-        assert_eq!(
-            error_detail(&Status::unavailable("connection refused")),
-            None
-        );
+        assert_eq!(error_detail(&Status::unavailable("connection refused")), None);
     }
 }

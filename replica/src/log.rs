@@ -32,11 +32,7 @@ pub enum Accepted {
 impl Log {
     /// An empty log whose checkpoint covers everything up to `seq`.
     pub fn starting_at(seq: u64, seq_epoch: u64) -> Self {
-        Self {
-            base_seq: seq,
-            base_epoch: seq_epoch,
-            entries: VecDeque::new(),
-        }
+        Self { base_seq: seq, base_epoch: seq_epoch, entries: VecDeque::new() }
     }
 
     pub fn base_seq(&self) -> u64 {
@@ -64,9 +60,7 @@ impl Log {
     }
 
     pub fn last_epoch(&self) -> u64 {
-        self.entries
-            .back()
-            .map_or(self.base_epoch, |entry| entry.epoch)
+        self.entries.back().map_or(self.base_epoch, |entry| entry.epoch)
     }
 
     pub fn get(&self, seq: u64) -> Option<&Entry> {
@@ -77,18 +71,12 @@ impl Log {
     /// Entries after `seq` that are not yet executed, oldest first.
     pub fn after(&self, seq: u64) -> impl Iterator<Item = &Entry> {
         let skip = seq.saturating_sub(self.base_seq);
-        self.entries
-            .iter()
-            .skip(usize::try_from(skip).unwrap_or(usize::MAX))
+        self.entries.iter().skip(usize::try_from(skip).unwrap_or(usize::MAX))
     }
 
     /// Leader side: appends a newly ordered entry. Its seq must be `last_seq() + 1`.
     pub fn push(&mut self, entry: Entry) {
-        debug_assert_eq!(
-            entry.seq,
-            self.last_seq() + 1,
-            "log entries must be contiguous"
-        );
+        debug_assert_eq!(entry.seq, self.last_seq() + 1, "log entries must be contiguous");
         self.entries.push_back(entry);
     }
 
@@ -122,9 +110,7 @@ impl Log {
             return Accepted::Mismatch { last_seq };
         }
         if prev_seq > self.base_seq && self.epoch_at(prev_seq) != Some(prev_epoch) {
-            return Accepted::Mismatch {
-                last_seq: prev_seq - 1,
-            };
+            return Accepted::Mismatch { last_seq: prev_seq - 1 };
         }
         let mut through = prev_seq.max(self.base_seq);
         for entry in entries {
@@ -152,8 +138,7 @@ impl Log {
     /// Drops `seq` and everything after it.
     fn truncate_from(&mut self, seq: u64) {
         let keep = seq.saturating_sub(self.base_seq + 1);
-        self.entries
-            .truncate(usize::try_from(keep).unwrap_or(usize::MAX));
+        self.entries.truncate(usize::try_from(keep).unwrap_or(usize::MAX));
     }
 
     /// Folds everything up to `seq` into the checkpoint: the log then starts after it.
@@ -179,13 +164,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn entry(seq: u64, epoch: u64) -> Entry {
-        Entry {
-            seq,
-            epoch,
-            client_id: "c".into(),
-            request_id: seq,
-            op: None,
-        }
+        Entry { seq, epoch, client_id: "c".into(), request_id: seq, op: None }
     }
 
     fn log_of(epochs: &[u64]) -> Log {
@@ -199,10 +178,7 @@ mod tests {
     #[test]
     fn follower_refuses_entries_after_a_gap() {
         let mut log = log_of(&[1, 1]);
-        assert_eq!(
-            log.accept(5, 1, &[entry(6, 1)]),
-            Accepted::Mismatch { last_seq: 2 }
-        );
+        assert_eq!(log.accept(5, 1, &[entry(6, 1)]), Accepted::Mismatch { last_seq: 2 });
         assert_eq!(log.last_seq(), 2);
     }
 
@@ -210,10 +186,7 @@ mod tests {
     fn new_leader_replaces_the_suffix_of_a_deposed_one() {
         // Entries 3 and 4 of epoch 1 never committed; epoch 2's leader ordered 3 itself.
         let mut log = log_of(&[1, 1, 1, 1]);
-        assert_eq!(
-            log.accept(2, 1, &[entry(3, 2)]),
-            Accepted::Matched { through: 3 }
-        );
+        assert_eq!(log.accept(2, 1, &[entry(3, 2)]), Accepted::Matched { through: 3 });
         assert_eq!(log.epoch_at(3), Some(2));
         assert_eq!(log.get(4), None);
     }
@@ -221,10 +194,7 @@ mod tests {
     #[test]
     fn prev_entry_from_another_epoch_is_a_mismatch() {
         let mut log = log_of(&[1, 1, 1]);
-        assert_eq!(
-            log.accept(3, 2, &[entry(4, 2)]),
-            Accepted::Mismatch { last_seq: 2 }
-        );
+        assert_eq!(log.accept(3, 2, &[entry(4, 2)]), Accepted::Mismatch { last_seq: 2 });
     }
 
     #[test]
@@ -232,32 +202,15 @@ mod tests {
         let mut log = log_of(&[1, 1, 1, 2, 2]);
         log.compact_to(3, 1);
         assert_eq!((log.base_seq(), log.last_seq(), log.len()), (3, 5, 2));
-        assert_eq!(
-            log.slice(3, 10, usize::MAX),
-            None,
-            "seq 3 is in the checkpoint"
-        );
+        assert_eq!(log.slice(3, 10, usize::MAX), None, "seq 3 is in the checkpoint");
         assert_eq!(log.slice(4, 10, usize::MAX).map(|s| s.len()), Some(2));
         // Entries the checkpoint covers are skipped, the rest continue the log.
         assert_eq!(
-            log.accept(
-                1,
-                1,
-                &[
-                    entry(2, 1),
-                    entry(3, 1),
-                    entry(4, 2),
-                    entry(5, 2),
-                    entry(6, 2)
-                ]
-            ),
+            log.accept(1, 1, &[entry(2, 1), entry(3, 1), entry(4, 2), entry(5, 2), entry(6, 2)]),
             Accepted::Matched { through: 6 }
         );
         log.compact_to(10, 3);
-        assert_eq!(
-            (log.base_seq(), log.last_seq(), log.epoch_at(10)),
-            (10, 10, Some(3))
-        );
+        assert_eq!((log.base_seq(), log.last_seq(), log.epoch_at(10)), (10, 10, Some(3)));
     }
 
     proptest! {

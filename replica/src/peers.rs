@@ -34,10 +34,7 @@ pub struct PeerClients {
 
 impl PeerClients {
     pub fn new(timeout: Duration) -> Self {
-        Self {
-            timeout,
-            channels: Mutex::new(HashMap::new()),
-        }
+        Self { timeout, channels: Mutex::new(HashMap::new()) }
     }
 
     pub fn channel(&self, address: &str) -> Result<Channel, tonic::Status> {
@@ -46,9 +43,7 @@ impl PeerClients {
             return Ok(channel.clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| {
-                tonic::Status::invalid_argument(format!("bad peer address {address:?}: {e}"))
-            })?
+            .map_err(|e| tonic::Status::invalid_argument(format!("bad peer address {address:?}: {e}")))?
             .connect_timeout(self.timeout)
             .tcp_nodelay(true);
         let channel = endpoint.connect_lazy();
@@ -56,10 +51,7 @@ impl PeerClients {
         Ok(channel)
     }
 
-    pub fn peer(
-        &self,
-        address: &str,
-    ) -> Result<pb::peer_client::PeerClient<Channel>, tonic::Status> {
+    pub fn peer(&self, address: &str) -> Result<pb::peer_client::PeerClient<Channel>, tonic::Status> {
         Ok(pb::peer_client::PeerClient::new(self.channel(address)?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -69,18 +61,14 @@ impl PeerClients {
         &self,
         address: &str,
     ) -> Result<pb::control_client::ControlClient<Channel>, tonic::Status> {
-        Ok(pb::control_client::ControlClient::new(
-            self.channel(address)?,
-        ))
+        Ok(pb::control_client::ControlClient::new(self.channel(address)?))
     }
 
     pub fn replica(
         &self,
         address: &str,
     ) -> Result<pb::replica_client::ReplicaClient<Channel>, tonic::Status> {
-        Ok(pb::replica_client::ReplicaClient::new(
-            self.channel(address)?,
-        ))
+        Ok(pb::replica_client::ReplicaClient::new(self.channel(address)?))
     }
 
     pub fn timeout(&self) -> Duration {
@@ -94,10 +82,7 @@ async fn with_timeout<T>(
     call: impl Future<Output = Result<T, tonic::Status>>,
 ) -> Result<T, tonic::Status> {
     tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-        Err(tonic::Status::deadline_exceeded(format!(
-            "no answer within {} ms",
-            limit.as_millis()
-        )))
+        Err(tonic::Status::deadline_exceeded(format!("no answer within {} ms", limit.as_millis())))
     })
 }
 
@@ -145,11 +130,8 @@ pub async fn replicate_to(node: Arc<Node>, peer: String, address: String) {
             }
             Err(()) => {
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-                let is_learner = !node
-                    .lock()
-                    .core
-                    .config()
-                    .is_some_and(|c| c.members.iter().any(|m| m.id == peer));
+                let is_learner =
+                    !node.lock().core.config().is_some_and(|c| c.members.iter().any(|m| m.id == peer));
                 if is_learner && since.elapsed() > LEARNER_GIVE_UP {
                     info!(%peer, "learner unreachable, forgetting it");
                     node.lock().core.forget_learner(&peer);
@@ -172,10 +154,7 @@ async fn send_append(
     address: &str,
     request: pb::AppendRequest,
 ) -> Result<bool, ()> {
-    let mut client = node
-        .peers
-        .peer(address)
-        .map_err(|e| warn!(%peer, error = %e, "no channel"))?;
+    let mut client = node.peers.peer(address).map_err(|e| warn!(%peer, error = %e, "no channel"))?;
     let limit = node.peers.timeout();
     match with_timeout(limit, client.append(request.clone())).await {
         Ok(reply) => {
@@ -193,36 +172,39 @@ async fn send_append(
     }
 }
 
+/// If `status` says the group moved to a newer epoch, installs the configuration it
+/// carries (which steps this replica down if it led). Returns whether it did.
+pub(crate) fn learn_newer_configuration(node: &Arc<Node>, status: &tonic::Status) -> bool {
+    let Some(Detail::WrongEpoch(wrong)) = error_detail(status) else { return false };
+    let Some(config) = wrong.configuration.filter(|c| c.epoch > node.lock().core.epoch()) else {
+        return false;
+    };
+    info!(newer_epoch = config.epoch, "a peer is at a newer epoch; installing its configuration");
+    if let Err(error) = node.install_configuration(config) {
+        warn!(%error, "could not install the newer configuration");
+        return false;
+    }
+    true
+}
+
 /// Acts on a follower's refusal: learn a newer configuration (and step down), or give
 /// an older follower the configuration it lacks.
 async fn handle_refusal(node: &Arc<Node>, peer: &str, address: &str, status: &tonic::Status) {
-    match error_detail(status) {
-        Some(Detail::WrongEpoch(wrong)) => {
-            if let Some(config) = wrong
-                .configuration
-                .filter(|c| c.epoch > node.lock().core.epoch())
-            {
-                warn!(%peer, newer_epoch = config.epoch, "a follower is at a newer epoch: this replica was deposed");
-                if let Err(error) = node.install_configuration(config) {
-                    warn!(%error, "could not install the newer configuration");
-                }
-            }
-        }
-        Some(Detail::ConfigurationRequired(_)) => {
-            let Some(config) = node.lock().core.config().cloned() else {
-                return;
-            };
-            debug!(%peer, epoch = config.epoch, "follower lacks the configuration; relaying it");
-            if let Ok(mut control) = node.peers.control(address) {
-                if let Err(error) =
-                    with_timeout(node.peers.timeout(), control.install_configuration(config)).await
-                {
-                    debug!(%peer, %error, "relaying the configuration failed");
-                }
-            }
-        }
-        _ => debug!(%peer, code = ?status.code(), error = %status.message(), "append failed"),
+    if learn_newer_configuration(node, status) {
+        return;
     }
+    if let Some(Detail::ConfigurationRequired(_)) = error_detail(status) {
+        let Some(config) = node.lock().core.config().cloned() else { return };
+        debug!(%peer, epoch = config.epoch, "follower lacks the configuration; relaying it");
+        if let Ok(mut control) = node.peers.control(address)
+            && let Err(error) =
+                with_timeout(node.peers.timeout(), control.install_configuration(config)).await
+        {
+            debug!(%peer, %error, "relaying the configuration failed");
+        }
+        return;
+    }
+    debug!(%peer, code = ?status.code(), error = %status.message(), "append failed");
 }
 
 /// Streams a checkpoint to a follower, then tells the core how it went.
@@ -246,9 +228,7 @@ async fn send_checkpoint(
             .await
             {
                 Ok(answer) => answer,
-                Err(_) => Err(tonic::Status::deadline_exceeded(
-                    "checkpoint transfer timed out",
-                )),
+                Err(_) => Err(tonic::Status::deadline_exceeded("checkpoint transfer timed out")),
             }
         }
         Err(status) => Err(status),
@@ -258,9 +238,7 @@ async fn send_checkpoint(
         match &result {
             Ok(reply) => {
                 info!(%peer, seq, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint installed by follower");
-                inner
-                    .core
-                    .on_checkpoint_sent(&peer, seq, Ok(reply.get_ref()));
+                inner.core.on_checkpoint_sent(&peer, seq, Ok(reply.get_ref()));
             }
             Err(status) => {
                 warn!(%peer, seq, error = %status.message(), "checkpoint transfer failed");
@@ -277,11 +255,7 @@ async fn send_checkpoint(
 
 /// Active mode, on a member that is not the order-keeper: hands the request to the
 /// order-keeper, and again to each new one, until it executed here or the client left.
-pub async fn forward_to_leader(
-    node: Arc<Node>,
-    request: pb::ExecuteRequest,
-    done: CancellationToken,
-) {
+pub async fn forward_to_leader(node: Arc<Node>, request: pb::ExecuteRequest, done: CancellationToken) {
     let mut epochs = node.epoch.subscribe();
     let mut backoff = Backoff::default();
     let tag = RequestTag(&request.client_id, node.id(), request.request_id);
@@ -301,20 +275,14 @@ pub async fn forward_to_leader(
                     op: request.op.clone(),
                 };
                 match node.peers.peer(&leader.address) {
-                    Ok(mut client) => {
-                        match with_timeout(node.peers.timeout(), client.order(order)).await {
-                            Ok(_) => true,
-                            Err(status) => {
-                                debug!(req = %tag, leader = %leader.id, error = %status.message(), "forwarding failed");
-                                if let Some(Detail::WrongEpoch(wrong)) = error_detail(&status) {
-                                    if let Some(config) = wrong.configuration {
-                                        let _ = node.install_configuration(config);
-                                    }
-                                }
-                                false
-                            }
+                    Ok(mut client) => match with_timeout(node.peers.timeout(), client.order(order)).await {
+                        Ok(_) => true,
+                        Err(status) => {
+                            debug!(req = %tag, leader = %leader.id, error = %status.message(), "forwarding failed");
+                            learn_newer_configuration(&node, &status);
+                            false
                         }
-                    }
+                    },
                     Err(_) => false,
                 }
             }
@@ -337,11 +305,7 @@ pub async fn forward_to_leader(
             // No leader in the configuration: wait for the next one.
             None => true,
         };
-        let retry = if delivered {
-            Duration::from_secs(3600)
-        } else {
-            backoff.next()
-        };
+        let retry = if delivered { Duration::from_secs(3600) } else { backoff.next() };
         tokio::select! {
             () = done.cancelled() => return,
             _ = epochs.changed() => {}
@@ -358,9 +322,8 @@ pub async fn keep_joined(node: Arc<Node>) {
         let (config, wants_feed) = {
             let inner = node.lock();
             let core = &inner.core;
-            let wants = core.config().is_some()
-                && (!core.is_member() || !core.is_ready())
-                && !core.is_leader();
+            let wants =
+                core.config().is_some() && (!core.is_member() || !core.is_ready()) && !core.is_leader();
             (core.config().cloned(), wants)
         };
         if config.is_none() && !node.settings.seeds.is_empty() {
@@ -373,29 +336,20 @@ pub async fn keep_joined(node: Arc<Node>) {
             seeds_asked = true;
         }
         if wants_feed {
-            let leader = config
-                .as_ref()
-                .and_then(|c| c.members.iter().find(|m| m.id == c.primary))
-                .cloned();
+            let leader = config.as_ref().and_then(|c| c.members.iter().find(|m| m.id == c.primary)).cloned();
             if let Some(leader) = leader.filter(|l| l.id != node.id()) {
                 let join = pb::JoinRequest {
                     replica_id: node.id().to_owned(),
                     address: node.settings.advertise.clone(),
                 };
                 match node.peers.peer(&leader.address) {
-                    Ok(mut client) => {
-                        match with_timeout(node.peers.timeout(), client.join(join)).await {
-                            Ok(_) => debug!(leader = %leader.id, "joined the leader's feed"),
-                            Err(status) => {
-                                debug!(leader = %leader.id, error = %status.message(), "join failed");
-                                if let Some(Detail::WrongEpoch(wrong)) = error_detail(&status) {
-                                    if let Some(config) = wrong.configuration {
-                                        let _ = node.install_configuration(config);
-                                    }
-                                }
-                            }
+                    Ok(mut client) => match with_timeout(node.peers.timeout(), client.join(join)).await {
+                        Ok(_) => debug!(leader = %leader.id, "joined the leader's feed"),
+                        Err(status) => {
+                            debug!(leader = %leader.id, error = %status.message(), "join failed");
+                            learn_newer_configuration(&node, &status);
                         }
-                    }
+                    },
                     Err(status) => warn!(error = %status.message(), "cannot reach the leader"),
                 }
             }
@@ -414,14 +368,11 @@ async fn newest_configuration(node: &Arc<Node>) -> Option<pb::Configuration> {
         let Ok(mut client) = node.peers.replica(seed) else {
             continue;
         };
-        if let Ok(status) =
-            with_timeout(node.peers.timeout(), client.status(pb::StatusRequest {})).await
+        if let Ok(status) = with_timeout(node.peers.timeout(), client.status(pb::StatusRequest {})).await
+            && let Some(config) = status.into_inner().configuration
+            && newest.as_ref().is_none_or(|n| config.epoch > n.epoch)
         {
-            if let Some(config) = status.into_inner().configuration {
-                if newest.as_ref().is_none_or(|n| config.epoch > n.epoch) {
-                    newest = Some(config);
-                }
-            }
+            newest = Some(config);
         }
     }
     newest
@@ -435,8 +386,7 @@ struct Backoff {
 
 impl Backoff {
     fn next(&mut self) -> Duration {
-        let delay =
-            Duration::from_millis(20 << self.failures.min(5)).min(Duration::from_millis(500));
+        let delay = Duration::from_millis(20 << self.failures.min(5)).min(Duration::from_millis(500));
         self.failures += 1;
         delay
     }

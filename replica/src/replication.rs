@@ -261,10 +261,7 @@ impl Core {
 
     /// Followers this leader replicates to: (id, address).
     pub fn peer_addresses(&self) -> Vec<(String, String)> {
-        self.peers
-            .iter()
-            .map(|(id, p)| (id.clone(), p.address.clone()))
-            .collect()
+        self.peers.iter().map(|(id, p)| (id.clone(), p.address.clone())).collect()
     }
 
     /// The state as of the commit point, and the entries still to replay on it for a
@@ -272,20 +269,12 @@ impl Core {
     /// computed by the caller, outside any lock.
     pub fn committed_state(&self) -> (StateMachine, Vec<pb::Entry>, u64) {
         let replay = if self.has_state && self.commit_seq > self.applied_seq {
-            self.log
-                .after(self.applied_seq)
-                .take_while(|e| e.seq <= self.commit_seq)
-                .cloned()
-                .collect()
+            self.log.after(self.applied_seq).take_while(|e| e.seq <= self.commit_seq).cloned().collect()
         } else {
             Vec::new()
         };
-        let seq = if self.has_state {
-            self.applied_seq
-                .max(self.commit_seq.min(self.log.last_seq()))
-        } else {
-            0
-        };
+        let seq =
+            if self.has_state { self.applied_seq.max(self.commit_seq.min(self.log.last_seq())) } else { 0 };
         (self.state.clone(), replay, seq)
     }
 
@@ -293,9 +282,7 @@ impl Core {
         ReplicaError::NotReady {
             replica: self.id.clone(),
             epoch: self.epoch(),
-            reason: self
-                .not_ready_reason()
-                .unwrap_or_else(|| "not a member of the configuration".into()),
+            reason: self.not_ready_reason().unwrap_or_else(|| "not a member of the configuration".into()),
         }
     }
 
@@ -322,11 +309,7 @@ impl Core {
                 configuration: self.config.clone(),
             })
         } else if epoch > current {
-            Err(ReplicaError::ConfigurationRequired {
-                replica: self.id.clone(),
-                have: current,
-                want: epoch,
-            })
+            Err(ReplicaError::ConfigurationRequired { replica: self.id.clone(), have: current, want: epoch })
         } else {
             Ok(())
         }
@@ -335,10 +318,7 @@ impl Core {
     // ------------------------------------------------------------ configuration
 
     /// Installs a configuration from the RM (directly, or relayed by a peer).
-    pub fn install_config(
-        &mut self,
-        config: pb::Configuration,
-    ) -> Result<ConfigChange, ReplicaError> {
+    pub fn install_config(&mut self, config: pb::Configuration) -> Result<ConfigChange, ReplicaError> {
         check_configuration(&config)?;
         if let Some(current) = &self.config {
             if config.epoch < current.epoch {
@@ -413,8 +393,7 @@ impl Core {
         let next = self.log.last_seq() + 1;
         let members: Vec<pb::Member> = self.config.iter().flat_map(|c| c.members.clone()).collect();
         // Members the RM removed are dropped; learners still joining are kept.
-        self.peers
-            .retain(|id, progress| !progress.member || members.iter().any(|m| &m.id == id));
+        self.peers.retain(|id, progress| !progress.member || members.iter().any(|m| &m.id == id));
         for progress in self.peers.values_mut() {
             progress.member = false;
         }
@@ -439,12 +418,9 @@ impl Core {
     }
 
     fn route_checked(&mut self, request: &pb::ExecuteRequest) -> Result<Route, ReplicaError> {
-        validate(&request.client_id, request.request_id, request.op.as_ref()).map_err(
-            |invalid| ReplicaError::InvalidRequest {
-                field: invalid.field.into(),
-                reason: invalid.reason,
-            },
-        )?;
+        validate(&request.client_id, request.request_id, request.op.as_ref()).map_err(|invalid| {
+            ReplicaError::InvalidRequest { field: invalid.field.into(), reason: invalid.reason }
+        })?;
         if self.config.is_none() || !self.has_state {
             return Err(self.not_ready());
         }
@@ -469,9 +445,7 @@ impl Core {
             self.order(&request.client_id, request.request_id, request.op.clone());
             return Ok(Route::Wait { forward_to: None });
         }
-        Ok(Route::Wait {
-            forward_to: self.leader().cloned(),
-        })
+        Ok(Route::Wait { forward_to: self.leader().cloned() })
     }
 
     /// A retry of the session's last request is answered from the table; an older one
@@ -505,19 +479,13 @@ impl Core {
     /// Active mode: a member hands a client request to this order-keeper.
     pub fn on_order(&mut self, request: &pb::OrderRequest) -> Result<u64, ReplicaError> {
         self.check_epoch(request.epoch)?;
-        validate(&request.client_id, request.request_id, request.op.as_ref()).map_err(
-            |invalid| ReplicaError::InvalidRequest {
-                field: invalid.field.into(),
-                reason: invalid.reason,
-            },
-        )?;
+        validate(&request.client_id, request.request_id, request.op.as_ref()).map_err(|invalid| {
+            ReplicaError::InvalidRequest { field: invalid.field.into(), reason: invalid.reason }
+        })?;
         if !self.is_leader() {
             return Err(self.not_primary());
         }
-        if self
-            .answer_from_session(&request.client_id, request.request_id)?
-            .is_some()
-        {
+        if self.answer_from_session(&request.client_id, request.request_id)?.is_some() {
             return Ok(0);
         }
         Ok(self.order(&request.client_id, request.request_id, request.op.clone()))
@@ -526,21 +494,11 @@ impl Core {
     /// Appends a request to the leader's log, once per (client, request id). Returns its
     /// sequence number (0: already ordered).
     fn order(&mut self, client_id: &str, request_id: u64, op: Option<pb::Operation>) -> u64 {
-        if self
-            .ordered
-            .get(client_id)
-            .is_some_and(|&highest| highest >= request_id)
-        {
+        if self.ordered.get(client_id).is_some_and(|&highest| highest >= request_id) {
             return 0;
         }
         let seq = self.log.last_seq() + 1;
-        self.log.push(pb::Entry {
-            seq,
-            epoch: self.epoch(),
-            client_id: client_id.into(),
-            request_id,
-            op,
-        });
+        self.log.push(pb::Entry { seq, epoch: self.epoch(), client_id: client_id.into(), request_id, op });
         self.ordered.insert(client_id.into(), request_id);
         seq
     }
@@ -560,10 +518,8 @@ impl Core {
         }
         let next = self.log.last_seq() + 1;
         let member = self.member(id).is_some();
-        let progress = self
-            .peers
-            .entry(id.into())
-            .or_insert_with(|| Progress::new(address.into(), member, next));
+        let progress =
+            self.peers.entry(id.into()).or_insert_with(|| Progress::new(address.into(), member, next));
         progress.address = address.into();
         Ok(self.epoch())
     }
@@ -605,23 +561,14 @@ impl Core {
             progress.checkpoint_wanted = false;
             progress.checkpoint_in_flight = true;
             progress.next_seq = applied + 1;
-            let seq_epoch = self
-                .log
-                .epoch_at(applied)
-                .expect("a leader keeps the epoch of what it executed");
-            return PeerWork::Checkpoint(Checkpoint {
-                seq: applied,
-                seq_epoch,
-                state: self.state.clone(),
-            });
+            let seq_epoch = self.log.epoch_at(applied).expect("a leader keeps the epoch of what it executed");
+            return PeerWork::Checkpoint(Checkpoint { seq: applied, seq_epoch, state: self.state.clone() });
         }
         if progress.next_seq <= base {
             return PeerWork::Idle;
         }
-        let entries = self
-            .log
-            .slice(progress.next_seq, MAX_BATCH_ENTRIES, MAX_BATCH_BYTES)
-            .unwrap_or_default();
+        let entries =
+            self.log.slice(progress.next_seq, MAX_BATCH_ENTRIES, MAX_BATCH_BYTES).unwrap_or_default();
         if entries.is_empty() && progress.told_commit >= self.commit_seq && !keepalive {
             return PeerWork::Idle;
         }
@@ -631,10 +578,7 @@ impl Core {
             epoch: config.epoch,
             leader_id: self.id.clone(),
             prev_seq,
-            prev_epoch: self
-                .log
-                .epoch_at(prev_seq)
-                .expect("prev_seq is inside the leader's log"),
+            prev_epoch: self.log.epoch_at(prev_seq).expect("prev_seq is inside the leader's log"),
             entries,
             commit_seq: self.commit_seq,
             epoch_start_seq: self.epoch_start_seq,
@@ -664,9 +608,7 @@ impl Core {
             progress.checkpoint_seq = progress.checkpoint_seq.max(reply.base_seq);
         } else if !progress.checkpoint_in_flight {
             // Back up: one entry, or straight to the follower's end if that is earlier.
-            let backed_up = (sent.prev_seq)
-                .min(reply.last_seq + 1)
-                .max(reply.base_seq + 1);
+            let backed_up = (sent.prev_seq).min(reply.last_seq + 1).max(reply.base_seq + 1);
             progress.next_seq = backed_up.min(progress.next_seq).max(1);
             if !reply.has_state {
                 progress.checkpoint_wanted = true;
@@ -728,18 +670,11 @@ impl Core {
                 break;
             };
             let op = entry.op.clone().unwrap_or_default();
-            let outcome = match self
-                .state
-                .apply(seq, &entry.client_id, entry.request_id, &op)
-            {
+            let outcome = match self.state.apply(seq, &entry.client_id, entry.request_id, &op) {
                 Applied::Executed(reply) | Applied::Duplicate(reply) => Ok(reply),
                 Applied::Stale { last_request_id } => Err(last_request_id),
             };
-            if self
-                .ordered
-                .get(&entry.client_id)
-                .is_some_and(|&highest| highest <= entry.request_id)
-            {
+            if self.ordered.get(&entry.client_id).is_some_and(|&highest| highest <= entry.request_id) {
                 self.ordered.remove(&entry.client_id);
             }
             executed.push(Executed {
@@ -758,19 +693,11 @@ impl Core {
     fn compact(&mut self) {
         let mut upto = self.applied_seq;
         if self.is_leader() {
-            let slowest = self
-                .peers
-                .values()
-                .map(|p| p.match_seq)
-                .min()
-                .unwrap_or(upto);
+            let slowest = self.peers.values().map(|p| p.match_seq).min().unwrap_or(upto);
             upto = upto.min(slowest.max(upto.saturating_sub(LEADER_LOG_RETENTION)));
         }
         if upto > self.log.base_seq() {
-            let epoch = self
-                .log
-                .epoch_at(upto)
-                .expect("executed entries are in the log");
+            let epoch = self.log.epoch_at(upto).expect("executed entries are in the log");
             self.log.compact_to(upto, epoch);
         }
     }
@@ -787,10 +714,7 @@ impl Core {
         if !self.has_state && self.pending_checkpoint.is_none() {
             return Ok((self.append_reply(false, 0), Vec::new()));
         }
-        let executed = match self
-            .log
-            .accept(request.prev_seq, request.prev_epoch, &request.entries)
-        {
+        let executed = match self.log.accept(request.prev_seq, request.prev_epoch, &request.entries) {
             Accepted::Matched { through } => {
                 self.commit_seq = self.commit_seq.max(request.commit_seq.min(through));
                 if self.has_state && through >= request.epoch_start_seq {
@@ -805,11 +729,7 @@ impl Core {
     }
 
     fn check_leader(&self, leader_id: &str) -> Result<(), ReplicaError> {
-        let primary = self
-            .config
-            .as_ref()
-            .map(|c| c.primary.as_str())
-            .unwrap_or_default();
+        let primary = self.config.as_ref().map(|c| c.primary.as_str()).unwrap_or_default();
         if leader_id != primary || leader_id == self.id {
             return Err(ReplicaError::InvalidRequest {
                 field: "leader_id".into(),
@@ -835,10 +755,7 @@ impl Core {
     /// The header of a checkpoint arrived. If it reaches past our log, the log restarts
     /// at its sequence number (entries after it may arrive while the body streams), and
     /// we have no consistent state until the body is installed.
-    pub fn on_checkpoint_header(
-        &mut self,
-        header: &pb::CheckpointHeader,
-    ) -> Result<(), ReplicaError> {
+    pub fn on_checkpoint_header(&mut self, header: &pb::CheckpointHeader) -> Result<(), ReplicaError> {
         self.check_epoch(header.epoch)?;
         self.check_leader(&header.leader_id)?;
         if header.seq > self.log.last_seq() && header.seq > self.applied_seq {
@@ -873,10 +790,7 @@ impl Core {
 
     /// The follower's answer to a finished checkpoint transfer.
     pub fn checkpoint_reply(&self) -> pb::InstallCheckpointReply {
-        pb::InstallCheckpointReply {
-            installed_seq: self.checkpoint_seq,
-            last_seq: self.log.last_seq(),
-        }
+        pb::InstallCheckpointReply { installed_seq: self.checkpoint_seq, last_seq: self.log.last_seq() }
     }
 
     pub fn status(&self, address: &str, checkpoint_interval_ms: u64) -> pb::ReplicaStatus {
@@ -900,20 +814,13 @@ impl Core {
 
 /// Rejects a configuration that no RM could have meant.
 pub fn check_configuration(config: &pb::Configuration) -> Result<(), ReplicaError> {
-    let invalid = |field: &str, reason: String| {
-        Err(ReplicaError::InvalidRequest {
-            field: field.into(),
-            reason,
-        })
-    };
+    let invalid =
+        |field: &str, reason: String| Err(ReplicaError::InvalidRequest { field: field.into(), reason });
     if config.epoch == 0 {
         return invalid("epoch", "must be at least 1".into());
     }
     if !matches!(config.mode(), Mode::Passive | Mode::Active) {
-        return invalid(
-            "mode",
-            format!("must be passive or active, got {}", config.mode),
-        );
+        return invalid("mode", format!("must be passive or active, got {}", config.mode));
     }
     if config.members.is_empty() {
         return invalid("members", "must name at least one replica".into());
@@ -921,10 +828,7 @@ pub fn check_configuration(config: &pb::Configuration) -> Result<(), ReplicaErro
     let mut seen = std::collections::HashSet::new();
     for member in &config.members {
         if member.id.is_empty() || member.address.is_empty() {
-            return invalid(
-                "members",
-                format!("member {:?} needs an id and an address", member.id),
-            );
+            return invalid("members", format!("member {:?} needs an id and an address", member.id));
         }
         if !seen.insert(member.id.as_str()) {
             return invalid("members", format!("{} is listed twice", member.id));

@@ -84,10 +84,7 @@ impl Inner {
         for done in executed {
             let tag = RequestTag(&done.client_id, self.core.id(), done.request_id);
             debug!(req = %tag, seq = done.seq, "executed");
-            let Some(waiters) = self
-                .waiters
-                .remove(&(done.client_id.clone(), done.request_id))
-            else {
+            let Some(waiters) = self.waiters.remove(&(done.client_id.clone(), done.request_id)) else {
                 continue;
             };
             let answer = match &done.outcome {
@@ -140,10 +137,7 @@ impl Node {
         Arc::new(Self {
             peers: PeerClients::new(settings.peer_timeout),
             checkpoint_interval: watch::Sender::new(settings.checkpoint_interval),
-            inner: Mutex::new(Inner {
-                core,
-                waiters: HashMap::new(),
-            }),
+            inner: Mutex::new(Inner { core, waiters: HashMap::new() }),
             changed: watch::Sender::new(0),
             epoch: watch::Sender::new(0),
             ready: watch::Sender::new(false),
@@ -160,9 +154,7 @@ impl Node {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock is a bug that already crashed a task; the
         // state is still the last consistent one, so keep serving rather than cascade.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The span this replica's background tasks run in.
@@ -179,11 +171,9 @@ impl Node {
     /// senders, the readiness, the epoch, and starts/stops senders as leadership moved.
     pub(crate) fn after_change(self: &Arc<Self>, inner: &MutexGuard<'_, Inner>) {
         self.changed.send_modify(|version| *version += 1);
-        self.ready
-            .send_if_modified(|ready| std::mem::replace(ready, inner.core.is_ready()) != *ready);
+        self.ready.send_if_modified(|ready| std::mem::replace(ready, inner.core.is_ready()) != *ready);
         let epoch = inner.core.epoch();
-        self.epoch
-            .send_if_modified(|current| std::mem::replace(current, epoch) != *current);
+        self.epoch.send_if_modified(|current| std::mem::replace(current, epoch) != *current);
         if inner.core.is_leader() {
             let mut tasks = self.peer_tasks.lock().unwrap_or_else(|p| p.into_inner());
             tasks.retain(|_, task| !task.is_finished());
@@ -212,16 +202,8 @@ impl Node {
             let error = ReplicaError::NotPrimary {
                 replica: self.settings.id.clone(),
                 epoch: change.epoch,
-                primary_id: inner
-                    .core
-                    .leader()
-                    .map(|m| m.id.clone())
-                    .unwrap_or_default(),
-                primary_address: inner
-                    .core
-                    .leader()
-                    .map(|m| m.address.clone())
-                    .unwrap_or_default(),
+                primary_id: inner.core.leader().map(|m| m.id.clone()).unwrap_or_default(),
+                primary_address: inner.core.leader().map(|m| m.address.clone()).unwrap_or_default(),
             };
             inner.fail_all(&error);
         } else if !inner.core.is_member() && inner.core.mode() == Mode::Active {
@@ -260,6 +242,7 @@ impl Node {
         let node = Arc::clone(&self);
         let shutdown = self.shutdown.clone();
         tonic::transport::Server::builder()
+            .tcp_nodelay(true)
             .trace_fn(move |_| node.call_span())
             .add_service(health_service)
             .add_service(
@@ -270,9 +253,7 @@ impl Node {
                 pb::peer_server::PeerServer::new(Service(Arc::clone(&self)))
                     .max_decoding_message_size(MAX_MESSAGE_BYTES),
             )
-            .add_service(pb::control_server::ControlServer::new(Service(Arc::clone(
-                &self,
-            ))))
+            .add_service(pb::control_server::ControlServer::new(Service(Arc::clone(&self))))
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 shutdown.cancelled_owned(),
@@ -290,20 +271,10 @@ async fn publish_health(node: Arc<Node>, reporter: tonic_health::server::HealthR
     let mut ready = node.ready.subscribe();
     loop {
         let serving = *ready.borrow_and_update();
-        let status = if serving {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
+        let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
         reporter.set_service_status("", status).await;
-        reporter
-            .set_service_status("tandem.v1.Replica", status)
-            .await;
-        info!(
-            ready = serving,
-            "health: {}",
-            if serving { "SERVING" } else { "NOT_SERVING" }
-        );
+        reporter.set_service_status("tandem.v1.Replica", status).await;
+        info!(ready = serving, "health: {}", if serving { "SERVING" } else { "NOT_SERVING" });
         tokio::select! {
             changed = ready.changed() => if changed.is_err() { return },
             () = node.shutdown.cancelled() => return,
@@ -317,11 +288,7 @@ async fn checkpoint_timer(node: Arc<Node>) {
     let mut interval = node.checkpoint_interval.subscribe();
     loop {
         let period = *interval.borrow_and_update();
-        let wait = if period.is_zero() {
-            Duration::from_secs(3600)
-        } else {
-            period
-        };
+        let wait = if period.is_zero() { Duration::from_secs(3600) } else { period };
         tokio::select! {
             () = tokio::time::sleep(wait) => {
                 if !period.is_zero() {
@@ -380,8 +347,7 @@ impl pb::replica_server::Replica for Service {
         let _stop_forwarding = done.clone().drop_guard();
         if forward_to.is_some() {
             tokio::spawn(
-                peers::forward_to_leader(Arc::clone(node), request.clone(), done)
-                    .instrument(node.span()),
+                peers::forward_to_leader(Arc::clone(node), request.clone(), done).instrument(node.span()),
             );
         }
         let waited = node.settings.request_timeout;
@@ -393,9 +359,7 @@ impl pb::replica_server::Replica for Service {
             Ok(Ok(Err(error))) => Err(error.into()),
             Ok(Err(_)) | Err(_) => {
                 let mut inner = node.lock();
-                if let Some(waiters) = inner
-                    .waiters
-                    .get_mut(&(request.client_id.clone(), request.request_id))
+                if let Some(waiters) = inner.waiters.get_mut(&(request.client_id.clone(), request.request_id))
                 {
                     waiters.retain(|w| !w.is_closed());
                 }
@@ -412,21 +376,13 @@ impl pb::replica_server::Replica for Service {
         }
     }
 
-    async fn status(
-        &self,
-        _: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::ReplicaStatus>, Status> {
+    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::ReplicaStatus>, Status> {
         let node = &self.0;
         let interval = node.checkpoint_interval.borrow().as_millis() as u64;
-        Ok(Response::new(
-            node.lock().core.status(&node.settings.advertise, interval),
-        ))
+        Ok(Response::new(node.lock().core.status(&node.settings.advertise, interval)))
     }
 
-    async fn digest(
-        &self,
-        _: Request<pb::DigestRequest>,
-    ) -> Result<Response<pb::DigestReply>, Status> {
+    async fn digest(&self, _: Request<pb::DigestRequest>) -> Result<Response<pb::DigestReply>, Status> {
         let (mut state, replay, seq) = self.0.lock().core.committed_state();
         let replica_id = self.0.id().to_owned();
         // Hashing a large state takes a while: off the async workers, outside the lock.
@@ -439,12 +395,7 @@ impl pb::replica_server::Replica for Service {
                     &entry.op.clone().unwrap_or_default(),
                 );
             }
-            pb::DigestReply {
-                digest: state.digest(),
-                seq,
-                keys: state.keys() as u64,
-                replica_id,
-            }
+            pb::DigestReply { digest: state.digest(), seq, keys: state.keys() as u64, replica_id }
         })
         .await
         .map_err(|e| Status::internal(format!("digest task failed: {e}")))?;
@@ -454,10 +405,7 @@ impl pb::replica_server::Replica for Service {
 
 #[tonic::async_trait]
 impl pb::peer_server::Peer for Service {
-    async fn append(
-        &self,
-        request: Request<pb::AppendRequest>,
-    ) -> Result<Response<pb::AppendReply>, Status> {
+    async fn append(&self, request: Request<pb::AppendRequest>) -> Result<Response<pb::AppendReply>, Status> {
         let node = &self.0;
         let request = request.into_inner();
         let mut inner = node.lock();
@@ -474,10 +422,7 @@ impl pb::peer_server::Peer for Service {
         }
     }
 
-    async fn order(
-        &self,
-        request: Request<pb::OrderRequest>,
-    ) -> Result<Response<pb::OrderReply>, Status> {
+    async fn order(&self, request: Request<pb::OrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
         let node = &self.0;
         let request = request.into_inner();
         let mut inner = node.lock();
@@ -513,35 +458,22 @@ impl pb::peer_server::Peer for Service {
             }
         }
         let epoch = assembler.header().map_or(0, |h| h.epoch);
-        let checkpoint = assembler
-            .finish()
-            .map_err(|e| Status::invalid_argument(format!("checkpoint refused: {e}")))?;
+        let checkpoint =
+            assembler.finish().map_err(|e| Status::invalid_argument(format!("checkpoint refused: {e}")))?;
         let (seq, keys) = (checkpoint.seq, checkpoint.state.keys());
         let mut inner = node.lock();
         if epoch < inner.core.epoch() {
-            debug!(
-                seq,
-                epoch, "checkpoint from an older epoch, still a committed prefix"
-            );
+            debug!(seq, epoch, "checkpoint from an older epoch, still a committed prefix");
         }
         let executed = inner.core.install_checkpoint(checkpoint);
         let replayed = executed.len();
         inner.resolve(executed);
         node.after_change(&inner);
-        info!(
-            seq,
-            keys,
-            replayed,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "installed checkpoint"
-        );
+        info!(seq, keys, replayed, elapsed_ms = started.elapsed().as_millis() as u64, "installed checkpoint");
         Ok(Response::new(inner.core.checkpoint_reply()))
     }
 
-    async fn join(
-        &self,
-        request: Request<pb::JoinRequest>,
-    ) -> Result<Response<pb::JoinReply>, Status> {
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let node = &self.0;
         let request = request.into_inner();
         let mut inner = node.lock();
@@ -558,10 +490,7 @@ impl pb::control_server::Control for Service {
         request: Request<pb::Configuration>,
     ) -> Result<Response<pb::InstallConfigurationReply>, Status> {
         let change = self.0.install_configuration(request.into_inner())?;
-        Ok(Response::new(pb::InstallConfigurationReply {
-            epoch: change.epoch,
-            role: change.role.into(),
-        }))
+        Ok(Response::new(pb::InstallConfigurationReply { epoch: change.epoch, role: change.role.into() }))
     }
 
     async fn update_settings(
@@ -570,14 +499,11 @@ impl pb::control_server::Control for Service {
     ) -> Result<Response<pb::Settings>, Status> {
         let node = &self.0;
         if let Some(ms) = request.into_inner().checkpoint_interval_ms {
-            node.checkpoint_interval
-                .send_replace(Duration::from_millis(ms));
+            node.checkpoint_interval.send_replace(Duration::from_millis(ms));
             info!(checkpoint_interval_ms = ms, "settings changed");
         }
         let current = node.checkpoint_interval.borrow().as_millis() as u64;
-        Ok(Response::new(pb::Settings {
-            checkpoint_interval_ms: Some(current),
-        }))
+        Ok(Response::new(pb::Settings { checkpoint_interval_ms: Some(current) }))
     }
 }
 

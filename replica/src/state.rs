@@ -53,45 +53,35 @@ pub struct Invalid {
 
 /// Checks a request against the documented limits. Runs before anything is ordered, so a
 /// malformed request changes nothing anywhere.
-pub fn validate(
-    client_id: &str,
-    request_id: u64,
-    op: Option<&pb::Operation>,
-) -> Result<(), Invalid> {
+pub fn validate(client_id: &str, request_id: u64, op: Option<&pb::Operation>) -> Result<(), Invalid> {
     let invalid = |field, reason: String| Err(Invalid { field, reason });
     if client_id.is_empty() {
         return invalid("client_id", "must not be empty".into());
     }
     if client_id.len() > MAX_CLIENT_ID_BYTES {
-        return invalid(
-            "client_id",
-            format!("{} bytes, limit {MAX_CLIENT_ID_BYTES}", client_id.len()),
-        );
+        return invalid("client_id", format!("{} bytes, limit {MAX_CLIENT_ID_BYTES}", client_id.len()));
     }
     if request_id == 0 {
         return invalid("request_id", "must be at least 1".into());
     }
     let Some(kind) = op.and_then(|op| op.kind.as_ref()) else {
-        return invalid("op", "missing or unknown operation (expected get, put, delete, compare_and_swap or increment)".into());
+        return invalid(
+            "op",
+            "missing or unknown operation (expected get, put, delete, compare_and_swap or increment)".into(),
+        );
     };
     let check_key = |key: &str| {
         if key.is_empty() {
             invalid("op.key", "must not be empty".into())
         } else if key.len() > MAX_KEY_BYTES {
-            invalid(
-                "op.key",
-                format!("{} bytes, limit {MAX_KEY_BYTES}", key.len()),
-            )
+            invalid("op.key", format!("{} bytes, limit {MAX_KEY_BYTES}", key.len()))
         } else {
             Ok(())
         }
     };
     let check_value = |field, value: &Bytes| {
         if value.len() > MAX_VALUE_BYTES {
-            invalid(
-                field,
-                format!("{} bytes, limit {MAX_VALUE_BYTES}", value.len()),
-            )
+            invalid(field, format!("{} bytes, limit {MAX_VALUE_BYTES}", value.len()))
         } else {
             Ok(())
         }
@@ -100,9 +90,7 @@ pub fn validate(
         operation::Kind::Get(op) => check_key(&op.key),
         operation::Kind::Delete(op) => check_key(&op.key),
         operation::Kind::Increment(op) => check_key(&op.key),
-        operation::Kind::Put(op) => {
-            check_key(&op.key).and_then(|()| check_value("op.value", &op.value))
-        }
+        operation::Kind::Put(op) => check_key(&op.key).and_then(|()| check_value("op.value", &op.value)),
         operation::Kind::CompareAndSwap(op) => {
             check_key(&op.key)?;
             check_value("op.new_value", &op.new_value)?;
@@ -116,47 +104,35 @@ pub fn validate(
 
 impl StateMachine {
     /// Applies the request of one log entry, at most once per (client, request id).
-    pub fn apply(
-        &mut self,
-        seq: u64,
-        client_id: &str,
-        request_id: u64,
-        op: &pb::Operation,
-    ) -> Applied {
+    pub fn apply(&mut self, seq: u64, client_id: &str, request_id: u64, op: &pb::Operation) -> Applied {
         if let Some(session) = self.sessions.get(client_id) {
             if request_id == session.last_request_id {
                 return Applied::Duplicate(session.last_reply.clone());
             }
             if request_id < session.last_request_id {
-                return Applied::Stale {
-                    last_request_id: session.last_request_id,
-                };
+                return Applied::Stale { last_request_id: session.last_request_id };
             }
         }
         let reply = self.execute(op);
         self.sessions.insert(
             client_id.to_owned(),
-            SessionRecord {
-                last_request_id: request_id,
-                last_reply: reply.clone(),
-                last_seq: seq,
-            },
+            SessionRecord { last_request_id: request_id, last_reply: reply.clone(), last_seq: seq },
         );
         Applied::Executed(reply)
     }
 
     fn execute(&mut self, op: &pb::Operation) -> pb::OpResult {
         let kind = match &op.kind {
-            Some(operation::Kind::Get(get)) => op_result::Kind::Get(pb::GetResult {
-                value: self.kv.get(&get.key).cloned(),
-            }),
+            Some(operation::Kind::Get(get)) => {
+                op_result::Kind::Get(pb::GetResult { value: self.kv.get(&get.key).cloned() })
+            }
             Some(operation::Kind::Put(put)) => {
                 self.kv.insert(put.key.clone(), put.value.clone());
                 op_result::Kind::Put(pb::PutResult {})
             }
-            Some(operation::Kind::Delete(delete)) => op_result::Kind::Delete(pb::DeleteResult {
-                existed: self.kv.remove(&delete.key).is_some(),
-            }),
+            Some(operation::Kind::Delete(delete)) => {
+                op_result::Kind::Delete(pb::DeleteResult { existed: self.kv.remove(&delete.key).is_some() })
+            }
             Some(operation::Kind::CompareAndSwap(cas)) => {
                 let current = self.kv.get(&cas.key).cloned();
                 let swapped = current == cas.expected;
@@ -171,9 +147,7 @@ impl StateMachine {
             },
             // validate() keeps these out of the log; should one arrive anyway (a newer
             // peer), every replica fails it identically.
-            None => op_result::Kind::Failed(pb::OpFailed {
-                reason: "unknown operation".into(),
-            }),
+            None => op_result::Kind::Failed(pb::OpFailed { reason: "unknown operation".into() }),
         };
         pb::OpResult { kind: Some(kind) }
     }
@@ -189,8 +163,7 @@ impl StateMachine {
         let value = current
             .checked_add(delta)
             .ok_or_else(|| format!("increment of {key:?} by {delta} overflows i64"))?;
-        self.kv
-            .insert(key.to_owned(), Bytes::from(value.to_string()));
+        self.kv.insert(key.to_owned(), Bytes::from(value.to_string()));
         Ok(value)
     }
 
@@ -265,16 +238,10 @@ mod tests {
         Operation { kind: Some(kind) }
     }
     fn put(key: &str, value: &str) -> Operation {
-        op(operation::Kind::Put(pb::Put {
-            key: key.into(),
-            value: Bytes::from(value.to_owned()),
-        }))
+        op(operation::Kind::Put(pb::Put { key: key.into(), value: Bytes::from(value.to_owned()) }))
     }
     fn incr(key: &str, delta: i64) -> Operation {
-        op(operation::Kind::Increment(pb::Increment {
-            key: key.into(),
-            delta,
-        }))
+        op(operation::Kind::Increment(pb::Increment { key: key.into(), delta }))
     }
 
     #[test]
@@ -302,10 +269,7 @@ mod tests {
         let mut state = StateMachine::default();
         state.apply(1, "c1", 7, &put("k", "a"));
         let before = state.digest();
-        assert_eq!(
-            state.apply(2, "c1", 6, &put("k", "b")),
-            Applied::Stale { last_request_id: 7 }
-        );
+        assert_eq!(state.apply(2, "c1", 6, &put("k", "b")), Applied::Stale { last_request_id: 7 });
         assert_eq!(state.digest(), before);
     }
 
@@ -313,9 +277,7 @@ mod tests {
     fn increment_of_a_non_number_fails_without_changing_the_value() {
         let mut state = StateMachine::default();
         state.apply(1, "c1", 1, &put("k", "text"));
-        let Applied::Executed(reply) = state.apply(2, "c1", 2, &incr("k", 1)) else {
-            panic!("not executed")
-        };
+        let Applied::Executed(reply) = state.apply(2, "c1", 2, &incr("k", 1)) else { panic!("not executed") };
         assert!(matches!(reply.kind, Some(op_result::Kind::Failed(_))));
         assert_eq!(state.get("k").map(|v| v.as_ref()), Some(&b"text"[..]));
     }
@@ -331,9 +293,7 @@ mod tests {
             }))
         };
         let swapped = |applied: Applied| match applied {
-            Applied::Executed(pb::OpResult {
-                kind: Some(op_result::Kind::CompareAndSwap(r)),
-            }) => r.swapped,
+            Applied::Executed(pb::OpResult { kind: Some(op_result::Kind::CompareAndSwap(r)) }) => r.swapped,
             other => panic!("unexpected {other:?}"),
         };
         assert!(swapped(state.apply(1, "c", 1, &cas(None, "a"))));
@@ -345,49 +305,24 @@ mod tests {
     #[test]
     fn validation_names_the_field_and_the_limit() {
         let big = Bytes::from(vec![0u8; MAX_VALUE_BYTES + 1]);
-        let oversize = op(operation::Kind::Put(pb::Put {
-            key: "k".into(),
-            value: big,
-        }));
+        let oversize = op(operation::Kind::Put(pb::Put { key: "k".into(), value: big }));
         let err = validate("c", 1, Some(&oversize)).expect_err("oversize value accepted");
         assert_eq!(err.field, "op.value");
         assert!(err.reason.contains(&MAX_VALUE_BYTES.to_string()));
         let unknown = Operation { kind: None };
-        assert_eq!(
-            validate("c", 1, Some(&unknown))
-                .expect_err("unknown op accepted")
-                .field,
-            "op"
-        );
-        assert_eq!(
-            validate("c", 1, None)
-                .expect_err("missing op accepted")
-                .field,
-            "op"
-        );
-        assert_eq!(
-            validate("", 1, Some(&put("k", "v")))
-                .expect_err("empty client")
-                .field,
-            "client_id"
-        );
-        assert_eq!(
-            validate("c", 0, Some(&put("k", "v")))
-                .expect_err("request 0")
-                .field,
-            "request_id"
-        );
+        assert_eq!(validate("c", 1, Some(&unknown)).expect_err("unknown op accepted").field, "op");
+        assert_eq!(validate("c", 1, None).expect_err("missing op accepted").field, "op");
+        assert_eq!(validate("", 1, Some(&put("k", "v"))).expect_err("empty client").field, "client_id");
+        assert_eq!(validate("c", 0, Some(&put("k", "v"))).expect_err("request 0").field, "request_id");
         assert!(validate("c", 1, Some(&put("k", "v"))).is_ok());
     }
 
     fn arbitrary_op() -> impl Strategy<Value = Operation> {
         let key = prop::sample::select(vec!["a", "b", "c"]);
         prop_oneof![
-            key.clone()
-                .prop_map(|k| op(operation::Kind::Get(pb::Get { key: k.into() }))),
+            key.clone().prop_map(|k| op(operation::Kind::Get(pb::Get { key: k.into() }))),
             (key.clone(), "[a-z0-9]{0,3}").prop_map(|(k, v)| put(k, &v)),
-            key.clone()
-                .prop_map(|k| op(operation::Kind::Delete(pb::Delete { key: k.into() }))),
+            key.clone().prop_map(|k| op(operation::Kind::Delete(pb::Delete { key: k.into() }))),
             (key.clone(), -3i64..3).prop_map(|(k, d)| incr(k, d)),
         ]
     }

@@ -26,41 +26,13 @@ fn address(id: &str) -> String {
 
 #[derive(Debug, Clone)]
 enum Message {
-    Config {
-        to: String,
-        config: pb::Configuration,
-    },
-    Append {
-        to: String,
-        from: String,
-        request: pb::AppendRequest,
-    },
-    AppendReply {
-        to: String,
-        from: String,
-        request: pb::AppendRequest,
-        reply: pb::AppendReply,
-    },
-    Checkpoint {
-        to: String,
-        from: String,
-        epoch: u64,
-        checkpoint: Checkpoint,
-    },
-    CheckpointDone {
-        to: String,
-        from: String,
-        seq: u64,
-        reply: Option<pb::InstallCheckpointReply>,
-    },
-    Order {
-        to: String,
-        request: pb::OrderRequest,
-    },
-    Join {
-        to: String,
-        from: String,
-    },
+    Config { to: String, config: pb::Configuration },
+    Append { to: String, from: String, request: pb::AppendRequest },
+    AppendReply { to: String, from: String, request: pb::AppendRequest, reply: pb::AppendReply },
+    Checkpoint { to: String, from: String, epoch: u64, checkpoint: Checkpoint },
+    CheckpointDone { to: String, from: String, seq: u64, reply: Option<pb::InstallCheckpointReply> },
+    Order { to: String, request: pb::OrderRequest },
+    Join { to: String, from: String },
 }
 
 impl Message {
@@ -106,10 +78,7 @@ impl Sim {
     fn new(mode: Mode) -> Self {
         let mut sim = Self {
             mode,
-            replicas: IDS
-                .iter()
-                .map(|id| (id.to_string(), Some(Core::new(*id, true))))
-                .collect(),
+            replicas: IDS.iter().map(|id| (id.to_string(), Some(Core::new(*id, true)))).collect(),
             config: pb::Configuration::default(),
             joined_epoch: HashMap::new(),
             network: Vec::new(),
@@ -123,11 +92,7 @@ impl Sim {
     }
 
     fn alive(&self) -> Vec<String> {
-        self.replicas
-            .iter()
-            .filter(|(_, core)| core.is_some())
-            .map(|(id, _)| id.clone())
-            .collect()
+        self.replicas.iter().filter(|(_, core)| core.is_some()).map(|(id, _)| id.clone()).collect()
     }
 
     fn members(&self) -> Vec<String> {
@@ -140,28 +105,16 @@ impl Sim {
             epoch: self.config.epoch + 1,
             mode: self.mode.into(),
             primary: primary.into(),
-            members: members
-                .iter()
-                .map(|id| pb::Member {
-                    id: (*id).into(),
-                    address: address(id),
-                })
-                .collect(),
+            members: members.iter().map(|id| pb::Member { id: (*id).into(), address: address(id) }).collect(),
         };
         let epoch = self.config.epoch;
-        self.joined_epoch
-            .retain(|id, _| members.contains(&id.as_str()));
+        self.joined_epoch.retain(|id, _| members.contains(&id.as_str()));
         for id in members {
             self.joined_epoch.entry((*id).to_owned()).or_insert(epoch);
         }
-        self.log.push(format!(
-            "RM: epoch {epoch} primary {primary} members {members:?}"
-        ));
+        self.log.push(format!("RM: epoch {epoch} primary {primary} members {members:?}"));
         for id in self.alive() {
-            self.network.push(Message::Config {
-                to: id,
-                config: self.config.clone(),
-            });
+            self.network.push(Message::Config { to: id, config: self.config.clone() });
         }
     }
 
@@ -187,13 +140,9 @@ impl Sim {
             }
             let client: usize = done.client_id[1..].parse().expect("client id c<n>");
             let state = &mut self.clients[client];
-            if state.outstanding == Some(done.request_id)
-                && state.waiting_at.iter().any(|w| w == at)
-            {
+            if state.outstanding == Some(done.request_id) && state.waiting_at.iter().any(|w| w == at) {
                 let value = match &done.outcome {
-                    Ok(pb::OpResult {
-                        kind: Some(op_result::Kind::Increment(i)),
-                    }) => i.value,
+                    Ok(pb::OpResult { kind: Some(op_result::Kind::Increment(i)) }) => i.value,
                     other => panic!("unexpected outcome {other:?}"),
                 };
                 assert_eq!(
@@ -210,8 +159,7 @@ impl Sim {
 
     fn answers_clients(&mut self, id: &str) -> bool {
         let mode = self.mode;
-        self.core(id)
-            .is_some_and(|c| c.is_leader() || (mode == Mode::Active && c.is_member()))
+        self.core(id).is_some_and(|c| c.is_leader() || (mode == Mode::Active && c.is_member()))
     }
 
     /// A client sends (or resends) its request to replica `to`.
@@ -258,10 +206,7 @@ impl Sim {
                         request_id,
                         op: request.op.clone(),
                     };
-                    self.network.push(Message::Order {
-                        to: leader.id,
-                        request: order,
-                    });
+                    self.network.push(Message::Order { to: leader.id, request: order });
                 }
             }
         }
@@ -277,10 +222,7 @@ impl Sim {
                 // Non-members keep asking the leader to feed them.
                 if core.config().is_some() && (!core.is_member() || !core.is_ready()) {
                     if let Some(leader) = core.leader().cloned() {
-                        self.network.push(Message::Join {
-                            to: leader.id,
-                            from: id.clone(),
-                        });
+                        self.network.push(Message::Join { to: leader.id, from: id.clone() });
                     }
                 }
                 continue;
@@ -290,17 +232,12 @@ impl Sim {
             let mut outgoing = Vec::new();
             for (peer, _) in peers {
                 match core.next_work(&peer, true) {
-                    PeerWork::Append(request) => outgoing.push(Message::Append {
-                        to: peer,
-                        from: id.clone(),
-                        request,
-                    }),
-                    PeerWork::Checkpoint(checkpoint) => outgoing.push(Message::Checkpoint {
-                        to: peer,
-                        from: id.clone(),
-                        epoch,
-                        checkpoint,
-                    }),
+                    PeerWork::Append(request) => {
+                        outgoing.push(Message::Append { to: peer, from: id.clone(), request })
+                    }
+                    PeerWork::Checkpoint(checkpoint) => {
+                        outgoing.push(Message::Checkpoint { to: peer, from: id.clone(), epoch, checkpoint })
+                    }
                     PeerWork::Idle | PeerWork::Gone => {}
                 }
             }
@@ -311,16 +248,10 @@ impl Sim {
     /// Acts on a refusal the way peers.rs does.
     fn refused(&mut self, sender: &str, refuser: &str, error: ReplicaError) {
         match error {
-            ReplicaError::WrongEpoch {
-                configuration: Some(config),
-                ..
-            } => self.install(sender, config),
+            ReplicaError::WrongEpoch { configuration: Some(config), .. } => self.install(sender, config),
             ReplicaError::ConfigurationRequired { .. } => {
                 if let Some(config) = self.core(sender).and_then(|c| c.config().cloned()) {
-                    self.network.push(Message::Config {
-                        to: refuser.into(),
-                        config,
-                    });
+                    self.network.push(Message::Config { to: refuser.into(), config });
                 }
             }
             _ => {}
@@ -347,33 +278,18 @@ impl Sim {
                     Ok((reply, executed)) => {
                         let answers = self.answers_clients(&to);
                         self.executed(&to, executed, answers);
-                        self.network.push(Message::AppendReply {
-                            to: from,
-                            from: to,
-                            request,
-                            reply,
-                        });
+                        self.network.push(Message::AppendReply { to: from, from: to, request, reply });
                     }
                     Err(error) => self.refused(&from, &to, error),
                 }
             }
-            Message::AppendReply {
-                to,
-                from,
-                request,
-                reply,
-            } => {
+            Message::AppendReply { to, from, request, reply } => {
                 let core = self.core(&to).expect("alive");
                 let executed = core.on_append_reply(&from, &request, &reply);
                 let answers = self.answers_clients(&to);
                 self.executed(&to, executed, answers);
             }
-            Message::Checkpoint {
-                to,
-                from,
-                epoch,
-                checkpoint,
-            } => {
+            Message::Checkpoint { to, from, epoch, checkpoint } => {
                 let core = self.core(&to).expect("alive");
                 let header = pb::CheckpointHeader {
                     epoch,
@@ -397,19 +313,9 @@ impl Sim {
                         None
                     }
                 };
-                self.network.push(Message::CheckpointDone {
-                    to: from,
-                    from: to,
-                    seq,
-                    reply,
-                });
+                self.network.push(Message::CheckpointDone { to: from, from: to, seq, reply });
             }
-            Message::CheckpointDone {
-                to,
-                from,
-                seq,
-                reply,
-            } => {
+            Message::CheckpointDone { to, from, seq, reply } => {
                 let core = self.core(&to).expect("alive");
                 core.on_checkpoint_sent(&from, seq, reply.as_ref().ok_or(()));
             }
@@ -436,15 +342,10 @@ impl Sim {
     /// (synced during its current membership, so it holds every committed entry) with
     /// the longest log. With no safe survivor the RM must not promote anyone.
     fn remove(&mut self, id: &str) {
-        let survivors: Vec<String> = self
-            .members()
-            .into_iter()
-            .filter(|m| m != id && self.replicas[m].is_some())
-            .collect();
+        let survivors: Vec<String> =
+            self.members().into_iter().filter(|m| m != id && self.replicas[m].is_some()).collect();
         let safe = |sim: &Self, m: &String| {
-            sim.replicas[m]
-                .as_ref()
-                .is_some_and(|c| c.synced_epoch() >= sim.joined_epoch[m])
+            sim.replicas[m].as_ref().is_some_and(|c| c.synced_epoch() >= sim.joined_epoch[m])
         };
         let primary = if self.config.primary == id {
             let best = survivors
@@ -455,8 +356,7 @@ impl Sim {
             match best {
                 Some(best) => best,
                 None => {
-                    self.log
-                        .push(format!("RM: no safe survivor to replace {id}; waiting"));
+                    self.log.push(format!("RM: no safe survivor to replace {id}; waiting"));
                     self.data_lost |= self.replicas[id].is_none();
                     return;
                 }
@@ -483,9 +383,7 @@ impl Sim {
     }
 
     fn suspect(&mut self, id: &str) {
-        if self.replicas[id].is_none()
-            || self.members().len() < 3
-            || !self.members().iter().any(|m| m == id)
+        if self.replicas[id].is_none() || self.members().len() < 3 || !self.members().iter().any(|m| m == id)
         {
             return;
         }
@@ -499,10 +397,7 @@ impl Sim {
         }
         self.log.push(format!("restart {id}"));
         self.replicas.insert(id.into(), Some(Core::new(id, false)));
-        self.network.push(Message::Config {
-            to: id.into(),
-            config: self.config.clone(),
-        });
+        self.network.push(Message::Config { to: id.into(), config: self.config.clone() });
     }
 
     /// The RM admits a ready replica that is not a member.
@@ -523,10 +418,7 @@ impl Sim {
     /// Faults stop: the RM re-sends the configuration, messages flow, leaders tick.
     fn heal(&mut self) {
         for id in self.alive() {
-            self.network.push(Message::Config {
-                to: id,
-                config: self.config.clone(),
-            });
+            self.network.push(Message::Config { to: id, config: self.config.clone() });
         }
         for _ in 0..60 {
             self.tick();
@@ -569,12 +461,9 @@ impl Sim {
                 );
             }
             for (client, expected) in self.clients.iter().enumerate() {
-                let counter = state.get(&format!("ctr/c{client}")).map_or(0, |v| {
-                    std::str::from_utf8(v)
-                        .expect("utf8")
-                        .parse::<u64>()
-                        .expect("number")
-                });
+                let counter = state
+                    .get(&format!("ctr/c{client}"))
+                    .map_or(0, |v| std::str::from_utf8(v).expect("utf8").parse::<u64>().expect("number"));
                 assert!(
                     counter >= expected.acked,
                     "{id}: c{client} acknowledged {} but the state counts {counter}\n{}",
@@ -609,17 +498,11 @@ fn step(sim: &mut Sim, choice: (u8, u8, u8)) {
         8 => {
             if !sim.network.is_empty() {
                 let dropped = sim.network.remove(b as usize % sim.network.len());
-                sim.log
-                    .push(format!("drop {dropped:?}").chars().take(120).collect());
+                sim.log.push(format!("drop {dropped:?}").chars().take(120).collect());
                 // A lost checkpoint transfer, or its lost answer, is a failed RPC at the
                 // sender: it always learns the call ended.
                 match dropped {
-                    Message::Checkpoint {
-                        to,
-                        from,
-                        checkpoint,
-                        ..
-                    } => {
+                    Message::Checkpoint { to, from, checkpoint, .. } => {
                         sim.network.push(Message::CheckpointDone {
                             to: from,
                             from: to,
@@ -628,12 +511,7 @@ fn step(sim: &mut Sim, choice: (u8, u8, u8)) {
                         });
                     }
                     Message::CheckpointDone { to, from, seq, .. } => {
-                        sim.network.push(Message::CheckpointDone {
-                            to,
-                            from,
-                            seq,
-                            reply: None,
-                        });
+                        sim.network.push(Message::CheckpointDone { to, from, seq, reply: None });
                     }
                     _ => {}
                 }
