@@ -3,8 +3,10 @@
 //! `cargo build` needs nothing installed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "../proto/tandem/v1/tandem.proto";
-    println!("cargo:rerun-if-changed={proto}");
+    let protos = ["tandem", "detector", "manager"].map(|name| format!("../proto/tandem/v1/{name}.proto"));
+    for proto in &protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
     println!("cargo:rerun-if-env-changed=PROTOC");
     let mut config = prost_build::Config::new();
     let protoc = match std::env::var_os("PROTOC") {
@@ -15,6 +17,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Values travel as `bytes::Bytes`, so log entries and checkpoints share buffers
     // instead of copying them.
     config.bytes([".tandem.v1"]);
-    tonic_prost_build::configure().compile_with_config(config, &[proto], &["../proto"])?;
+    tonic_prost_build::configure().compile_with_config(config, &protos, &["../proto".to_owned()])?;
     Ok(())
 }

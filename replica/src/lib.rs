@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod client;
+pub mod detector;
 pub mod error;
 pub mod log;
 pub mod peers;

@@ -1,0 +1,298 @@
+//! The Global Fault Detector's decision: the membership. It learns each replica's state
+//! from that replica's LFD, and counts a replica gone when its LFD goes silent or closes
+//! its stream. Pure: time comes in as `now` (unix milliseconds); the server
+//! (service.rs) owns the streams and the clock.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::pb::{self, MembershipChange};
+
+/// One connected LFD stream.
+pub type LinkId = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GfdSettings {
+    /// How often the GFD heartbeats each LFD.
+    pub heartbeat_interval_ms: u64,
+    /// Unanswered GFD heartbeats before an LFD counts as gone.
+    pub failure_threshold: u32,
+    /// After a (re)start, how long LFDs get to reconnect before a missing replica
+    /// counts as gone.
+    pub settle_ms: u64,
+}
+
+impl Default for GfdSettings {
+    fn default() -> Self {
+        Self { heartbeat_interval_ms: 100, failure_threshold: 3, settle_ms: 1000 }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    address: String,
+    alive: bool,
+    ready: bool,
+    link: Option<LinkId>,
+    last_heartbeat_ms: u64,
+    since_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Link {
+    replica_id: Option<String>,
+    last_answer_ms: u64,
+}
+
+/// A change of the membership, with its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub kind: MembershipChange,
+    pub replica_id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct GfdCore {
+    settings: GfdSettings,
+    started_ms: u64,
+    settled: bool,
+    members: BTreeMap<String, Member>,
+    links: HashMap<LinkId, Link>,
+}
+
+impl GfdCore {
+    pub fn new(settings: GfdSettings, now: u64) -> Self {
+        Self { settings, started_ms: now, settled: false, members: BTreeMap::new(), links: HashMap::new() }
+    }
+
+    pub fn settings(&self) -> &GfdSettings {
+        &self.settings
+    }
+
+    pub fn set_heartbeat(&mut self, interval_ms: Option<u64>, threshold: Option<u32>) {
+        if let Some(interval) = interval_ms {
+            self.settings.heartbeat_interval_ms = interval.max(1);
+        }
+        if let Some(threshold) = threshold {
+            self.settings.failure_threshold = threshold.max(1);
+        }
+    }
+
+    pub fn link_opened(&mut self, link: LinkId, now: u64) {
+        self.links.insert(link, Link { replica_id: None, last_answer_ms: now });
+    }
+
+    /// An LFD introduced itself: its replica is a candidate member (alive once the LFD
+    /// reports so). A newer stream for the same replica replaces the older one.
+    pub fn hello(&mut self, link: LinkId, replica_id: &str, address: &str, now: u64) {
+        if let Some(state) = self.links.get_mut(&link) {
+            state.replica_id = Some(replica_id.to_owned());
+            state.last_answer_ms = now;
+        }
+        let member = self.members.entry(replica_id.to_owned()).or_insert_with(|| Member {
+            address: address.to_owned(),
+            alive: false,
+            ready: false,
+            link: None,
+            last_heartbeat_ms: now,
+            since_ms: now,
+        });
+        member.address = address.to_owned();
+        member.link = Some(link);
+        member.last_heartbeat_ms = now;
+    }
+
+    /// An LFD reported its replica's state.
+    pub fn report(&mut self, link: LinkId, report: &pb::ReplicaReport, now: u64) -> Vec<Change> {
+        let Some(replica_id) = self.links.get_mut(&link).and_then(|l| {
+            l.last_answer_ms = now;
+            l.replica_id.clone()
+        }) else {
+            return Vec::new();
+        };
+        let Some(member) = self.members.get_mut(&replica_id).filter(|m| m.link == Some(link)) else {
+            return Vec::new();
+        };
+        member.last_heartbeat_ms = now;
+        let mut changes = Vec::new();
+        let change =
+            |kind, reason: &str| Change { kind, replica_id: replica_id.clone(), reason: reason.to_owned() };
+        if report.alive != member.alive {
+            member.alive = report.alive;
+            member.since_ms = now;
+            let kind = if report.alive { MembershipChange::Joined } else { MembershipChange::Failed };
+            changes.push(change(kind, &report.reason));
+        }
+        let ready = report.alive && report.ready;
+        if ready != member.ready {
+            member.ready = ready;
+            if report.alive {
+                let kind = if ready { MembershipChange::Ready } else { MembershipChange::NotReady };
+                changes.push(change(kind, &report.reason));
+            }
+        }
+        changes
+    }
+
+    /// An LFD answered a heartbeat.
+    pub fn answered(&mut self, link: LinkId, now: u64) {
+        if let Some(state) = self.links.get_mut(&link) {
+            state.last_answer_ms = now;
+            if let Some(member) = state.replica_id.as_ref().and_then(|id| self.members.get_mut(id)) {
+                if member.link == Some(link) {
+                    member.last_heartbeat_ms = now;
+                }
+            }
+        }
+    }
+
+    /// An LFD stream ended.
+    pub fn link_closed(&mut self, link: LinkId, now: u64) -> Vec<Change> {
+        let Some(state) = self.links.remove(&link) else { return Vec::new() };
+        let Some(replica_id) = state.replica_id else { return Vec::new() };
+        self.detector_lost(&replica_id, link, now, "its LFD closed the stream")
+    }
+
+    fn detector_lost(&mut self, replica_id: &str, link: LinkId, now: u64, reason: &str) -> Vec<Change> {
+        let Some(member) = self.members.get_mut(replica_id).filter(|m| m.link == Some(link)) else {
+            return Vec::new();
+        };
+        member.link = None;
+        let was_alive = member.alive;
+        member.alive = false;
+        member.ready = false;
+        member.since_ms = now;
+        if !was_alive {
+            return Vec::new();
+        }
+        vec![Change {
+            kind: MembershipChange::DetectorLost,
+            replica_id: replica_id.to_owned(),
+            reason: reason.to_owned(),
+        }]
+    }
+
+    /// Time passes: LFDs that stopped answering are gone; after the settle period the
+    /// membership becomes authoritative (announced with a snapshot).
+    pub fn tick(&mut self, now: u64) -> Vec<Change> {
+        let limit = self.settings.heartbeat_interval_ms * u64::from(self.settings.failure_threshold);
+        let silent: Vec<(LinkId, String)> = self
+            .links
+            .iter()
+            .filter(|(_, l)| now.saturating_sub(l.last_answer_ms) > limit)
+            .filter_map(|(id, l)| Some((*id, l.replica_id.clone()?)))
+            .collect();
+        let mut changes = Vec::new();
+        for (link, replica_id) in silent {
+            self.links.remove(&link);
+            let reason = format!("its LFD missed {} heartbeats", self.settings.failure_threshold);
+            changes.extend(self.detector_lost(&replica_id, link, now, &reason));
+        }
+        if !self.settled && now.saturating_sub(self.started_ms) >= self.settings.settle_ms {
+            self.settled = true;
+            changes.push(Change {
+                kind: MembershipChange::Snapshot,
+                replica_id: String::new(),
+                reason: "LFDs had time to reconnect: membership settled".into(),
+            });
+        }
+        changes
+    }
+
+    /// Links due a heartbeat (all of them; the server paces it).
+    pub fn links(&self) -> impl Iterator<Item = LinkId> + '_ {
+        self.links.keys().copied()
+    }
+
+    pub fn is_settled(&self) -> bool {
+        self.settled
+    }
+
+    /// Alive members' ids, in order.
+    pub fn alive(&self) -> Vec<String> {
+        self.members.iter().filter(|(_, m)| m.alive).map(|(id, _)| id.clone()).collect()
+    }
+
+    pub fn snapshot(&self, now: u64) -> pb::Membership {
+        pb::Membership {
+            members: self
+                .members
+                .iter()
+                .map(|(id, m)| pb::MemberState {
+                    replica_id: id.clone(),
+                    replica_address: m.address.clone(),
+                    alive: m.alive,
+                    ready: m.ready,
+                    last_heartbeat_unix_ms: m.last_heartbeat_ms,
+                    since_unix_ms: m.since_ms,
+                })
+                .collect(),
+            settled: self.settled,
+            at_unix_ms: now,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(alive: bool, ready: bool) -> pb::ReplicaReport {
+        pb::ReplicaReport { alive, ready, reason: "test".into(), at_unix_ms: 0 }
+    }
+
+    fn kinds(changes: &[Change]) -> Vec<MembershipChange> {
+        changes.iter().map(|c| c.kind).collect()
+    }
+
+    #[test]
+    fn member_joins_turns_ready_and_fails_as_its_lfd_reports() {
+        let mut gfd = GfdCore::new(GfdSettings::default(), 0);
+        gfd.link_opened(1, 0);
+        gfd.hello(1, "r1", "127.0.0.1:1", 0);
+        assert_eq!(gfd.alive(), Vec::<String>::new(), "hello alone is not alive");
+        assert_eq!(kinds(&gfd.report(1, &report(true, false), 10)), vec![MembershipChange::Joined]);
+        assert_eq!(kinds(&gfd.report(1, &report(true, true), 20)), vec![MembershipChange::Ready]);
+        assert_eq!(gfd.alive(), vec!["r1".to_string()]);
+        assert_eq!(kinds(&gfd.report(1, &report(false, false), 30)), vec![MembershipChange::Failed]);
+        assert!(gfd.alive().is_empty());
+    }
+
+    #[test]
+    fn a_silent_lfd_loses_its_member_after_threshold_heartbeats() {
+        let mut gfd = GfdCore::new(GfdSettings::default(), 0);
+        gfd.link_opened(7, 0);
+        gfd.hello(7, "r2", "a", 0);
+        gfd.report(7, &report(true, true), 0);
+        assert!(gfd.tick(250).iter().all(|c| c.kind != MembershipChange::DetectorLost));
+        gfd.answered(7, 250);
+        let lost = gfd.tick(551);
+        assert_eq!(kinds(&lost), vec![MembershipChange::DetectorLost]);
+        assert!(lost[0].reason.contains("missed 3"), "{lost:?}");
+        assert!(gfd.alive().is_empty());
+    }
+
+    #[test]
+    fn a_replacement_stream_takes_over_and_the_old_one_closing_changes_nothing() {
+        let mut gfd = GfdCore::new(GfdSettings::default(), 0);
+        gfd.link_opened(1, 0);
+        gfd.hello(1, "r1", "a", 0);
+        gfd.report(1, &report(true, true), 0);
+        // The LFD restarted and reconnected before its old stream was noticed closed.
+        gfd.link_opened(2, 5);
+        gfd.hello(2, "r1", "a", 5);
+        assert!(gfd.link_closed(1, 6).is_empty());
+        assert_eq!(gfd.alive(), vec!["r1".to_string()]);
+        assert_eq!(kinds(&gfd.link_closed(2, 7)), vec![MembershipChange::DetectorLost]);
+    }
+
+    #[test]
+    fn membership_settles_once_after_the_grace_period() {
+        let mut gfd = GfdCore::new(GfdSettings::default(), 1000);
+        assert!(!gfd.is_settled());
+        assert!(gfd.tick(1500).is_empty());
+        assert_eq!(kinds(&gfd.tick(2000)), vec![MembershipChange::Snapshot]);
+        assert!(gfd.tick(2100).is_empty());
+        assert!(gfd.snapshot(2100).settled);
+    }
+}

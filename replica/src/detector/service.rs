@@ -1,0 +1,466 @@
+//! The detectors' I/O: the LFD process (probe its replica with grpc.health.v1, keep a
+//! stream to the GFD) and the GFD server (the LFDs' streams, heartbeats, membership
+//! subscriptions). Decisions are made by `LfdCore` and `GfdCore`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tracing::{Instrument, debug, info, warn};
+
+use super::gfd::{Change, GfdCore, GfdSettings, LinkId};
+use super::lfd::{LfdCore, LfdSettings, Probe, Verdict};
+use crate::pb::{
+    self, MembershipChange, fault_detector_client::FaultDetectorClient, gfd_message, lfd_message,
+};
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn lazy_channel(address: &str, connect_timeout: Duration) -> Result<Channel, String> {
+    Ok(Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| format!("bad address {address:?}: {e}"))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+// ------------------------------------------------------------------ LFD
+
+#[derive(Debug, Clone)]
+pub struct LfdConfig {
+    pub replica_id: String,
+    pub replica_address: String,
+    pub gfd_address: String,
+    pub settings: LfdSettings,
+}
+
+/// Runs an LFD until shutdown: heartbeats the replica, reports to the GFD.
+pub async fn run_lfd(config: LfdConfig, shutdown: CancellationToken) -> Result<(), String> {
+    let replica = lazy_channel(&config.replica_address, Duration::from_millis(200))?;
+    let gfd = lazy_channel(&config.gfd_address, Duration::from_millis(500))?;
+    let settings = watch::Sender::new(config.settings);
+    let verdicts = watch::Sender::new(None::<Verdict>);
+    info!(replica = %config.replica_id, address = %config.replica_address, gfd = %config.gfd_address,
+        interval_ms = config.settings.heartbeat_interval.as_millis() as u64, threshold = config.settings.failure_threshold, "LFD started");
+    tokio::join!(
+        probe_replica(&config, replica, settings.subscribe(), &verdicts, &shutdown),
+        stay_attached(&config, gfd, &settings, verdicts.subscribe(), &shutdown),
+    );
+    Ok(())
+}
+
+/// Heartbeats the replica every interval (Check, with the interval as timeout), and
+/// also watches its health stream, which breaks the moment the process dies.
+async fn probe_replica(
+    config: &LfdConfig,
+    channel: Channel,
+    mut settings: watch::Receiver<LfdSettings>,
+    verdicts: &watch::Sender<Option<Verdict>>,
+    shutdown: &CancellationToken,
+) {
+    let mut health = HealthClient::new(channel);
+    let mut core = LfdCore::default();
+    let mut watching: Option<Streaming<tonic_health::pb::HealthCheckResponse>> = None;
+    let mut beat: u64 = 0;
+    loop {
+        let current = *settings.borrow_and_update();
+        beat += 1;
+        let request = HealthCheckRequest { service: String::new() };
+        let probe = match tokio::time::timeout(current.heartbeat_interval, health.check(request)).await {
+            Ok(Ok(answer)) if answer.get_ref().status() == ServingStatus::Serving => Probe::Serving,
+            Ok(Ok(_)) => Probe::NotServing,
+            Ok(Err(status)) => Probe::Failed(status.message().to_owned()),
+            Err(_) => Probe::TimedOut,
+        };
+        debug!("LFD {}: heartbeat {beat}: {probe:?}", config.replica_id);
+        let answered = matches!(probe, Probe::Serving | Probe::NotServing);
+        if let Some(verdict) = core.observe(probe, current.failure_threshold) {
+            info!(
+                "LFD {}: replica {} is {} ({})",
+                config.replica_id,
+                config.replica_id,
+                describe(&verdict),
+                verdict.reason
+            );
+            verdicts.send_replace(Some(verdict));
+        }
+        if answered && watching.is_none() {
+            let request = HealthCheckRequest { service: String::new() };
+            if let Ok(Ok(stream)) =
+                tokio::time::timeout(current.heartbeat_interval, health.watch(request)).await
+            {
+                watching = Some(stream.into_inner());
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(current.heartbeat_interval) => {}
+            // The watch stream ended or changed: probe right away.
+            _ = next_health_change(&mut watching) => {}
+            _ = settings.changed() => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Waits for the health stream's next message; drops the stream when it ends. Never
+/// returns without a stream.
+async fn next_health_change(watching: &mut Option<Streaming<tonic_health::pb::HealthCheckResponse>>) {
+    let Some(stream) = watching.as_mut() else { return std::future::pending().await };
+    match stream.next().await {
+        Some(Ok(_)) => {}
+        _ => *watching = None,
+    }
+}
+
+fn describe(verdict: &Verdict) -> &'static str {
+    match (verdict.alive, verdict.ready) {
+        (true, true) => "alive and ready",
+        (true, false) => "alive, not ready",
+        _ => "dead",
+    }
+}
+
+/// Keeps one stream open to the GFD: hello, reports, heartbeat answers, settings.
+/// Reconnects (with back-off) whenever it breaks, e.g. when the GFD restarts.
+async fn stay_attached(
+    config: &LfdConfig,
+    channel: Channel,
+    settings: &watch::Sender<LfdSettings>,
+    mut verdicts: watch::Receiver<Option<Verdict>>,
+    shutdown: &CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let (outbound, receiver) = mpsc::channel(16);
+        let hello = lfd_message::Kind::Hello(pb::LfdHello {
+            replica_id: config.replica_id.clone(),
+            replica_address: config.replica_address.clone(),
+        });
+        let _ = outbound.send(pb::LfdMessage { kind: Some(hello) }).await;
+        let mut client = FaultDetectorClient::new(channel.clone());
+        let attached = tokio::select! {
+            attached = client.attach(ReceiverStream::new(receiver)) => attached,
+            () = shutdown.cancelled() => return,
+        };
+        match attached {
+            Ok(inbound) => {
+                info!("LFD {}: attached to the GFD at {}", config.replica_id, config.gfd_address);
+                backoff = Duration::from_millis(50);
+                // Repeat the current verdict: a restarted GFD knows nothing yet.
+                verdicts.mark_changed();
+                let ended =
+                    relay(config, inbound.into_inner(), &outbound, settings, &mut verdicts, shutdown).await;
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                warn!("LFD {}: stream to the GFD ended ({ended}); reconnecting", config.replica_id);
+            }
+            Err(status) => debug!("LFD {}: GFD unreachable: {}", config.replica_id, status.message()),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+async fn relay(
+    config: &LfdConfig,
+    mut inbound: Streaming<pb::GfdMessage>,
+    outbound: &mpsc::Sender<pb::LfdMessage>,
+    settings: &watch::Sender<LfdSettings>,
+    verdicts: &mut watch::Receiver<Option<Verdict>>,
+    shutdown: &CancellationToken,
+) -> String {
+    loop {
+        tokio::select! {
+            message = inbound.next() => match message {
+                Some(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Heartbeat(beat)) })) => {
+                    let ack = lfd_message::Kind::Ack(pb::HeartbeatAck { n: beat.n });
+                    if outbound.send(pb::LfdMessage { kind: Some(ack) }).await.is_err() {
+                        return "outbound closed".into();
+                    }
+                }
+                Some(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Settings(update)) })) => {
+                    settings.send_modify(|s| {
+                        if let Some(ms) = update.heartbeat_interval_ms {
+                            s.heartbeat_interval = Duration::from_millis(ms.max(1));
+                        }
+                        if let Some(threshold) = update.failure_threshold {
+                            s.failure_threshold = threshold.max(1);
+                        }
+                    });
+                    let now = *settings.borrow();
+                    info!("LFD {}: settings now heartbeat_interval={} ms failure_threshold={}",
+                        config.replica_id, now.heartbeat_interval.as_millis(), now.failure_threshold);
+                }
+                Some(Ok(_)) => {}
+                Some(Err(status)) => return status.message().to_owned(),
+                None => return "closed by the GFD".into(),
+            },
+            changed = verdicts.changed() => {
+                if changed.is_err() {
+                    return "detector stopped".into();
+                }
+                let verdict = verdicts.borrow_and_update().clone();
+                if let Some(verdict) = verdict {
+                    let report = pb::ReplicaReport { alive: verdict.alive, ready: verdict.ready, reason: verdict.reason, at_unix_ms: unix_ms() };
+                    if outbound.send(pb::LfdMessage { kind: Some(lfd_message::Kind::Report(report)) }).await.is_err() {
+                        return "outbound closed".into();
+                    }
+                }
+            }
+            () = shutdown.cancelled() => return "shutdown".into(),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ GFD
+
+type Outbound = mpsc::Sender<Result<pb::GfdMessage, Status>>;
+
+/// The GFD: one per group, reached by every LFD and by the RM.
+pub struct Gfd {
+    core: Mutex<GfdCore>,
+    lfd_settings: Mutex<pb::DetectorSettings>,
+    events: broadcast::Sender<pb::MembershipEvent>,
+    links: Mutex<HashMap<LinkId, Outbound>>,
+    next_link: AtomicU64,
+}
+
+impl Gfd {
+    pub fn new(settings: GfdSettings, lfd: LfdSettings) -> Arc<Self> {
+        let lfd_settings = pb::DetectorSettings {
+            heartbeat_interval_ms: Some(lfd.heartbeat_interval.as_millis() as u64),
+            failure_threshold: Some(lfd.failure_threshold),
+            gfd_heartbeat_interval_ms: Some(settings.heartbeat_interval_ms),
+        };
+        Arc::new(Self {
+            core: Mutex::new(GfdCore::new(settings, unix_ms())),
+            lfd_settings: Mutex::new(lfd_settings),
+            events: broadcast::channel(1024).0,
+            links: Mutex::new(HashMap::new()),
+            next_link: AtomicU64::new(1),
+        })
+    }
+
+    fn core(&self) -> std::sync::MutexGuard<'_, GfdCore> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Announces membership changes to subscribers and to the log.
+    fn publish(&self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        let now = unix_ms();
+        let (membership, alive) = {
+            let core = self.core();
+            (core.snapshot(now), core.alive())
+        };
+        for change in changes {
+            let what = match change.kind {
+                MembershipChange::Joined => "joined",
+                MembershipChange::Failed => "failed",
+                MembershipChange::DetectorLost => "lost (LFD gone)",
+                MembershipChange::Ready => "ready",
+                MembershipChange::NotReady => "not ready",
+                _ => "snapshot",
+            };
+            if change.replica_id.is_empty() {
+                info!("GFD: {}", change.reason);
+            } else {
+                info!("GFD: {} {what} ({})", change.replica_id, change.reason);
+            }
+            let _ = self.events.send(pb::MembershipEvent {
+                at_unix_ms: now,
+                change: change.kind.into(),
+                replica_id: change.replica_id,
+                reason: change.reason,
+                membership: Some(membership.clone()),
+            });
+        }
+        info!("GFD: {} members: {}", alive.len(), alive.join(", "));
+    }
+
+    /// Heartbeats every LFD and lets the core notice silent ones.
+    async fn heartbeat_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut n = 0u64;
+        loop {
+            let interval = Duration::from_millis(self.core().settings().heartbeat_interval_ms);
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shutdown.cancelled() => return,
+            }
+            n += 1;
+            let changes = self.core().tick(unix_ms());
+            self.publish(changes);
+            let links: Vec<(LinkId, Outbound)> = self
+                .links
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect();
+            for (_, outbound) in links {
+                let beat = gfd_message::Kind::Heartbeat(pb::Heartbeat { n });
+                let _ = outbound.try_send(Ok(pb::GfdMessage { kind: Some(beat) }));
+            }
+        }
+    }
+
+    async fn read_link(self: Arc<Self>, link: LinkId, mut inbound: Streaming<pb::LfdMessage>) {
+        while let Some(Ok(message)) = inbound.next().await {
+            let now = unix_ms();
+            match message.kind {
+                Some(lfd_message::Kind::Hello(hello)) => {
+                    debug!(link, replica = %hello.replica_id, "LFD attached");
+                    self.core().hello(link, &hello.replica_id, &hello.replica_address, now);
+                }
+                Some(lfd_message::Kind::Report(report)) => {
+                    let changes = self.core().report(link, &report, now);
+                    self.publish(changes);
+                }
+                Some(lfd_message::Kind::Ack(_)) => self.core().answered(link, now),
+                None => {}
+            }
+        }
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).remove(&link);
+        let changes = self.core().link_closed(link, unix_ms());
+        self.publish(changes);
+    }
+}
+
+/// Serves the GFD on `listener` until shutdown.
+pub async fn serve_gfd(
+    gfd: Arc<Gfd>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    info!(listen = ?listener.local_addr().ok(), "GFD started");
+    tokio::spawn(Arc::clone(&gfd).heartbeat_loop(shutdown.clone()).in_current_span());
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(pb::fault_detector_server::FaultDetectorServer::new(GfdService(gfd)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await
+}
+
+struct GfdService(Arc<Gfd>);
+
+type EventStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::fault_detector_server::FaultDetector for GfdService {
+    type AttachStream = ReceiverStream<Result<pb::GfdMessage, Status>>;
+    type SubscribeStream = EventStream<pb::MembershipEvent>;
+
+    async fn attach(
+        &self,
+        request: Request<Streaming<pb::LfdMessage>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let gfd = &self.0;
+        let link = gfd.next_link.fetch_add(1, Ordering::Relaxed);
+        let (outbound, receiver) = mpsc::channel(16);
+        // A (re)attached LFD adopts the settings in force, changed at run time or not.
+        let settings = gfd.lfd_settings.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let _ = outbound.try_send(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Settings(settings)) }));
+        gfd.core().link_opened(link, unix_ms());
+        gfd.links.lock().unwrap_or_else(|p| p.into_inner()).insert(link, outbound);
+        tokio::spawn(Arc::clone(gfd).read_link(link, request.into_inner()).in_current_span());
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn subscribe(
+        &self,
+        _: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let gfd = Arc::clone(&self.0);
+        let mut events = gfd.events.subscribe();
+        let snapshot = |gfd: &Gfd| pb::MembershipEvent {
+            at_unix_ms: unix_ms(),
+            change: MembershipChange::Snapshot.into(),
+            replica_id: String::new(),
+            reason: "current membership".into(),
+            membership: Some(gfd.core().snapshot(unix_ms())),
+        };
+        let first = snapshot(&gfd);
+        let stream = async_stream(first, move |sender| async move {
+            loop {
+                let event = match events.recv().await {
+                    Ok(event) => event,
+                    // Too slow to follow every change: start over from the whole picture.
+                    Err(broadcast::error::RecvError::Lagged(_)) => snapshot(&gfd),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if sender.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn members(&self, _: Request<pb::MembersRequest>) -> Result<Response<pb::Membership>, Status> {
+        Ok(Response::new(self.0.core().snapshot(unix_ms())))
+    }
+
+    async fn update_detector_settings(
+        &self,
+        request: Request<pb::DetectorSettings>,
+    ) -> Result<Response<pb::DetectorSettings>, Status> {
+        let update = request.into_inner();
+        if update.heartbeat_interval_ms == Some(0) || update.gfd_heartbeat_interval_ms == Some(0) {
+            return Err(Status::invalid_argument("heartbeat intervals must be at least 1 ms"));
+        }
+        if update.failure_threshold == Some(0) {
+            return Err(Status::invalid_argument("failure_threshold must be at least 1"));
+        }
+        let gfd = &self.0;
+        gfd.core().set_heartbeat(update.gfd_heartbeat_interval_ms, update.failure_threshold);
+        let settings = {
+            let mut current = gfd.lfd_settings.lock().unwrap_or_else(|p| p.into_inner());
+            current.heartbeat_interval_ms = update.heartbeat_interval_ms.or(current.heartbeat_interval_ms);
+            current.failure_threshold = update.failure_threshold.or(current.failure_threshold);
+            current.gfd_heartbeat_interval_ms =
+                update.gfd_heartbeat_interval_ms.or(current.gfd_heartbeat_interval_ms);
+            current.clone()
+        };
+        info!(?settings, "GFD: detector settings changed");
+        let links: Vec<Outbound> =
+            gfd.links.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for outbound in links {
+            let _ = outbound
+                .try_send(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Settings(settings.clone())) }));
+        }
+        Ok(Response::new(settings))
+    }
+}
+
+/// A stream that yields `first`, then whatever `produce` sends.
+fn async_stream<T, F, Fut>(first: T, produce: F) -> EventStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (sender, receiver) = mpsc::channel(64);
+    let _ = sender.try_send(Ok(first));
+    tokio::spawn(produce(sender));
+    Box::pin(ReceiverStream::new(receiver))
+}
