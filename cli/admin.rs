@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use futures::future::join_all;
 use tandem_replica::pb::{self, Mode};
 use tonic::transport::Endpoint;
@@ -104,10 +104,32 @@ pub fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
+/// Last heartbeat per replica, from the GFD of a running `tandem up` (if any).
+async fn heartbeats(target: &EndpointArgs) -> std::collections::BTreeMap<String, u64> {
+    let Ok(state) = target.local_state() else { return Default::default() };
+    let Ok(endpoint) = Endpoint::from_shared(format!("http://{}", state.gfd)) else {
+        return Default::default();
+    };
+    let mut gfd = pb::fault_detector_client::FaultDetectorClient::new(
+        endpoint.connect_timeout(CALL_TIMEOUT).connect_lazy(),
+    );
+    match tokio::time::timeout(CALL_TIMEOUT, gfd.members(pb::MembersRequest {})).await {
+        Ok(Ok(members)) => members
+            .into_inner()
+            .members
+            .into_iter()
+            .map(|m| (m.replica_id, m.last_heartbeat_unix_ms))
+            .collect(),
+        _ => Default::default(),
+    }
+}
+
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let statuses = all_statuses(args.endpoints.resolve()?).await;
+    let heartbeats = heartbeats(&args.endpoints).await;
+    let now = tandem_replica::detector::service::unix_ms();
     println!(
-        "{:<8} {:<21} {:<12} {:<6} {:>5} {:<8} {:<8} {:>9} {:>9} {:>9} {:>10} {:>8}",
+        "{:<8} {:<21} {:<12} {:<6} {:>5} {:<8} {:<8} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9}",
         "REPLICA",
         "ADDRESS",
         "ROLE",
@@ -119,7 +141,8 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         "COMMIT",
         "APPLIED",
         "CHECKPOINT",
-        "KEYS"
+        "KEYS",
+        "HEARTBEAT"
     );
     let mut reachable = 0;
     for (address, answer) in &statuses {
@@ -127,8 +150,11 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             Ok(s) => {
                 reachable += 1;
                 let config = s.configuration.clone().unwrap_or_default();
+                let heartbeat = heartbeats
+                    .get(&s.replica_id)
+                    .map_or_else(|| "-".to_owned(), |at| format!("{} ms", now.saturating_sub(*at)));
                 println!(
-                    "{:<8} {:<21} {:<12} {:<6} {:>5} {:<8} {:<8} {:>9} {:>9} {:>9} {:>10} {:>8}",
+                    "{:<8} {:<21} {:<12} {:<6} {:>5} {:<8} {:<8} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9}",
                     s.replica_id,
                     address,
                     role_name(s.role),
@@ -140,7 +166,8 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
                     s.commit_seq,
                     s.applied_seq,
                     s.checkpoint_seq,
-                    s.keys
+                    s.keys,
+                    heartbeat
                 );
                 if !s.not_ready_reason.is_empty() {
                     println!("         not ready: {}", s.not_ready_reason);
@@ -228,5 +255,61 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
         }
     }
     anyhow::ensure!(failures == 0, "{failures} replica(s) did not take the configuration");
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    #[command(subcommand)]
+    pub setting: Setting,
+    #[command(flatten)]
+    pub target: EndpointArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Setting {
+    /// Number of replicas (the group grows or shrinks without downtime).
+    Replicas { value: u32 },
+    /// LFD heartbeat period, in milliseconds.
+    HeartbeatInterval { ms: u64 },
+    /// Missed heartbeats before a replica is declared dead.
+    FailureThreshold { value: u32 },
+    /// Passive mode checkpoint period, in milliseconds (0: off).
+    CheckpointInterval { ms: u64 },
+    /// Replication mode (switches the live group).
+    Mode { mode: ModeArg },
+}
+
+pub async fn set(args: SetArgs) -> anyhow::Result<()> {
+    let state = args.target.local_state()?;
+    let mut update = pb::SpecUpdate::default();
+    match args.setting {
+        Setting::Replicas { value } => update.replicas = Some(value),
+        Setting::HeartbeatInterval { ms } => update.heartbeat_interval_ms = Some(ms),
+        Setting::FailureThreshold { value } => update.failure_threshold = Some(value),
+        Setting::CheckpointInterval { ms } => update.checkpoint_interval_ms = Some(ms),
+        Setting::Mode { mode } => {
+            update.mode = Some(match mode {
+                ModeArg::Passive => Mode::Passive,
+                ModeArg::Active => Mode::Active,
+            } as i32)
+        }
+    }
+    let channel = Endpoint::from_shared(format!("http://{}", state.manager))?
+        .connect_timeout(CALL_TIMEOUT)
+        .connect_lazy();
+    let mut manager = pb::manager_client::ManagerClient::new(channel);
+    let spec = tokio::time::timeout(CALL_TIMEOUT, manager.update_spec(update))
+        .await
+        .context("the RM did not answer")??
+        .into_inner();
+    println!(
+        "spec: replicas={} mode={} heartbeat_interval={} ms failure_threshold={} checkpoint_interval={} ms",
+        spec.replicas,
+        mode_name(spec.mode()),
+        spec.heartbeat_interval_ms,
+        spec.failure_threshold,
+        spec.checkpoint_interval_ms
+    );
     Ok(())
 }

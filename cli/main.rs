@@ -3,10 +3,14 @@
 //! (`status`, `configure`, `digest`). Every flag also reads a TANDEM_* variable.
 
 mod admin;
+mod bench;
+mod chaos;
+mod detectors;
 mod endpoints;
 mod kv;
 mod replica;
 mod telemetry;
+mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -26,8 +30,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the whole system locally: RM, GFD, replicas and LFDs, until Ctrl-C.
+    Up(up::UpArgs),
     /// Run one replica (the server).
     Replica(replica::ReplicaArgs),
+    /// Run a Local Fault Detector beside a replica.
+    Lfd(detectors::LfdArgs),
+    /// Run the Global Fault Detector.
+    Gfd(detectors::GfdArgs),
     /// Read a key.
     Get(kv::GetArgs),
     /// Write a key.
@@ -44,6 +54,12 @@ enum Command {
     Configure(admin::ConfigureArgs),
     /// Show each replica's state digest (equal digests at equal seq: equal state).
     Digest(admin::DigestArgs),
+    /// Change a running `tandem up` without restarting it.
+    Set(admin::SetArgs),
+    /// Inject a fault into a running `tandem up`.
+    Chaos(chaos::ChaosArgs),
+    /// Measure: `tandem bench failover`.
+    Bench(bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -51,7 +67,10 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     telemetry::init(&cli.telemetry);
     let outcome = match cli.command {
+        Command::Up(args) => up::up(args).await,
         Command::Replica(args) => replica::run(args).await,
+        Command::Lfd(args) => detectors::lfd(args).await,
+        Command::Gfd(args) => detectors::gfd(args).await,
         Command::Get(args) => kv::get(args).await,
         Command::Put(args) => kv::put(args).await,
         Command::Del(args) => kv::del(args).await,
@@ -60,6 +79,9 @@ async fn main() -> std::process::ExitCode {
         Command::Status(args) => admin::status(args).await,
         Command::Configure(args) => admin::configure(args).await,
         Command::Digest(args) => admin::digest(args).await,
+        Command::Set(args) => admin::set(args).await,
+        Command::Chaos(args) => chaos::chaos(args).await,
+        Command::Bench(args) => bench::bench(args).await,
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,

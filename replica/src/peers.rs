@@ -24,7 +24,7 @@ const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(120);
 /// A learner that cannot be reached for this long is forgotten (it re-joins if alive).
 const LEARNER_GIVE_UP: Duration = Duration::from_secs(10);
 /// How often a non-member asks the leader to feed it.
-const JOIN_RETRY: Duration = Duration::from_millis(500);
+const JOIN_RETRY: Duration = Duration::from_millis(200);
 
 /// Lazily connected channels to peers, by address.
 pub struct PeerClients {
@@ -318,15 +318,10 @@ pub async fn forward_to_leader(node: Arc<Node>, request: pb::ExecuteRequest, don
 /// feed it; one started without configuration first asks its seeds for it.
 pub async fn keep_joined(node: Arc<Node>) {
     let mut seeds_asked = false;
+    let mut epochs = node.epoch.subscribe();
     loop {
-        let (config, wants_feed) = {
-            let inner = node.lock();
-            let core = &inner.core;
-            let wants =
-                core.config().is_some() && (!core.is_member() || !core.is_ready()) && !core.is_leader();
-            (core.config().cloned(), wants)
-        };
-        if config.is_none() && !node.settings.seeds.is_empty() {
+        let unconfigured = node.lock().core.config().is_none();
+        if unconfigured && !node.settings.seeds.is_empty() {
             if let Some(found) = newest_configuration(&node).await {
                 info!(epoch = found.epoch, "learned the configuration from a seed");
                 let _ = node.install_configuration(found);
@@ -335,6 +330,13 @@ pub async fn keep_joined(node: Arc<Node>) {
             }
             seeds_asked = true;
         }
+        let (config, wants_feed) = {
+            let inner = node.lock();
+            let core = &inner.core;
+            let wants =
+                core.config().is_some() && (!core.is_member() || !core.is_ready()) && !core.is_leader();
+            (core.config().cloned(), wants)
+        };
         if wants_feed {
             let leader = config.as_ref().and_then(|c| c.members.iter().find(|m| m.id == c.primary)).cloned();
             if let Some(leader) = leader.filter(|l| l.id != node.id()) {
@@ -354,8 +356,11 @@ pub async fn keep_joined(node: Arc<Node>) {
                 }
             }
         }
+        epochs.borrow_and_update();
         tokio::select! {
             () = tokio::time::sleep(JOIN_RETRY) => {}
+            // A new configuration may name a new leader to join: go now.
+            _ = epochs.changed() => {}
             () = node.shutdown.cancelled() => return,
         }
     }

@@ -1,0 +1,350 @@
+//! `tandem bench failover`: starts its own local system (or uses a running one), keeps C
+//! clients writing, kills the primary K times — waiting for full recovery in between —
+//! and prints per kill the detection time (kill -> GFD membership change), the
+//! client-observed unavailability (kill -> first write acknowledged by the new
+//! configuration) and the recovery time (kill -> replacement ready), then a summary line.
+//! At the end every acknowledged write is read back: `lost_acked` counts those missing.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use tandem_operator::local::{self, LocalSettings, StateFile};
+use tandem_operator::rm::Spec;
+use tandem_replica::client::{Client, ClientSettings};
+use tandem_replica::detector::service::unix_ms;
+use tandem_replica::pb::{self, MembershipChange, operation};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::chaos::{current_configuration, kill_primary};
+use crate::up::ModeArg;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Bench {
+    /// Kill the primary K times under load; measure detection, failover and recovery.
+    Failover(FailoverArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FailoverArgs {
+    #[arg(long, value_enum, default_value = "passive")]
+    pub mode: ModeArg,
+    /// How many times to kill the primary.
+    #[arg(long, default_value_t = 5)]
+    pub kills: u32,
+    /// Concurrent writing clients.
+    #[arg(long, default_value_t = 4)]
+    pub clients: u32,
+    #[arg(long, default_value_t = 3)]
+    pub replicas: u32,
+    /// Base port of the system the bench starts.
+    #[arg(long, default_value_t = 7300)]
+    pub port: u16,
+    /// Use the `tandem up` running with state in this directory instead of starting one.
+    #[arg(long)]
+    pub use_running: Option<PathBuf>,
+    /// Print the system's own lines (membership changes, failovers) too.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    match args.bench {
+        Bench::Failover(args) => failover(args).await,
+    }
+}
+
+/// One acknowledged write.
+#[derive(Debug, Clone)]
+struct Ack {
+    at: u64,
+    epoch: u64,
+    key: String,
+    value: String,
+}
+
+#[derive(Default)]
+struct Load {
+    acks: Mutex<Vec<Ack>>,
+    failures: Mutex<Vec<String>>,
+}
+
+struct Measured {
+    detect_ms: u64,
+    failover_ms: u64,
+    recover_ms: u64,
+}
+
+async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.kills >= 1 && args.kills <= 100, "--kills between 1 and 100");
+    anyhow::ensure!(args.clients >= 1 && args.clients <= 256, "--clients between 1 and 256");
+    anyhow::ensure!(args.replicas >= 2, "failover needs at least 2 replicas");
+    let started = Instant::now();
+    let system = CancellationToken::new();
+    let (dir, own) = match &args.use_running {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let dir = std::env::temp_dir().join(format!("tandem-bench-{}", std::process::id()));
+            let settings = LocalSettings {
+                spec: Spec { replicas: args.replicas, mode: args.mode.into(), ..Spec::default() },
+                base_port: args.port,
+                dir: dir.clone(),
+                binary: std::env::current_exe().context("cannot find the tandem executable")?,
+                log_level: "info".into(),
+            };
+            let (output, mut lines) = tokio::sync::mpsc::unbounded_channel();
+            let verbose = args.verbose;
+            tokio::spawn(async move {
+                while let Some(line) = lines.recv().await {
+                    if verbose {
+                        println!("  | {line}");
+                    }
+                }
+            });
+            let stop = system.clone();
+            (dir, Some(tokio::spawn(async move { local::run(settings, output, stop).await })))
+        }
+    };
+    let outcome = run_kills(&args, &dir).await;
+    system.cancel();
+    if let Some(task) = own {
+        task.await.context("local system task")?.context("local system")?;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let (measured, lost, failed, acked) = outcome?;
+    let percentile = |mut values: Vec<u64>, p: f64| {
+        values.sort_unstable();
+        let rank = ((p * values.len() as f64).ceil() as usize).clamp(1, values.len());
+        values[rank - 1]
+    };
+    let failovers: Vec<u64> = measured.iter().map(|m| m.failover_ms).collect();
+    let detects: Vec<u64> = measured.iter().map(|m| m.detect_ms).collect();
+    println!(
+        "{} mode, {} replicas, {} clients, {} kills, {} acknowledged writes, {:.1} s",
+        crate::admin::mode_name(args.mode.into()),
+        args.replicas,
+        args.clients,
+        measured.len(),
+        acked,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "failover_ms p50={} p99={} max={} detect_ms p50={} p99={} lost_acked={lost} failed_requests={failed}",
+        percentile(failovers.clone(), 0.5),
+        percentile(failovers.clone(), 0.99),
+        failovers.iter().max().copied().unwrap_or_default(),
+        percentile(detects.clone(), 0.5),
+        percentile(detects, 0.99),
+    );
+    Ok(())
+}
+
+type Outcome = (Vec<Measured>, usize, usize, usize);
+
+async fn run_kills(args: &FailoverArgs, dir: &std::path::Path) -> anyhow::Result<Outcome> {
+    let state = wait_for_state(dir).await?;
+    let endpoints: Vec<String> = state.replicas.values().map(|r| r.address.clone()).collect();
+    wait_until_healthy(dir, args.replicas, Duration::from_secs(60))
+        .await
+        .context("the system never became healthy")?;
+
+    let events = Arc::new(Mutex::new(Vec::<pb::MembershipEvent>::new()));
+    let stop = CancellationToken::new();
+    tokio::spawn(record_membership(state.gfd.clone(), Arc::clone(&events), stop.clone()));
+    let load = Arc::new(Load::default());
+    let mut writers = tokio::task::JoinSet::new();
+    for c in 0..args.clients {
+        let mut settings = ClientSettings::new(endpoints.clone());
+        settings.client_id = Some(format!("bench{c}"));
+        settings.deadline = Duration::from_secs(20);
+        let mut client = Client::new(settings)?;
+        let (load, stop) = (Arc::clone(&load), stop.clone());
+        writers.spawn(async move {
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                n += 1;
+                let (key, value) = (format!("bench/c{c}/{n}"), n.to_string());
+                let op = operation::Kind::Put(pb::Put { key: key.clone(), value: value.clone().into() });
+                match client.execute(op).await {
+                    Ok(reply) => load.acks.lock().expect("lock").push(Ack {
+                        at: unix_ms(),
+                        epoch: reply.epoch,
+                        key,
+                        value,
+                    }),
+                    Err(error) => load.failures.lock().expect("lock").push(format!("{key}: {error}")),
+                }
+            }
+        });
+    }
+
+    let mut measured = Vec::new();
+    for kill in 1..=args.kills {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let state = StateFile::read(dir).context("the local system's state file vanished")?;
+        let epoch = current_configuration(&state).await.map_or(0, |c| c.epoch);
+        let killed_at = unix_ms();
+        let victim = kill_primary(&state).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let detected = loop {
+            let seen = events
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|e| {
+                    e.at_unix_ms >= killed_at
+                        && e.replica_id == victim
+                        && matches!(e.change(), MembershipChange::Failed | MembershipChange::DetectorLost)
+                })
+                .map(|e| e.at_unix_ms);
+            if let Some(at) = seen {
+                break at;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "kill {kill}: the GFD never reported {victim} gone");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let served = loop {
+            let first = load
+                .acks
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|a| a.epoch > epoch && a.at >= killed_at)
+                .map(|a| a.at)
+                .min();
+            if let Some(at) = first {
+                break at;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "kill {kill}: no write acknowledged by a new configuration"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let recovered = loop {
+            let ready = events
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|e| {
+                    e.at_unix_ms > killed_at
+                        && e.replica_id == victim
+                        && e.change() == MembershipChange::Ready
+                })
+                .map(|e| e.at_unix_ms);
+            if let Some(at) = ready {
+                break at;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "kill {kill}: {victim} never came back ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        wait_until_healthy(dir, args.replicas, Duration::from_secs(30))
+            .await
+            .with_context(|| format!("kill {kill}: no full recovery"))?;
+        let m = Measured {
+            detect_ms: detected.saturating_sub(killed_at),
+            failover_ms: served.saturating_sub(killed_at),
+            recover_ms: recovered.saturating_sub(killed_at),
+        };
+        println!(
+            "kill {kill}: primary {victim} (epoch {epoch}): detected {} ms, writes resumed {} ms, replacement ready {} ms",
+            m.detect_ms, m.failover_ms, m.recover_ms
+        );
+        measured.push(m);
+    }
+    stop.cancel();
+    while writers.join_next().await.is_some() {}
+
+    let acks = load.acks.lock().expect("lock").clone();
+    let mut reader = Client::new(ClientSettings::new(endpoints))?;
+    let mut lost = 0;
+    for ack in &acks {
+        match reader.get(&ack.key).await {
+            Ok(Some(value)) if value == ack.value.as_bytes() => {}
+            other => {
+                lost += 1;
+                eprintln!("lost acknowledged write {}={}: read {other:?}", ack.key, ack.value);
+            }
+        }
+    }
+    let failures = load.failures.lock().expect("lock").clone();
+    for failure in failures.iter().take(5) {
+        eprintln!("failed request: {failure}");
+    }
+    Ok((measured, lost, failures.len(), acks.len()))
+}
+
+async fn wait_for_state(dir: &std::path::Path) -> anyhow::Result<StateFile> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(state) = StateFile::read(dir).filter(|s| !s.replicas.is_empty()) {
+            return Ok(state);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no local system appeared in {}", dir.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the configuration has `replicas` members, all alive and ready.
+async fn wait_until_healthy(dir: &std::path::Path, replicas: u32, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(state) = StateFile::read(dir) {
+            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", state.manager))?;
+            let mut manager = pb::manager_client::ManagerClient::new(
+                endpoint.connect_timeout(Duration::from_millis(300)).connect_lazy(),
+            );
+            if let Ok(Ok(description)) =
+                tokio::time::timeout(Duration::from_millis(500), manager.describe(pb::DescribeRequest {}))
+                    .await
+            {
+                let description = description.into_inner();
+                let members = description.configuration.map(|c| c.members).unwrap_or_default();
+                let healthy = members.len() == replicas as usize
+                    && members
+                        .iter()
+                        .all(|m| description.replicas.iter().any(|r| r.replica_id == m.id && r.ready));
+                if healthy {
+                    return Ok(());
+                }
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not healthy within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn record_membership(
+    gfd: String,
+    events: Arc<Mutex<Vec<pb::MembershipEvent>>>,
+    stop: CancellationToken,
+) {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{gfd}")) else { return };
+    let channel = endpoint.connect_timeout(Duration::from_millis(300)).connect_lazy();
+    while !stop.is_cancelled() {
+        let mut client = pb::fault_detector_client::FaultDetectorClient::new(channel.clone());
+        if let Ok(stream) = client.subscribe(pb::SubscribeRequest {}).await {
+            let mut stream = stream.into_inner();
+            loop {
+                tokio::select! {
+                    event = stream.next() => match event {
+                        Some(Ok(event)) => events.lock().expect("lock").push(event),
+                        _ => break,
+                    },
+                    () = stop.cancelled() => return,
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,120 @@
+//! `tandem chaos`: the faults people inject to watch a failover, against a running
+//! `tandem up` — kill -9 a primary, a backup, a random replica, an LFD or the GFD, or
+//! pause a replica (SIGSTOP, then SIGCONT: slow is not dead).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rand::seq::IndexedRandom;
+use tandem_operator::local::StateFile;
+use tandem_replica::pb;
+
+use crate::endpoints::EndpointArgs;
+
+#[derive(Debug, Args)]
+pub struct ChaosArgs {
+    #[command(subcommand)]
+    pub fault: Fault,
+    #[command(flatten)]
+    pub target: EndpointArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Fault {
+    /// kill -9 the primary (passive) or order-keeper (active).
+    KillPrimary,
+    /// kill -9 a member that is not the primary.
+    KillBackup,
+    /// kill -9 any running replica.
+    KillRandom,
+    /// kill -9 this replica.
+    Kill { replica: String },
+    /// kill -9 this replica's LFD.
+    KillLfd { replica: String },
+    /// kill -9 the GFD.
+    KillGfd,
+    /// SIGSTOP this replica, then SIGCONT after SECONDS.
+    Pause { replica: String, seconds: f64 },
+}
+
+/// The current configuration, as the replicas report it (highest epoch wins).
+pub async fn current_configuration(state: &StateFile) -> Option<pb::Configuration> {
+    let mut newest: Option<pb::Configuration> = None;
+    for entry in state.replicas.values() {
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{}", entry.address))
+        else {
+            continue;
+        };
+        let mut client = pb::replica_client::ReplicaClient::new(
+            endpoint.connect_timeout(Duration::from_millis(300)).connect_lazy(),
+        );
+        if let Ok(Ok(status)) =
+            tokio::time::timeout(Duration::from_millis(500), client.status(pb::StatusRequest {})).await
+            && let Some(config) = status.into_inner().configuration
+            && newest.as_ref().is_none_or(|n| config.epoch > n.epoch)
+        {
+            newest = Some(config);
+        }
+    }
+    newest
+}
+
+fn send(pid: Option<u32>, signal: Signal, what: &str) -> anyhow::Result<()> {
+    let pid = pid.with_context(|| format!("{what} is not running"))?;
+    kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("cannot signal {what} (pid {pid})"))?;
+    println!("{signal:?} -> {what} (pid {pid})");
+    Ok(())
+}
+
+/// kill -9 the primary of a running local system; returns its id.
+pub async fn kill_primary(state: &StateFile) -> anyhow::Result<String> {
+    let config = current_configuration(state).await.context("no replica answered with a configuration")?;
+    let entry = state
+        .replicas
+        .get(&config.primary)
+        .with_context(|| format!("primary {} is not a local replica", config.primary))?;
+    send(entry.pid, Signal::SIGKILL, &format!("primary {}", config.primary))?;
+    Ok(config.primary)
+}
+
+pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
+    let state = args.target.local_state()?;
+    let replica_pid = |id: &str| state.replicas.get(id).and_then(|r| r.pid);
+    match args.fault {
+        Fault::KillPrimary => {
+            kill_primary(&state).await?;
+        }
+        Fault::KillBackup => {
+            let config =
+                current_configuration(&state).await.context("no replica answered with a configuration")?;
+            let backups: Vec<&str> =
+                config.members.iter().map(|m| m.id.as_str()).filter(|id| *id != config.primary).collect();
+            let victim = backups.choose(&mut rand::rng()).context("the configuration has no backup")?;
+            send(replica_pid(victim), Signal::SIGKILL, &format!("backup {victim}"))?;
+        }
+        Fault::KillRandom => {
+            let running: Vec<&String> =
+                state.replicas.iter().filter(|(_, r)| r.pid.is_some()).map(|(id, _)| id).collect();
+            let victim = running.choose(&mut rand::rng()).context("no replica is running")?;
+            send(replica_pid(victim), Signal::SIGKILL, &format!("replica {victim}"))?;
+        }
+        Fault::Kill { replica } => {
+            send(replica_pid(&replica), Signal::SIGKILL, &format!("replica {replica}"))?
+        }
+        Fault::KillLfd { replica } => {
+            let pid = state.replicas.get(&replica).and_then(|r| r.lfd_pid);
+            send(pid, Signal::SIGKILL, &format!("the LFD of {replica}"))?;
+        }
+        Fault::KillGfd => send(state.gfd_pid, Signal::SIGKILL, "the GFD")?,
+        Fault::Pause { replica, seconds } => {
+            anyhow::ensure!(seconds > 0.0 && seconds <= 3600.0, "pause between 0 and 3600 seconds");
+            send(replica_pid(&replica), Signal::SIGSTOP, &format!("replica {replica}"))?;
+            tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+            send(replica_pid(&replica), Signal::SIGCONT, &format!("replica {replica}"))?;
+        }
+    }
+    Ok(())
+}

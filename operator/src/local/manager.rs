@@ -1,0 +1,127 @@
+//! The local RM's API (`tandem.v1.Manager`): `tandem set` changes the spec through it,
+//! `tandem status` reads what the RM knows.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_replica::pb::{self, Mode};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::Shared;
+use crate::rm::{Instance, Liveness, Spec};
+
+pub struct ManagerService {
+    shared: Arc<Mutex<Shared>>,
+    spec: watch::Sender<Spec>,
+}
+
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Mutex<Shared>>,
+    spec: watch::Sender<Spec>,
+    shutdown: CancellationToken,
+) {
+    let service = pb::manager_server::ManagerServer::new(ManagerService { shared, spec });
+    let result = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await;
+    if let Err(error) = result {
+        tracing::error!(%error, "the RM's API stopped");
+    }
+}
+
+/// Whether an RM answers at `address` (another `tandem up` using the same state).
+pub async fn answers(address: &str) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{address}")) else {
+        return false;
+    };
+    let mut client = pb::manager_client::ManagerClient::new(
+        endpoint.connect_timeout(Duration::from_millis(300)).connect_lazy(),
+    );
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), client.describe(pb::DescribeRequest {})).await,
+        Ok(Ok(_))
+    )
+}
+
+pub fn spec_to_wire(spec: &Spec) -> pb::ServiceSpec {
+    pb::ServiceSpec {
+        replicas: spec.replicas,
+        mode: spec.mode.into(),
+        heartbeat_interval_ms: spec.heartbeat_interval_ms,
+        failure_threshold: spec.failure_threshold,
+        checkpoint_interval_ms: spec.checkpoint_interval_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::manager_server::Manager for ManagerService {
+    async fn update_spec(
+        &self,
+        request: Request<pb::SpecUpdate>,
+    ) -> Result<Response<pb::ServiceSpec>, Status> {
+        let update = request.into_inner();
+        let mut spec = self.spec.borrow().clone();
+        if let Some(replicas) = update.replicas {
+            spec.replicas = replicas;
+        }
+        if let Some(mode) = update.mode {
+            spec.mode =
+                Mode::try_from(mode).map_err(|_| Status::invalid_argument(format!("unknown mode {mode}")))?;
+        }
+        if let Some(ms) = update.heartbeat_interval_ms {
+            spec.heartbeat_interval_ms = ms;
+        }
+        if let Some(threshold) = update.failure_threshold {
+            spec.failure_threshold = threshold;
+        }
+        if let Some(ms) = update.checkpoint_interval_ms {
+            spec.checkpoint_interval_ms = ms;
+        }
+        let problems = spec.problems();
+        if !problems.is_empty() {
+            return Err(Status::invalid_argument(format!("spec refused: {}", problems.join("; "))));
+        }
+        self.spec.send_replace(spec.clone());
+        Ok(Response::new(spec_to_wire(&spec)))
+    }
+
+    async fn describe(
+        &self,
+        _: Request<pb::DescribeRequest>,
+    ) -> Result<Response<pb::ServiceDescription>, Status> {
+        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let config = shared.record.config.clone();
+        let replicas = shared
+            .observed
+            .iter()
+            .map(|o| pb::ReplicaDescription {
+                replica_id: o.id.clone(),
+                address: o.address.clone(),
+                process: if o.instance == Instance::Running { "running".into() } else { "gone".into() },
+                alive: matches!(o.liveness, Liveness::Alive { .. }),
+                ready: matches!(o.liveness, Liveness::Alive { ready: true }),
+                member: config.as_ref().is_some_and(|c| c.members.iter().any(|m| m.id == o.id)),
+                last_heartbeat_unix_ms: shared.heartbeats.get(&o.id).copied().unwrap_or_default(),
+                last_seq: o.facts.map_or(0, |f| f.last_seq),
+                checkpoint_seq: shared.checkpoint_seqs.get(&o.id).copied().unwrap_or_default(),
+                synced_epoch: o.facts.map_or(0, |f| f.synced_epoch),
+                restarts: shared.restarts.get(&o.id).copied().unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::ServiceDescription {
+            spec: Some(spec_to_wire(&shared.spec)),
+            configuration: config,
+            replicas,
+            failovers: shared.record.failovers,
+            gfd_address: shared.gfd_address.clone(),
+            membership_known: shared.membership_known,
+        }))
+    }
+}
