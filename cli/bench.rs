@@ -20,7 +20,7 @@ use tandem_replica::pb::{self, MembershipChange, operation};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::chaos::{current_configuration, kill_primary};
+use crate::chaos::kill_primary;
 use crate::up::ModeArg;
 
 #[derive(Debug, Args)]
@@ -192,9 +192,7 @@ async fn run_kills(args: &FailoverArgs, dir: &std::path::Path) -> anyhow::Result
     for kill in 1..=args.kills {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let state = StateFile::read(dir).context("the local system's state file vanished")?;
-        let epoch = current_configuration(&state).await.map_or(0, |c| c.epoch);
-        let killed_at = unix_ms();
-        let victim = kill_primary(&state).await?;
+        let (victim, epoch, killed_at) = kill_primary(&state).await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         let detected = loop {
             let seen = events

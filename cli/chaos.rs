@@ -69,15 +69,17 @@ fn send(pid: Option<u32>, signal: Signal, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// kill -9 the primary of a running local system; returns its id.
-pub async fn kill_primary(state: &StateFile) -> anyhow::Result<String> {
+/// kill -9 the primary of a running local system; returns its id, the epoch it led and
+/// when (unix ms) the signal was sent.
+pub async fn kill_primary(state: &StateFile) -> anyhow::Result<(String, u64, u64)> {
     let config = current_configuration(state).await.context("no replica answered with a configuration")?;
     let entry = state
         .replicas
         .get(&config.primary)
         .with_context(|| format!("primary {} is not a local replica", config.primary))?;
+    let killed_at = tandem_replica::detector::service::unix_ms();
     send(entry.pid, Signal::SIGKILL, &format!("primary {}", config.primary))?;
-    Ok(config.primary)
+    Ok((config.primary, config.epoch, killed_at))
 }
 
 pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
