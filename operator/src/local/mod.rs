@@ -137,10 +137,10 @@ pub async fn run(
     let log_dir = settings.dir.join("logs");
     std::fs::create_dir_all(&log_dir)
         .map_err(|source| LocalError::Dir { dir: settings.dir.clone(), source })?;
-    if let Some(previous) = StateFile::read(&settings.dir) {
-        if manager::answers(&previous.manager).await {
-            return Err(LocalError::AlreadyRunning(settings.dir.clone()));
-        }
+    if let Some(previous) = StateFile::read(&settings.dir)
+        && manager::answers(&previous.manager).await
+    {
+        return Err(LocalError::AlreadyRunning(settings.dir.clone()));
     }
     let listener = tokio::net::TcpListener::bind(settings.manager_address())
         .await
@@ -492,17 +492,14 @@ impl Local {
                         .collect();
                     say(&self.output, format!("GFD: {} members: {}", alive.len(), alive.join(", ")));
                 }
-                if change == MembershipChange::Ready {
-                    if let Some(started) = self.restarted_at.remove(&event.replica_id) {
-                        say(
-                            &self.output,
-                            format!(
-                                "RM: {} recovered: ready {} ms after its restart",
-                                event.replica_id,
-                                started.elapsed().as_millis()
-                            ),
-                        );
-                    }
+                if change == MembershipChange::Ready
+                    && let Some(started) = self.restarted_at.remove(&event.replica_id)
+                {
+                    let elapsed = started.elapsed().as_millis();
+                    say(
+                        &self.output,
+                        format!("RM: {} recovered: ready {elapsed} ms after its restart", event.replica_id),
+                    );
                 }
                 let known = membership.settled;
                 if known && !self.membership_known {
@@ -556,7 +553,6 @@ impl Local {
                         let mut control = pb::control_client::ControlClient::new(
                             self.channel(&self.settings.replica_address(&id)),
                         );
-                        let update = update.clone();
                         async move {
                             tokio::time::timeout(POLL_TIMEOUT * 4, control.update_settings(update)).await
                         }

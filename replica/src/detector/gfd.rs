@@ -138,10 +138,10 @@ impl GfdCore {
     pub fn answered(&mut self, link: LinkId, now: u64) {
         if let Some(state) = self.links.get_mut(&link) {
             state.last_answer_ms = now;
-            if let Some(member) = state.replica_id.as_ref().and_then(|id| self.members.get_mut(id)) {
-                if member.link == Some(link) {
-                    member.last_heartbeat_ms = now;
-                }
+            if let Some(member) = state.replica_id.as_ref().and_then(|id| self.members.get_mut(id))
+                && member.link == Some(link)
+            {
+                member.last_heartbeat_ms = now;
             }
         }
     }

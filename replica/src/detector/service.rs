@@ -378,7 +378,7 @@ impl pb::fault_detector_server::FaultDetector for GfdService {
         let link = gfd.next_link.fetch_add(1, Ordering::Relaxed);
         let (outbound, receiver) = mpsc::channel(16);
         // A (re)attached LFD adopts the settings in force, changed at run time or not.
-        let settings = gfd.lfd_settings.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let settings = *gfd.lfd_settings.lock().unwrap_or_else(|p| p.into_inner());
         let _ = outbound.try_send(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Settings(settings)) }));
         gfd.core().link_opened(link, unix_ms());
         gfd.links.lock().unwrap_or_else(|p| p.into_inner()).insert(link, outbound);
@@ -439,14 +439,14 @@ impl pb::fault_detector_server::FaultDetector for GfdService {
             current.failure_threshold = update.failure_threshold.or(current.failure_threshold);
             current.gfd_heartbeat_interval_ms =
                 update.gfd_heartbeat_interval_ms.or(current.gfd_heartbeat_interval_ms);
-            current.clone()
+            *current
         };
         info!(?settings, "GFD: detector settings changed");
         let links: Vec<Outbound> =
             gfd.links.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         for outbound in links {
-            let _ = outbound
-                .try_send(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Settings(settings.clone())) }));
+            let _ =
+                outbound.try_send(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Settings(settings)) }));
         }
         Ok(Response::new(settings))
     }

@@ -1,0 +1,236 @@
+//! End-to-end tests of local mode: a real `tandem up` (RM, GFD, replicas and LFDs as
+//! processes), real kill -9 and SIGSTOP, clients writing all along. The system heals by
+//! itself; every run ends with no acknowledged write lost, a linearizable history and
+//! equal digests on exactly the desired number of ready replicas.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use support::local::LocalSystem;
+use support::workload::{self, Recorder, Workload};
+use tandem_replica::pb::{self, Mode};
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+
+const HEAL: Duration = Duration::from_secs(30);
+
+/// Member addresses of the current configuration.
+async fn member_addresses(system: &LocalSystem) -> Vec<String> {
+    system.configuration().await.members.into_iter().map(|m| m.address).collect()
+}
+
+/// kill -9 `id`, then wait until the RM has replaced it, it is back as a member, and the
+/// group is whole again at a higher epoch.
+async fn kill_and_heal(system: &LocalSystem, id: &str) -> pb::Configuration {
+    let before = system.configuration().await;
+    system.signal_replica(id, Signal::SIGKILL);
+    let id = id.to_owned();
+    let epoch = before.epoch;
+    system
+        .wait_for(HEAL, &format!("healed after killing {id}"), |d| {
+            let config = d.configuration.clone().unwrap_or_default();
+            config.epoch > epoch
+                && config.primary != id
+                && config.members.len() == 3
+                && config.members.iter().any(|m| m.id == id)
+                && config.members.iter().all(|m| d.replicas.iter().any(|r| r.replica_id == m.id && r.ready))
+        })
+        .await
+        .configuration
+        .expect("configuration")
+}
+
+async fn final_demo(mode: Mode) -> (Arc<Recorder>, LocalSystem) {
+    let mode_arg = if mode == Mode::Active { "active" } else { "passive" };
+    let system = LocalSystem::start(3, &["--mode", mode_arg]).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), system.endpoints(), Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_millis(700)).await;
+
+    // Kill the primary: a new one is elected, the killed replica is relaunched and back.
+    let first = system.configuration().await.primary;
+    let after_first = kill_and_heal(&system, &first).await;
+    sleep(Duration::from_millis(500)).await;
+    // Kill it again (the new primary this time), then a replica that is not primary.
+    let second = after_first.primary.clone();
+    assert_ne!(second, first, "a new primary was elected");
+    let after_second = kill_and_heal(&system, &second).await;
+    sleep(Duration::from_millis(500)).await;
+    let backup = after_second
+        .members
+        .iter()
+        .map(|m| m.id.clone())
+        .find(|id| *id != after_second.primary)
+        .expect("a backup");
+    kill_and_heal(&system, &backup).await;
+    sleep(Duration::from_millis(500)).await;
+
+    let description = system.wait_healthy(3, HEAL).await;
+    assert_eq!(
+        description.replicas.iter().filter(|r| r.ready && r.member).count(),
+        3,
+        "exactly 3 ready replicas"
+    );
+    let live = member_addresses(&system).await;
+    if let Err(failure) = workload::stop_and_verify(&live, &recorder, stop, writers).await {
+        system.dump();
+        panic!("{failure}");
+    }
+    let output = system.output();
+    for line in ["failed", "promoted", "restarting", "recovered", "GFD: 3 members"] {
+        assert!(output.contains(line), "tandem up never printed {line:?}:\n{output}");
+    }
+    (recorder, system)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passive_final_demo_primary_killed_twice_then_a_backup() {
+    final_demo(Mode::Passive).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn active_final_demo_clients_see_no_failed_request() {
+    let (recorder, _system) = final_demo(Mode::Active).await;
+    assert_eq!(recorder.failures(), Vec::<String>::new(), "active mode: no client request may fail");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_primary_is_replaced_then_rejoins_as_a_fenced_backup() {
+    let system = LocalSystem::start(3, &[]).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), system.endpoints(), Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_millis(500)).await;
+
+    let before = system.configuration().await;
+    let paused = before.primary.clone();
+    let pid = system.pid(&paused);
+    system.signal_replica(&paused, Signal::SIGSTOP);
+    // Longer than the detection window (3 x 100 ms): the RM must replace it.
+    let replaced = system
+        .wait_for(HEAL, "past the paused primary", |d| {
+            d.configuration
+                .as_ref()
+                .is_some_and(|c| c.primary != paused && !c.members.iter().any(|m| m.id == paused))
+        })
+        .await;
+    sleep(Duration::from_millis(500)).await;
+    system.signal_replica(&paused, Signal::SIGCONT);
+
+    // It resumes believing it leads; the epoch fences it and it rejoins as a backup.
+    let rejoined = system
+        .wait_for(HEAL, "rejoined by the paused replica", |d| {
+            d.configuration.as_ref().is_some_and(|c| {
+                c.primary != paused && c.members.len() == 3 && c.members.iter().any(|m| m.id == paused)
+            }) && d.replicas.iter().all(|r| !r.member || r.ready)
+        })
+        .await;
+    assert_eq!(system.pid(&paused), pid, "the paused replica was resumed, not recreated");
+    assert!(rejoined.configuration.expect("config").epoch > replaced.configuration.expect("config").epoch);
+    let status = support::cluster::replica_client(&system.state().replicas[&paused].address)
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status of the resumed replica")
+        .into_inner();
+    assert_eq!(status.role(), pb::Role::Backup, "{status:?}");
+
+    let live = member_addresses(&system).await;
+    if let Err(failure) = workload::stop_and_verify(&live, &recorder, stop, writers).await {
+        system.dump();
+        panic!("{failure}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_lfd_and_gfd_are_survived_without_recreating_any_replica() {
+    let system = LocalSystem::start(3, &[]).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), system.endpoints(), Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_millis(500)).await;
+    let pids_before: Vec<Option<u32>> = system.state().replicas.values().map(|r| r.pid).collect();
+
+    // An LFD dies: it is restarted, its replica keeps running.
+    let state = system.state();
+    let lfd = state.replicas["r2"].lfd_pid.expect("r2's LFD");
+    kill(Pid::from_raw(lfd as i32), Signal::SIGKILL).expect("kill the LFD");
+    system
+        .wait_for(HEAL, "with a new LFD for r2", |_| {
+            system.state().replicas["r2"].lfd_pid.is_some_and(|p| p != lfd)
+        })
+        .await;
+    system.wait_healthy(3, HEAL).await;
+
+    // The GFD dies: it is restarted and rebuilds the membership from the LFDs' streams.
+    let gfd = system.state().gfd_pid.expect("GFD pid");
+    kill(Pid::from_raw(gfd as i32), Signal::SIGKILL).expect("kill the GFD");
+    system.wait_for(HEAL, "with a new GFD", |_| system.state().gfd_pid.is_some_and(|p| p != gfd)).await;
+    let rebuilt = system.wait_for(HEAL, "following the new GFD", |d| d.membership_known).await;
+    assert_eq!(rebuilt.replicas.iter().filter(|r| r.alive).count(), 3, "membership rebuilt from the LFDs");
+    let mut gfd =
+        pb::fault_detector_client::FaultDetectorClient::new(support::cluster::channel(&system.state().gfd));
+    let members = gfd.members(pb::MembersRequest {}).await.expect("GFD members").into_inner();
+    assert_eq!(members.members.iter().filter(|m| m.alive).count(), 3, "{members:?}");
+    sleep(Duration::from_millis(500)).await;
+
+    let pids_after: Vec<Option<u32>> = system.state().replicas.values().map(|r| r.pid).collect();
+    assert_eq!(pids_before, pids_after, "no replica was recreated");
+    let output = system.output();
+    assert!(!output.contains("restarting r"), "a replica was restarted:\n{output}");
+    let live = member_addresses(&system).await;
+    if let Err(failure) = workload::stop_and_verify(&live, &recorder, stop, writers).await {
+        system.dump();
+        panic!("{failure}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tandem_set_changes_a_running_system_without_losing_a_write() {
+    let system = LocalSystem::start(3, &[]).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), system.endpoints(), Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_millis(300)).await;
+
+    system.tandem(&["set", "replicas", "5"]);
+    system.wait_healthy(5, HEAL).await;
+    system.tandem(&["set", "heartbeat-interval", "150"]);
+    system.tandem(&["set", "checkpoint-interval", "300"]);
+    system.tandem(&["set", "mode", "active"]);
+    system
+        .wait_for(HEAL, "active", |d| d.configuration.as_ref().is_some_and(|c| c.mode() == Mode::Active))
+        .await;
+    system.tandem(&["set", "replicas", "3"]);
+    let description = system.wait_healthy(3, HEAL).await;
+    let spec = description.spec.expect("spec");
+    assert_eq!((spec.replicas, spec.heartbeat_interval_ms, spec.checkpoint_interval_ms), (3, 150, 300));
+    let status = system.tandem(&["status"]);
+    assert!(status.contains("HEARTBEAT") && status.matches(" active ").count() >= 3, "{status}");
+    // Bad values are refused with a reason, and change nothing.
+    let refused = std::process::Command::new(support::cluster::TANDEM)
+        .args(["set", "replicas", "0", "--dir"])
+        .arg(system.dir())
+        .output()
+        .expect("run tandem set");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("replicas must be at least 1"));
+
+    let live = member_addresses(&system).await;
+    if let Err(failure) = workload::stop_and_verify(&live, &recorder, stop, writers).await {
+        system.dump();
+        panic!("{failure}");
+    }
+    assert!(
+        system.output().contains("LFD") || system.output().contains("spec now"),
+        "the change was announced"
+    );
+}

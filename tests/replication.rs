@@ -1,0 +1,349 @@
+//! End-to-end replication with real `tandem replica` processes on loopback, real kill -9,
+//! and the test acting as the Replication Manager (installing configurations by hand).
+//! Every run ends with the three checks that matter: no acknowledged write lost, a
+//! linearizable history, equal digests on every live replica.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::cluster::{Group, channel, replica_client};
+use support::workload::{self, Recorder, Workload};
+use tandem_replica::client::{Client, ClientSettings};
+use tandem_replica::error::error_detail;
+use tandem_replica::pb::{self, Mode, error_detail::Kind as Detail};
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// Stops the writers, then checks durability, linearizability and convergence.
+async fn stop_and_verify(
+    group: &Group,
+    recorder: &Arc<Recorder>,
+    stop: CancellationToken,
+    writers: tokio::task::JoinSet<()>,
+    live: &[&str],
+) {
+    let addresses: Vec<String> = live.iter().map(|id| group.address(id)).collect();
+    if let Err(failure) = workload::stop_and_verify(&addresses, recorder, stop, writers).await {
+        group.dump_logs();
+        panic!("{failure}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passive_primary_killed_no_acked_write_lost() {
+    let mut group = Group::start(3, Mode::Passive).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), group.endpoints(), Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_secs(1)).await;
+
+    group.kill("r1");
+    let primary = group.longest_log(&["r2", "r3"]).await;
+    group.reconfigure(&primary, &["r2", "r3"]).await;
+    sleep(Duration::from_millis(1500)).await;
+
+    stop_and_verify(&group, &recorder, stop, writers, &["r2", "r3"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn active_member_then_order_keeper_killed_no_acked_write_lost() {
+    let mut group = Group::start(3, Mode::Active).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), group.endpoints(), Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_millis(800)).await;
+
+    // A member that is not the order-keeper dies; it comes back and rejoins.
+    group.kill("r3");
+    group.reconfigure("r1", &["r1", "r2"]).await;
+    sleep(Duration::from_millis(500)).await;
+    group.spawn("r3", false);
+    group.wait_ready("r3", Duration::from_secs(15)).await;
+    group.reconfigure("r1", &["r1", "r2", "r3"]).await;
+    sleep(Duration::from_millis(500)).await;
+
+    // Then the order-keeper dies.
+    group.kill("r1");
+    let keeper = group.longest_log(&["r2", "r3"]).await;
+    group.reconfigure(&keeper, &["r2", "r3"]).await;
+    sleep(Duration::from_millis(1000)).await;
+
+    stop_and_verify(&group, &recorder, stop, writers, &["r2", "r3"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_restarted_into_10mb_group_catches_up_from_streamed_checkpoint() {
+    let mut group = Group::start(3, Mode::Passive).await;
+    // 2600 values of 4 KiB: over 10 MB of state, written by 8 clients at once.
+    let value = vec![b'v'; 4096];
+    let mut loaders = tokio::task::JoinSet::new();
+    for c in 0..8 {
+        let mut settings = ClientSettings::new(group.endpoints());
+        settings.client_id = Some(format!("loader{c}"));
+        let mut client = Client::new(settings).expect("client");
+        let value = value.clone();
+        loaders.spawn(async move {
+            for i in (c..2600).step_by(8) {
+                client.put(&format!("bulk/{i:05}"), value.clone()).await.expect("bulk put");
+            }
+        });
+    }
+    while let Some(done) = loaders.join_next().await {
+        done.expect("loader panicked");
+    }
+
+    // r3 dies and is taken out; writes go on while it restarts and fetches the state.
+    group.kill("r3");
+    group.reconfigure("r1", &["r1", "r2"]).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), group.endpoints(), Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_millis(300)).await;
+    group.spawn("r3", false);
+    let joined = group.wait_ready("r3", Duration::from_secs(60)).await;
+    assert!(joined.checkpoint_seq >= 2600, "r3 became ready without the checkpoint: {joined:?}");
+    assert!(joined.keys >= 2600, "r3 has {} keys", joined.keys);
+    group.reconfigure("r1", &["r1", "r2", "r3"]).await;
+    sleep(Duration::from_millis(700)).await;
+
+    stop_and_verify(&group, &recorder, stop, writers, &["r1", "r2", "r3"]).await;
+    let digest = group.digest("r3").await.expect("r3 digest");
+    assert!(digest.keys >= 2600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn joiner_is_not_serving_until_its_checkpoint_is_installed() {
+    let mut group = Group::start(2, Mode::Passive).await;
+    let mut client = Client::new(ClientSettings::new(group.endpoints())).expect("client");
+    for i in 0..50 {
+        client.put(&format!("k{i}"), format!("{i}")).await.expect("put");
+    }
+    // A third replica, started without seeds or configuration: not ready.
+    group.replicas.insert(
+        "r3".into(),
+        support::cluster::Replica::new("r3", format!("127.0.0.1:{}", support::cluster::free_port())),
+    );
+    group.spawn_unconfigured("r3");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&group.address("r3")));
+    let serving = |health: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>| {
+        let mut health = health.clone();
+        async move {
+            let answer = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await;
+            answer.ok().map(|r| {
+                r.into_inner().status() == tonic_health::pb::health_check_response::ServingStatus::Serving
+            })
+        }
+    };
+    let mut first = None;
+    for _ in 0..100 {
+        first = serving(&mut health).await;
+        if first.is_some() {
+            break;
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(first, Some(false), "a replica without configuration or state must not be SERVING");
+    let status = group.status("r3").await.expect("r3 status");
+    assert!(!status.ready && !status.not_ready_reason.is_empty(), "{status:?}");
+
+    // Told the configuration, it joins the primary, gets a checkpoint, turns ready.
+    group.install(&group.config.clone(), &["r3".into()]).await;
+    let ready = group.wait_ready("r3", Duration::from_secs(15)).await;
+    assert_eq!(ready.role(), pb::Role::Standby);
+    assert_eq!(serving(&mut health).await, Some(true));
+    group.reconfigure("r1", &["r1", "r2", "r3"]).await;
+    client.put("after", "join").await.expect("put after join");
+    group.wait_converged(&["r1", "r2", "r3"], CONVERGE).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_epoch_primary_cannot_complete_a_write() {
+    let group = Group::start(3, Mode::Passive).await;
+    let mut client = Client::new(ClientSettings::new(group.endpoints())).expect("client");
+    client.put("before", "1").await.expect("put");
+    let before = group.wait_converged(&["r2", "r3"], CONVERGE).await;
+
+    // The RM deposes r1, but r1 never hears of it (as if it were cut off or paused).
+    let epoch2 = pb::Configuration {
+        epoch: 2,
+        mode: Mode::Passive.into(),
+        primary: "r2".into(),
+        members: ["r2", "r3"]
+            .iter()
+            .map(|id| pb::Member { id: (*id).into(), address: group.address(id) })
+            .collect(),
+    };
+    group.install(&epoch2, &["r2".into(), "r3".into()]).await;
+    assert_eq!(group.status("r1").await.expect("r1").role(), pb::Role::Primary, "r1 still believes it leads");
+
+    // A client that still talks to r1 cannot get a write through.
+    let request = pb::ExecuteRequest {
+        client_id: "stale-client".into(),
+        request_id: 1,
+        op: Some(pb::Operation {
+            kind: Some(pb::operation::Kind::Put(pb::Put { key: "fenced".into(), value: "x".into() })),
+        }),
+        epoch: 0,
+    };
+    let refused = replica_client(&group.address("r1"))
+        .execute(request)
+        .await
+        .expect_err("a deposed primary completed a write");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    match error_detail(&refused) {
+        Some(Detail::NotPrimary(hint)) => {
+            assert_eq!((hint.epoch, hint.primary_id.as_str()), (2, "r2"))
+        }
+        other => panic!("expected NotPrimary naming r2, got {other:?} ({})", refused.message()),
+    }
+    // r1 learned the new epoch from the backups' refusal and stepped down.
+    let r1 = group.status("r1").await.expect("r1");
+    assert_eq!((r1.configuration.as_ref().map(|c| c.epoch), r1.role()), (Some(2), pb::Role::Standby));
+    // Nothing of it reached the group's state.
+    let after = group.wait_converged(&["r2", "r3"], CONVERGE).await;
+    assert_eq!((after.digest, after.seq), (before.digest, before.seq));
+    assert_eq!(client.get("fenced").await.expect("get"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn append_from_an_older_epoch_is_refused_and_changes_nothing() {
+    let mut group = Group::start(3, Mode::Passive).await;
+    let mut client = Client::new(ClientSettings::new(group.endpoints())).expect("client");
+    client.put("k", "v").await.expect("put");
+    group.reconfigure("r1", &["r1", "r2", "r3"]).await;
+    let before = group.status("r2").await.expect("r2");
+    let stale = pb::AppendRequest {
+        epoch: 1,
+        leader_id: "r1".into(),
+        prev_seq: before.last_seq,
+        prev_epoch: 1,
+        entries: vec![pb::Entry {
+            seq: before.last_seq + 1,
+            epoch: 1,
+            client_id: "ghost".into(),
+            request_id: 1,
+            op: None,
+        }],
+        commit_seq: before.last_seq + 1,
+        epoch_start_seq: 0,
+    };
+    let mut peer = pb::peer_client::PeerClient::new(channel(&group.address("r2")));
+    let refused = peer.append(stale).await.expect_err("stale append accepted");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    let Some(Detail::WrongEpoch(wrong)) = error_detail(&refused) else {
+        panic!("no WrongEpoch detail: {refused:?}")
+    };
+    assert_eq!((wrong.got, wrong.current), (1, 2));
+    assert_eq!(
+        wrong.configuration.map(|c| c.epoch),
+        Some(2),
+        "the refusal tells the sender the newer configuration"
+    );
+    let after = group.status("r2").await.expect("r2");
+    assert_eq!((after.last_seq, after.commit_seq), (before.last_seq, before.commit_seq));
+
+    // A configuration older than the current one, or different for the same epoch: refused.
+    let mut control = pb::control_client::ControlClient::new(channel(&group.address("r2")));
+    let mut older = group.config.clone();
+    older.epoch = 1;
+    assert_eq!(
+        control.install_configuration(older).await.expect_err("older epoch").code(),
+        Code::FailedPrecondition
+    );
+    let mut conflicting = group.config.clone();
+    conflicting.primary = "r2".into();
+    let refused =
+        control.install_configuration(conflicting).await.expect_err("conflicting configuration accepted");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(group.status("r2").await.expect("r2").configuration, Some(group.config.clone()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_requests_get_typed_errors_and_change_nothing() {
+    let group = Group::start(3, Mode::Passive).await;
+    let mut client = Client::new(ClientSettings::new(group.endpoints())).expect("client");
+    client.put("k", "v").await.expect("put");
+    let before = group.wait_converged(&["r1", "r2", "r3"], CONVERGE).await;
+    let mut primary = replica_client(&group.address("r1")).max_encoding_message_size(8 << 20);
+    let request = |op: Option<pb::operation::Kind>, epoch: u64| pb::ExecuteRequest {
+        client_id: "bad-client".into(),
+        request_id: 1,
+        op: Some(pb::Operation { kind: op }),
+        epoch,
+    };
+    let put = |key: &str, bytes: usize| {
+        Some(pb::operation::Kind::Put(pb::Put { key: key.into(), value: vec![b'x'; bytes].into() }))
+    };
+    let cases = [
+        ("unknown op", request(None, 0), Code::InvalidArgument, "op"),
+        (
+            "oversize value",
+            request(put("k", tandem_replica::state::MAX_VALUE_BYTES + 1), 0),
+            Code::InvalidArgument,
+            "op.value",
+        ),
+        ("empty key", request(put("", 1), 0), Code::InvalidArgument, "op.key"),
+        ("oversize key", request(put(&"k".repeat(2000), 1), 0), Code::InvalidArgument, "op.key"),
+    ];
+    for (what, request, code, field) in cases {
+        let refused = primary.execute(request).await.expect_err(what);
+        assert_eq!(refused.code(), code, "{what}: {refused:?}");
+        match error_detail(&refused) {
+            Some(Detail::InvalidRequest(invalid)) => assert_eq!(invalid.field, field, "{what}"),
+            other => panic!("{what}: expected InvalidRequest, got {other:?}"),
+        }
+    }
+    let refused = primary.execute(request(put("k", 1), 7)).await.expect_err("wrong epoch accepted");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        matches!(error_detail(&refused), Some(Detail::WrongEpoch(w)) if w.got == 7 && w.current == 1),
+        "{refused:?}"
+    );
+
+    // Garbage on the port: the connection is dropped, the replica keeps serving.
+    use tokio::io::AsyncWriteExt;
+    let mut socket = tokio::net::TcpStream::connect(group.address("r1")).await.expect("connect");
+    socket.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage \x16\x03\x01").await.expect("write garbage");
+    drop(socket);
+
+    let after = group.wait_converged(&["r1", "r2", "r3"], CONVERGE).await;
+    assert_eq!((after.digest, after.seq), (before.digest, before.seq), "a refused request changed the state");
+    assert_eq!(client.get("k").await.expect("get").as_deref(), Some(&b"v"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn checkpoint_interval_changes_at_run_time() {
+    let group = Group::start_with(3, Mode::Passive, &["--checkpoint-interval-ms", "0"]).await;
+    let mut client = Client::new(ClientSettings::new(group.endpoints())).expect("client");
+    for i in 0..20 {
+        client.put(&format!("k{i}"), "v").await.expect("put");
+    }
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(group.status("r2").await.expect("r2").checkpoint_seq, 0, "checkpoints are off");
+
+    let mut control = pb::control_client::ControlClient::new(channel(&group.address("r1")));
+    let settings =
+        control.update_settings(pb::Settings { checkpoint_interval_ms: Some(100) }).await.expect("update");
+    assert_eq!(settings.into_inner().checkpoint_interval_ms, Some(100));
+    let commit = group.status("r1").await.expect("r1").commit_seq;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r2 = group.status("r2").await.expect("r2");
+        if r2.checkpoint_seq >= commit {
+            assert_eq!(r2.applied_seq, r2.checkpoint_seq, "a passive backup's state is its last checkpoint");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no checkpoint reached r2: {r2:?}");
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(group.status("r1").await.expect("r1").checkpoint_interval_ms, 100);
+    group.wait_converged(&["r1", "r2", "r3"], CONVERGE).await;
+}

@@ -1,0 +1,181 @@
+//! A real `tandem up` (the local system: RM, GFD, replicas, LFDs as processes), started
+//! in a temporary directory on free loopback ports, for end-to-end tests of local mode.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tandem_operator::local::StateFile;
+use tandem_replica::pb;
+use tokio::time::{Instant, sleep};
+
+use super::cluster::{TANDEM, channel};
+
+pub struct LocalSystem {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub base_port: u16,
+    output: PathBuf,
+}
+
+/// A base port whose neighbourhood (GFD, RM API, replicas) is free right now.
+fn free_base_port(replicas: u16) -> u16 {
+    loop {
+        let base = 20_000 + rand::random::<u16>() % 40_000;
+        let ports = [base, base + 1].into_iter().chain((1..=replicas + 2).map(|n| base + 10 + n));
+        if ports.into_iter().all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok()) {
+            return base;
+        }
+    }
+}
+
+impl LocalSystem {
+    /// `tandem up` with `args`, waiting until `replicas` members are ready.
+    pub async fn start(replicas: u32, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let base_port = free_base_port(replicas as u16 + 3);
+        let output = dir.path().join("up.out");
+        let log = std::fs::File::create(&output).expect("output file");
+        let child = Command::new(TANDEM)
+            .args(["up", "--replicas", &replicas.to_string(), "--port", &base_port.to_string()])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--child-log-level", "info,tandem_replica=debug"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start tandem up");
+        let system = Self { child: Some(child), dir, base_port, output };
+        system.wait_healthy(replicas, Duration::from_secs(30)).await;
+        system
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    pub fn state(&self) -> StateFile {
+        StateFile::read(self.dir.path()).expect("tandem up wrote its state file")
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.state().replicas.values().map(|r| r.address.clone()).collect()
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    pub async fn describe(&self) -> Option<pb::ServiceDescription> {
+        let state = StateFile::read(self.dir.path())?;
+        let mut manager = pb::manager_client::ManagerClient::new(channel(&state.manager));
+        let answer =
+            tokio::time::timeout(Duration::from_secs(2), manager.describe(pb::DescribeRequest {})).await;
+        answer.ok()?.ok().map(tonic::Response::into_inner)
+    }
+
+    /// Waits until the configuration has `replicas` members, each running, alive and
+    /// ready, and every running replica is a member; returns what the RM describes.
+    pub async fn wait_healthy(&self, replicas: u32, limit: Duration) -> pb::ServiceDescription {
+        self.wait_for(limit, "healthy", |d| {
+            let members = d.configuration.as_ref().map(|c| c.members.clone()).unwrap_or_default();
+            members.len() == replicas as usize
+                && members.iter().all(|m| {
+                    d.replicas.iter().any(|r| r.replica_id == m.id && r.ready && r.process == "running")
+                })
+                && d.replicas.iter().filter(|r| r.process == "running").count() == replicas as usize
+        })
+        .await
+    }
+
+    pub async fn wait_for(
+        &self,
+        limit: Duration,
+        what: &str,
+        done: impl Fn(&pb::ServiceDescription) -> bool,
+    ) -> pb::ServiceDescription {
+        let deadline = Instant::now() + limit;
+        let mut last = None;
+        loop {
+            if let Some(description) = self.describe().await {
+                if done(&description) {
+                    return description;
+                }
+                last = Some(description);
+            }
+            if Instant::now() > deadline {
+                self.dump();
+                panic!("local system not {what} within {limit:?}; last description: {last:#?}");
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self, id: &str) -> u32 {
+        self.state().replicas[id].pid.expect("replica running")
+    }
+
+    pub fn signal_replica(&self, id: &str, signal: Signal) {
+        kill(Pid::from_raw(self.pid(id) as i32), signal).expect("signal the replica");
+    }
+
+    pub async fn configuration(&self) -> pb::Configuration {
+        self.describe().await.and_then(|d| d.configuration).expect("a configuration")
+    }
+
+    /// Runs a `tandem` command against this system; returns its stdout.
+    pub fn tandem(&self, args: &[&str]) -> String {
+        let out =
+            Command::new(TANDEM).args(args).arg("--dir").arg(self.dir.path()).output().expect("run tandem");
+        assert!(out.status.success(), "tandem {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn dump(&self) {
+        eprintln!("===== tandem up output =====\n{}", self.output());
+        let logs = self.dir.path().join("logs");
+        for entry in std::fs::read_dir(&logs).into_iter().flatten().flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(30)..];
+            eprintln!(
+                "===== {} (last {} lines) =====\n{}",
+                entry.path().display(),
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+impl Drop for LocalSystem {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump();
+        }
+        let leftovers = StateFile::read(self.dir.path()).unwrap_or_default();
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Whatever `tandem up` could not stop (it was killed itself): stop it here.
+        let pids =
+            leftovers.replicas.values().flat_map(|r| [r.pid, r.lfd_pid]).chain([leftovers.gfd_pid]).flatten();
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}

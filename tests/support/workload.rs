@@ -1,0 +1,244 @@
+//! Concurrent clients that write and read while a test injects faults, recording every
+//! operation (invocation, completion, outcome) for the linearizability checker, and every
+//! acknowledged write to a unique key, to read back at the end.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use tandem_replica::client::{Client, ClientError, ClientSettings};
+use tandem_replica::pb::{self, op_result, operation};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::linearizability::{Event, Op, Outcome};
+
+/// The shared record of a test run.
+pub struct Recorder {
+    start: Instant,
+    events: Mutex<Vec<Event>>,
+    acked: Mutex<Vec<(String, String)>>,
+    failures: Mutex<Vec<String>>,
+}
+
+impl Recorder {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            start: Instant::now(),
+            events: Mutex::new(Vec::new()),
+            acked: Mutex::new(Vec::new()),
+            failures: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().expect("recorder lock").clone()
+    }
+
+    /// Acknowledged writes to unique keys: (key, value).
+    pub fn acked(&self) -> Vec<(String, String)> {
+        self.acked.lock().expect("recorder lock").clone()
+    }
+
+    /// Requests that failed (timed out or refused) instead of being answered.
+    pub fn failures(&self) -> Vec<String> {
+        self.failures.lock().expect("recorder lock").clone()
+    }
+}
+
+/// A client whose every operation lands in the recorder.
+pub struct RecordingClient {
+    pub client: Client,
+    recorder: Arc<Recorder>,
+}
+
+fn to_kind(op: &Op) -> operation::Kind {
+    match op.clone() {
+        Op::Get { key } => operation::Kind::Get(pb::Get { key }),
+        Op::Put { key, value } => operation::Kind::Put(pb::Put { key, value: value.into() }),
+        Op::Delete { key } => operation::Kind::Delete(pb::Delete { key }),
+        Op::Cas { key, expected, new } => operation::Kind::CompareAndSwap(pb::CompareAndSwap {
+            key,
+            expected: expected.map(Bytes::from),
+            new_value: new.into(),
+        }),
+        Op::Incr { key, delta } => operation::Kind::Increment(pb::Increment { key, delta }),
+    }
+}
+
+fn to_outcome(result: Option<op_result::Kind>) -> Outcome {
+    let bytes = |b: Option<Bytes>| b.map(|b| b.to_vec());
+    match result {
+        Some(op_result::Kind::Get(get)) => Outcome::Get(bytes(get.value)),
+        Some(op_result::Kind::Put(_)) => Outcome::Put,
+        Some(op_result::Kind::Delete(delete)) => Outcome::Delete { existed: delete.existed },
+        Some(op_result::Kind::CompareAndSwap(cas)) => {
+            Outcome::Cas { swapped: cas.swapped, current: bytes(cas.current) }
+        }
+        Some(op_result::Kind::Increment(incr)) => Outcome::Incr(Ok(incr.value)),
+        Some(op_result::Kind::Failed(_)) => Outcome::Incr(Err(())),
+        None => Outcome::Unknown,
+    }
+}
+
+impl RecordingClient {
+    pub fn new(endpoints: Vec<String>, client_id: String, recorder: Arc<Recorder>) -> Self {
+        let mut settings = ClientSettings::new(endpoints);
+        settings.client_id = Some(client_id);
+        settings.deadline = Duration::from_secs(20);
+        settings.attempt_timeout = Duration::from_secs(3);
+        Self { client: Client::new(settings).expect("client"), recorder }
+    }
+
+    /// Runs one operation and records it. A timeout is recorded as an unknown outcome
+    /// (it may have executed); a refusal that guarantees nothing executed is not.
+    pub async fn run(&mut self, op: Op) -> Result<Outcome, ClientError> {
+        let invoked = self.recorder.now();
+        let answer = self.client.execute(to_kind(&op)).await;
+        let completed = self.recorder.now();
+        let (outcome, completed) = match &answer {
+            Ok(reply) => (to_outcome(reply.result.clone().and_then(|r| r.kind)), Some(completed)),
+            Err(error) if error.outcome_unknown() => (Outcome::Unknown, None),
+            Err(_) => return answer.map(|_| Outcome::Unknown),
+        };
+        if let Err(error) = &answer {
+            self.recorder
+                .failures
+                .lock()
+                .expect("recorder lock")
+                .push(format!("{}: {error}", self.client.client_id()));
+        }
+        self.recorder.events.lock().expect("recorder lock").push(Event {
+            client: self.client.client_id().to_owned(),
+            op,
+            invoked,
+            completed,
+            outcome: outcome.clone(),
+        });
+        answer.map(|_| outcome)
+    }
+}
+
+/// What the writers do.
+#[derive(Debug, Clone)]
+pub struct Workload {
+    pub clients: usize,
+    /// Shared keys the clients contend on (reads, writes, cas, incr).
+    pub shared_keys: usize,
+    /// Most operations per client (the run also stops when cancelled).
+    pub max_ops: usize,
+    /// Pause between a client's operations.
+    pub think: Duration,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Self { clients: 4, shared_keys: 6, max_ops: 2_000, think: Duration::from_millis(2) }
+    }
+}
+
+/// Starts the writers; they stop at `max_ops` or when `stop` is cancelled.
+pub fn start(
+    workload: Workload,
+    endpoints: Vec<String>,
+    recorder: Arc<Recorder>,
+    stop: CancellationToken,
+) -> tokio::task::JoinSet<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..workload.clients {
+        let mut client = RecordingClient::new(endpoints.clone(), format!("w{c}"), Arc::clone(&recorder));
+        let (stop, workload, recorder) = (stop.clone(), workload.clone(), Arc::clone(&recorder));
+        tasks.spawn(async move {
+            let mut last_seen: Option<Vec<u8>> = None;
+            for i in 0..workload.max_ops {
+                if stop.is_cancelled() {
+                    return;
+                }
+                let shared = format!("k{}", rand::rng().random_range(0..workload.shared_keys));
+                let value = format!("w{c}-{i}").into_bytes();
+                let op = match rand::rng().random_range(0..100) {
+                    0..30 => Op::Put { key: format!("unique/w{c}/{i}"), value: value.clone() },
+                    30..55 => Op::Put { key: shared, value: value.clone() },
+                    55..75 => Op::Get { key: shared },
+                    75..90 => Op::Incr { key: format!("n{}", i % 3), delta: 1 },
+                    _ => Op::Cas { key: shared, expected: last_seen.clone(), new: value.clone() },
+                };
+                let unique_key = matches!(&op, Op::Put { key, .. } if key.starts_with("unique/"))
+                    .then(|| op.key().to_owned());
+                match client.run(op).await {
+                    Ok(Outcome::Get(seen)) => last_seen = seen,
+                    Ok(Outcome::Put) => {
+                        if let Some(key) = unique_key {
+                            let value = String::from_utf8(value).expect("ascii");
+                            recorder.acked.lock().expect("recorder lock").push((key, value));
+                        }
+                    }
+                    _ => {}
+                }
+                tokio::time::sleep(workload.think).await;
+            }
+        });
+    }
+    tasks
+}
+
+/// Reads every acknowledged unique key back; returns those missing or wrong.
+pub async fn lost_acknowledged_writes(endpoints: Vec<String>, recorder: &Arc<Recorder>) -> Vec<String> {
+    let mut reader = RecordingClient::new(endpoints, "verifier".into(), Arc::clone(recorder));
+    let mut lost = Vec::new();
+    for (key, value) in recorder.acked() {
+        match reader.run(Op::Get { key: key.clone() }).await {
+            Ok(Outcome::Get(Some(found))) if found == value.as_bytes() => {}
+            other => lost.push(format!("{key}: wrote {value}, read {other:?}")),
+        }
+    }
+    lost
+}
+
+/// Stops the writers, then checks the three things that must hold after any run: no
+/// acknowledged write lost, a linearizable history (final reads included), and equal
+/// digests on every live replica. Err: what failed, with the evidence.
+pub async fn stop_and_verify(
+    live: &[String],
+    recorder: &Arc<Recorder>,
+    stop: CancellationToken,
+    mut writers: tokio::task::JoinSet<()>,
+) -> Result<pb::DigestReply, String> {
+    stop.cancel();
+    while let Some(joined) = writers.join_next().await {
+        joined.map_err(|e| format!("writer task failed: {e}"))?;
+    }
+    let lost = lost_acknowledged_writes(live.to_vec(), recorder).await;
+    if !lost.is_empty() {
+        return Err(format!("acknowledged writes lost: {lost:#?}"));
+    }
+    // Final reads of the shared keys join the history, so the end state is checked too.
+    let mut reader = RecordingClient::new(live.to_vec(), "final-reader".into(), Arc::clone(recorder));
+    let shared = Workload::default().shared_keys;
+    for key in (0..shared).map(|k| format!("k{k}")).chain((0..3).map(|n| format!("n{n}"))) {
+        reader.run(Op::Get { key }).await.map_err(|e| format!("final read failed: {e}"))?;
+    }
+    let history = recorder.events();
+    let stats = super::linearizability::check(&history).map_err(|violation| {
+        format!("history of {} events is not linearizable: {violation}", history.len())
+    })?;
+    let digest = super::cluster::wait_converged(live, Duration::from_secs(20))
+        .await
+        .map_err(|digests| format!("replicas {live:?} did not converge: {digests:#?}"))?;
+    eprintln!(
+        "linearizable ({stats:?}); converged at seq {} ({} keys); {} acknowledged unique writes; {} unanswered requests",
+        digest.seq,
+        digest.keys,
+        recorder.acked().len(),
+        recorder.failures().len()
+    );
+    if recorder.acked().len() <= 20 {
+        return Err("the workload made too little progress to prove anything".into());
+    }
+    Ok(digest)
+}
