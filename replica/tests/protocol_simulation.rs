@@ -220,10 +220,11 @@ impl Sim {
             let Some(core) = self.core(&id) else { continue };
             if !core.is_leader() {
                 // Non-members keep asking the leader to feed them.
-                if core.config().is_some() && (!core.is_member() || !core.is_ready()) {
-                    if let Some(leader) = core.leader().cloned() {
-                        self.network.push(Message::Join { to: leader.id, from: id.clone() });
-                    }
+                if core.config().is_some()
+                    && (!core.is_member() || !core.is_ready())
+                    && let Some(leader) = core.leader().cloned()
+                {
+                    self.network.push(Message::Join { to: leader.id, from: id.clone() });
                 }
                 continue;
             }
