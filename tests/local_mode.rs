@@ -234,3 +234,66 @@ async fn tandem_set_changes_a_running_system_without_losing_a_write() {
         "the change was announced"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_commands_inject_their_faults_and_the_system_heals() {
+    let system = LocalSystem::start(3, &[]).await;
+    let before = system.configuration().await;
+
+    system.tandem(&["chaos", "kill-backup"]);
+    let healed = system
+        .wait_for(HEAL, "healed after kill-backup", |d| {
+            d.configuration.as_ref().is_some_and(|c| c.epoch > before.epoch + 1 && c.members.len() == 3)
+                && d.replicas.iter().all(|r| !r.member || r.ready)
+                && d.replicas.iter().map(|r| r.restarts).sum::<u32>() == 1
+        })
+        .await;
+    assert_eq!(
+        healed.configuration.as_ref().map(|c| c.primary.clone()),
+        Some(before.primary.clone()),
+        "a backup died, the primary stays"
+    );
+
+    // A short pause (under the detection window): the replica is resumed, not replaced.
+    let backup = healed
+        .configuration
+        .as_ref()
+        .and_then(|c| c.members.iter().find(|m| m.id != c.primary))
+        .expect("backup")
+        .id
+        .clone();
+    let pid = system.pid(&backup);
+    system.tandem(&["chaos", "pause", &backup, "0.1"]);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("process still exists");
+    let state = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()).unwrap_or("?");
+    assert_ne!(state, "T", "SIGCONT resumed it: {stat}");
+    assert_eq!(system.pid(&backup), pid);
+
+    system.tandem(&["chaos", "kill-primary"]);
+    let after = system
+        .wait_for(HEAL, "healed after kill-primary", |d| {
+            d.configuration.as_ref().is_some_and(|c| c.primary != before.primary && c.members.len() == 3)
+                && d.replicas.iter().all(|r| !r.member || r.ready)
+        })
+        .await;
+    assert!(after.failovers >= 1, "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bench_failover_prints_per_kill_numbers_and_the_summary_line() {
+    let port = support::local::free_base_port(6);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = tokio::process::Command::new(support::cluster::TANDEM)
+        .args(["bench", "failover", "--kills", "2", "--clients", "2", "--port", &port.to_string()])
+        .env("TMPDIR", dir.path())
+        .output()
+        .await
+        .expect("run the bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("kill ")).count(), 2, "{stdout}");
+    let summary = stdout.lines().find(|l| l.starts_with("failover_ms ")).expect("summary line");
+    for field in ["p50=", "p99=", "max=", "detect_ms p50=", "lost_acked=0", "failed_requests="] {
+        assert!(summary.contains(field), "{field} missing from {summary:?}");
+    }
+}

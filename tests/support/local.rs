@@ -22,7 +22,7 @@ pub struct LocalSystem {
 }
 
 /// A base port whose neighbourhood (GFD, RM API, replicas) is free right now.
-fn free_base_port(replicas: u16) -> u16 {
+pub fn free_base_port(replicas: u16) -> u16 {
     loop {
         let base = 20_000 + rand::random::<u16>() % 40_000;
         let ports = [base, base + 1].into_iter().chain((1..=replicas + 2).map(|n| base + 10 + n));

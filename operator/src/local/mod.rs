@@ -137,10 +137,11 @@ pub async fn run(
     let log_dir = settings.dir.join("logs");
     std::fs::create_dir_all(&log_dir)
         .map_err(|source| LocalError::Dir { dir: settings.dir.clone(), source })?;
-    if let Some(previous) = StateFile::read(&settings.dir)
-        && manager::answers(&previous.manager).await
-    {
-        return Err(LocalError::AlreadyRunning(settings.dir.clone()));
+    if let Some(previous) = StateFile::read(&settings.dir) {
+        if manager::answers(&previous.manager).await {
+            return Err(LocalError::AlreadyRunning(settings.dir.clone()));
+        }
+        stop_orphans(&previous, &output);
     }
     let listener = tokio::net::TcpListener::bind(settings.manager_address())
         .await
@@ -197,6 +198,23 @@ pub async fn run(
     let _ = std::fs::remove_file(local.settings.dir.join("endpoints"));
     say(&local.output, "RM: stopped every replica, LFD and the GFD");
     Ok(())
+}
+
+/// Kills what a previous `tandem up` that died without cleaning up (kill -9) left
+/// running, so its ports are free again. Only processes that still run `tandem`.
+fn stop_orphans(previous: &StateFile, output: &Output) {
+    let pids =
+        previous.replicas.values().flat_map(|r| [r.pid, r.lfd_pid]).chain([previous.gfd_pid]).flatten();
+    for pid in pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("tandem") {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            say(output, format!("RM: stopped pid {pid}, left running by a previous tandem up"));
+        }
+    }
 }
 
 enum MembershipUpdate {
