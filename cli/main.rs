@@ -8,6 +8,7 @@ mod chaos;
 mod detectors;
 mod endpoints;
 mod kv;
+mod operator;
 mod replica;
 mod telemetry;
 mod up;
@@ -60,6 +61,12 @@ enum Command {
     Chaos(chaos::ChaosArgs),
     /// Measure: `tandem bench failover`.
     Bench(bench::BenchArgs),
+    /// Run the Kubernetes operator (the RM for ReplicatedServices).
+    Operator(Box<operator::OperatorArgs>),
+    /// Print the ReplicatedService CRD (YAML), as checked in under crds/.
+    Crd,
+    /// Exit 0 if a replica is ready (grpc.health.v1 SERVING): a readiness probe.
+    Health(replica::HealthArgs),
 }
 
 #[tokio::main]
@@ -82,6 +89,12 @@ async fn main() -> std::process::ExitCode {
         Command::Set(args) => admin::set(args).await,
         Command::Chaos(args) => chaos::chaos(args).await,
         Command::Bench(args) => bench::bench(args).await,
+        Command::Health(args) => replica::health(args).await,
+        Command::Operator(args) => operator::operator(*args).await,
+        Command::Crd => {
+            print!("{}", tandem_operator::crd::crd_yaml());
+            Ok(())
+        }
     };
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,

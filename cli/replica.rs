@@ -36,12 +36,37 @@ pub struct ReplicaArgs {
     /// How long a client request may wait to execute, in milliseconds.
     #[arg(long, env = "TANDEM_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
     pub request_timeout_ms: u64,
+    /// A directory that outlives the process but not its pod (an emptyDir): a restarted
+    /// replica finds its marker there and joins instead of bootstrapping a second time.
+    #[arg(long, env = "TANDEM_STATE_DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+    /// The GFD address this replica's LFD should use (reported in Status).
+    #[arg(long, env = "TANDEM_GFD", default_value = "")]
+    pub gfd: String,
+}
+
+/// `--bootstrap` holds only for a replica's first start: its state is gone after a
+/// restart, so claiming the group's genesis state again could lose acknowledged writes.
+fn first_start(state_dir: Option<&std::path::Path>) -> anyhow::Result<bool> {
+    let Some(dir) = state_dir else { return Ok(true) };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let marker = dir.join("started");
+    if marker.exists() {
+        return Ok(false);
+    }
+    std::fs::write(&marker, std::process::id().to_string())
+        .with_context(|| format!("cannot write {}", marker.display()))?;
+    Ok(true)
 }
 
 pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     let mut settings = ReplicaSettings::new(args.id, args.listen);
     settings.advertise = args.advertise.unwrap_or_else(|| args.listen.to_string());
-    settings.bootstrap = args.bootstrap;
+    settings.bootstrap = args.bootstrap && first_start(args.state_dir.as_deref())?;
+    if args.bootstrap && !settings.bootstrap {
+        tracing::warn!("restarted: joining the group instead of bootstrapping it again");
+    }
+    settings.gfd_address = args.gfd;
     settings.seeds = args.peers.into_iter().filter(|p| !p.trim().is_empty()).collect();
     settings.checkpoint_interval = Duration::from_millis(args.checkpoint_interval_ms);
     settings.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
@@ -79,4 +104,33 @@ pub async fn stop_on_signal(shutdown: CancellationToken) {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
     shutdown.cancel();
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The replica to check.
+    #[arg(long, default_value = "127.0.0.1:7101")]
+    pub address: String,
+}
+
+/// `tandem health`: exit 0 if the replica's grpc.health.v1 says SERVING (an exec probe
+/// that works on every Kubernetes version).
+pub async fn health(args: HealthArgs) -> anyhow::Result<()> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.address))?
+        .connect_timeout(Duration::from_millis(500))
+        .connect_lazy();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(1),
+        HealthClient::new(channel).check(HealthCheckRequest::default()),
+    )
+    .await
+    .context("no answer within 1 s")?
+    .context("health check failed")?;
+    let status = answer.into_inner().status();
+    anyhow::ensure!(status == ServingStatus::Serving, "{} is {}", args.address, status.as_str_name());
+    println!("SERVING");
+    Ok(())
 }

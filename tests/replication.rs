@@ -330,8 +330,10 @@ async fn checkpoint_interval_changes_at_run_time() {
     assert_eq!(group.status("r2").await.expect("r2").checkpoint_seq, 0, "checkpoints are off");
 
     let mut control = pb::control_client::ControlClient::new(channel(&group.address("r1")));
-    let settings =
-        control.update_settings(pb::Settings { checkpoint_interval_ms: Some(100) }).await.expect("update");
+    let settings = control
+        .update_settings(pb::Settings { checkpoint_interval_ms: Some(100), gfd_address: None })
+        .await
+        .expect("update");
     assert_eq!(settings.into_inner().checkpoint_interval_ms, Some(100));
     let commit = group.status("r1").await.expect("r1").commit_seq;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -1,5 +1,12 @@
 //! Tandem's Replication Manager. `rm` decides (pure); the platform adapters observe
-//! replicas and carry the decisions out: `local` runs them as processes on this machine.
+//! replicas and carry the decisions out: `local` runs them as processes on this machine,
+//! `controller` as pods on Kubernetes (with `crd`, `pods`, `status` and `leader`).
 
+pub mod controller;
+pub mod crd;
+pub mod leader;
 pub mod local;
+pub mod membership;
+pub mod pods;
 pub mod rm;
+pub mod status;

@@ -808,6 +808,7 @@ impl Core {
             keys: self.state.keys() as u64,
             not_ready_reason: self.not_ready_reason().unwrap_or_default(),
             synced_epoch: self.synced_epoch,
+            gfd_address: String::new(),
         }
     }
 }

@@ -42,6 +42,8 @@ pub struct ReplicaSettings {
     pub peer_timeout: Duration,
     /// How long a client request may wait to execute before the client is told to retry.
     pub request_timeout: Duration,
+    /// The GFD address for this replica's LFD (reported in Status; changeable).
+    pub gfd_address: String,
 }
 
 impl ReplicaSettings {
@@ -55,6 +57,7 @@ impl ReplicaSettings {
             checkpoint_interval: Duration::from_secs(2),
             peer_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(5),
+            gfd_address: String::new(),
         }
     }
 }
@@ -126,6 +129,7 @@ pub struct Node {
     pub(crate) epoch: watch::Sender<u64>,
     ready: watch::Sender<bool>,
     checkpoint_interval: watch::Sender<Duration>,
+    gfd_address: watch::Sender<String>,
     pub(crate) peers: PeerClients,
     peer_tasks: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     pub(crate) shutdown: CancellationToken,
@@ -137,6 +141,7 @@ impl Node {
         Arc::new(Self {
             peers: PeerClients::new(settings.peer_timeout),
             checkpoint_interval: watch::Sender::new(settings.checkpoint_interval),
+            gfd_address: watch::Sender::new(settings.gfd_address.clone()),
             inner: Mutex::new(Inner { core, waiters: HashMap::new() }),
             changed: watch::Sender::new(0),
             epoch: watch::Sender::new(0),
@@ -379,7 +384,9 @@ impl pb::replica_server::Replica for Service {
     async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::ReplicaStatus>, Status> {
         let node = &self.0;
         let interval = node.checkpoint_interval.borrow().as_millis() as u64;
-        Ok(Response::new(node.lock().core.status(&node.settings.advertise, interval)))
+        let mut status = node.lock().core.status(&node.settings.advertise, interval);
+        status.gfd_address = node.gfd_address.borrow().clone();
+        Ok(Response::new(status))
     }
 
     async fn digest(&self, _: Request<pb::DigestRequest>) -> Result<Response<pb::DigestReply>, Status> {
@@ -498,12 +505,20 @@ impl pb::control_server::Control for Service {
         request: Request<pb::Settings>,
     ) -> Result<Response<pb::Settings>, Status> {
         let node = &self.0;
-        if let Some(ms) = request.into_inner().checkpoint_interval_ms {
+        let update = request.into_inner();
+        if let Some(ms) = update.checkpoint_interval_ms {
             node.checkpoint_interval.send_replace(Duration::from_millis(ms));
             info!(checkpoint_interval_ms = ms, "settings changed");
         }
-        let current = node.checkpoint_interval.borrow().as_millis() as u64;
-        Ok(Response::new(pb::Settings { checkpoint_interval_ms: Some(current) }))
+        if let Some(address) = update.gfd_address
+            && node.gfd_address.send_replace(address.clone()) != address
+        {
+            info!(gfd = %address, "GFD address changed");
+        }
+        Ok(Response::new(pb::Settings {
+            checkpoint_interval_ms: Some(node.checkpoint_interval.borrow().as_millis() as u64),
+            gfd_address: Some(node.gfd_address.borrow().clone()),
+        }))
     }
 }
 

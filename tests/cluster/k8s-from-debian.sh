@@ -29,6 +29,12 @@
 #   K8S_RUN     runtime state (certs, etcd data on tmpfs, logs, pids) (default $K8S_CACHE/run)
 #   K8S_SRC     an already-unpacked kubernetes-1.20.2 tree to reuse (optional)
 #   K8S_CONTROLLERS=0  do not start controller-manager + scheduler
+#
+# Tandem's copy (tests/cluster/; entry point cluster.sh). Changes from the shared original:
+# cache default above; binimage JSON-escapes ARGS; node imports every cached image; ClusterIPs
+# are REJECTed (host and pods) and containerd pulls go to a dead local proxy, so nothing
+# leaves the machine; kubelet's sysctls and iptables chains are undone by `down`; `down`
+# reaps orphaned shims; PID checks ignore zombies and reused PIDs.
 set -euo pipefail
 
 K8S_CACHE=${K8S_CACHE:-${TANDEM_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tandem-k8s}}
@@ -224,9 +230,16 @@ cmd_pki() {
 }
 
 # ---------------------------------------------------------------- process helpers
+# A daemon that exited stays a zombie until PID 1 reaps it, which on some VMs takes ~2 s:
+# `kill -0` would still say it runs. And a PID file can outlive a reboot, its PID reused by
+# another program. Alive = exists, is not a zombie, and (with NAME) its command line names NAME.
+pid_alive() { # PID [NAME]
+  local s; s=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $s != Z* ]] || return 1
+  [[ -z ${2:-} || $(tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null) == *"$2"* ]]
+}
 start_bg() { # name cmd...
   local name=$1; shift
-  if [[ -f $PIDS/$name ]] && kill -0 "$(cat "$PIDS/$name")" 2>/dev/null; then
+  if [[ -f $PIDS/$name ]] && pid_alive "$(cat "$PIDS/$name")" "$name"; then
     echo "    $name already running (pid $(cat "$PIDS/$name"))"; return
   fi
   nohup "$@" > "$LOGS/$name.log" 2>&1 &
@@ -374,7 +387,7 @@ cmd_binimage() {
   done
   [[ -f /etc/ssl/certs/ca-certificates.crt ]] && cp /etc/ssl/certs/ca-certificates.crt "$r/etc/ssl/certs/"
   printf 'root:x:0:0:root:/:/bin/false\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$r/etc/passwd"
-  local args='' a; for a in "$@"; do args+=",\"$a\""; done
+  local args='' a; for a in "$@"; do a=${a//\\/\\\\}; args+=",\"${a//\"/\\\"}\""; done  # JSON-escape
   mkdir -p "$K8S_CACHE/images"
   local out=$K8S_CACHE/images/$(echo "$ref" | tr '/:' '__').tar
   mkimage "$out" "$r" "[\"/bin/$(basename "$bin")\"$args]" 'null' "$ref"
@@ -387,6 +400,7 @@ cmd_binimage() {
 
 # ---------------------------------------------------------------- node: containerd + kubelet
 CTR_SOCK() { echo "$K8S_RUN/containerd/containerd.sock"; }
+KUBELET_SYSCTLS="vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes"
 cmd_node() {
   [[ -f $K8S_CACHE/images/pause.tar ]] || cmd_images
   mkdir -p "$K8S_RUN/containerd" "$K8S_RUN/cni/net.d" "$K8S_RUN/kubelet" "$LOGS" "$PIDS"
@@ -436,14 +450,23 @@ EOF
 EOF
   # pods may talk to each other and to this host, but nothing is forwarded off the bridge
   # (the bridge plugin turns on net.ipv4.ip_forward; `down` restores the old value)
+  touch "$K8S_RUN/node.started"   # `down` undoes the host changes below only if this exists
   [[ -f $K8S_RUN/ip_forward.orig ]] || cat /proc/sys/net/ipv4/ip_forward > "$K8S_RUN/ip_forward.orig"
   iptables -C FORWARD -i kfd0 ! -o kfd0 -j DROP 2>/dev/null || iptables -I FORWARD -i kfd0 ! -o kfd0 -j DROP
-  touch "$K8S_RUN/node.started"
-  start_bg containerd containerd --config "$K8S_RUN/containerd/config.toml"
+  # no kube-proxy: Service ClusterIPs route nowhere. Refuse them at once, from the host and
+  # from pods, instead of letting a packet to 10.96.0.x follow the host's default route off
+  # the machine (a hostNetwork pod without KUBERNETES_SERVICE_HOST=127.0.0.1 would do that)
+  iptables -C OUTPUT -d $SERVICE_CIDR -j REJECT 2>/dev/null || iptables -I OUTPUT -d $SERVICE_CIDR -j REJECT
+  iptables -C FORWARD -d $SERVICE_CIDR -j REJECT 2>/dev/null || iptables -I FORWARD -d $SERVICE_CIDR -j REJECT
+  # no registry is reachable or wanted: an image the node lacks (a `:latest` tag defaults to
+  # imagePullPolicy Always) must fail on the spot, not send a pull to docker.io
+  start_bg containerd env HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 \
+    NO_PROXY=localhost,127.0.0.1 containerd --config "$K8S_RUN/containerd/config.toml"
   wait_for containerd 30 ctr --address "$(CTR_SOCK)" version
   local img
-  for img in pause busybox; do
-    ctr --address "$(CTR_SOCK)" -n k8s.io images import "$K8S_CACHE/images/$img.tar" >/dev/null
+  # pause, busybox and every image made by `binimage` so far (they survive down/up)
+  for img in "$K8S_CACHE"/images/*.tar; do
+    ctr --address "$(CTR_SOCK)" -n k8s.io images import "$img" >/dev/null
   done
   ctr --address "$(CTR_SOCK)" -n k8s.io images ls -q
   step_end
@@ -475,6 +498,11 @@ imageGCLowThresholdPercent: 98
 serializeImagePulls: false
 nodeStatusUpdateFrequency: 2s
 EOF
+  # kubelet 1.20 sets the kernel tunables it wants (vm.overcommit_memory=1, kernel.panic=10,
+  # kernel.panic_on_oops=1, ...): remember the host's values so that `down` puts them back
+  if [[ ! -f $K8S_RUN/sysctl.orig ]]; then
+    local k; for k in $KUBELET_SYSCTLS; do echo "$k $(cat "/proc/sys/$k")"; done > "$K8S_RUN/sysctl.orig"
+  fi
   # AWS_EC2_METADATA_DISABLED: kubelet 1.20 always links the in-tree ECR credential
   # provider, whose Enabled() probes the EC2 metadata endpoint 169.254.169.254 at
   # startup (5 s stall and an off-box connection attempt). This env var stops it.
@@ -800,7 +828,7 @@ EOF"
   ((FAIL == 0))
 }
 
-running() { [[ -f $PIDS/$1 ]] && kill -0 "$(cat "$PIDS/$1")" 2>/dev/null; }
+running() { [[ -f $PIDS/$1 ]] && pid_alive "$(cat "$PIDS/$1")" "$1"; }
 cmd_down() {
   step_start down
   # Fast teardown: no drain. Kill the kubelet, SIGKILL every container task by id,
@@ -818,6 +846,12 @@ cmd_down() {
   local n
   for n in containerd kube-scheduler kube-controller-manager kube-apiserver; do stop_pid "$n" & done
   wait
+  # shims of a containerd that was killed without `down` live on: find ours by the socket
+  # path on their command line, kill their containers (first children) and then them
+  local s
+  for s in $(pgrep -f -- "^/usr/bin/containerd-shim-runc-v2 .*-address $(CTR_SOCK)\$" || true); do
+    kill -9 $(pgrep -P "$s" || true) "$s" 2>/dev/null || true
+  done
   stop_pid etcd
   # leftovers: mounts under the run dir (netns pins, shm, rootfs, secret tmpfs), bridge, rule
   if [[ -d $K8S_RUN ]]; then
@@ -836,10 +870,20 @@ cmd_down() {
     rmdir /var/lib/kubelet/device-plugins /var/lib/kubelet 2>/dev/null || true
     rm -f /var/lib/cni/results/k8s-from-debian-* /var/lib/cni/results/cni-loopback-*
     rmdir /var/lib/cni/results /var/lib/cni 2>/dev/null || true
+    clean_kubelet_iptables
+    # host-wide: only when this run dir started the node (a `down` with another cache dir
+    # must not tear the bridge and rules away from a cluster that runs from this one)
+    ip link del kfd0 2>/dev/null || true
+    iptables -D FORWARD -i kfd0 ! -o kfd0 -j DROP 2>/dev/null || true
+    iptables -D OUTPUT -d $SERVICE_CIDR -j REJECT 2>/dev/null || true
+    iptables -D FORWARD -d $SERVICE_CIDR -j REJECT 2>/dev/null || true
     rm -f "$K8S_RUN/node.started"
   fi
-  ip link del kfd0 2>/dev/null || true
-  iptables -D FORWARD -i kfd0 ! -o kfd0 -j DROP 2>/dev/null || true
+  if [[ -f $K8S_RUN/sysctl.orig ]]; then
+    local k v
+    while read -r k v; do echo "$v" > "/proc/sys/$k" 2>/dev/null || true; done < "$K8S_RUN/sysctl.orig"
+    rm -f "$K8S_RUN/sysctl.orig"
+  fi
   if [[ -f $K8S_RUN/ip_forward.orig ]]; then
     cat "$K8S_RUN/ip_forward.orig" > /proc/sys/net/ipv4/ip_forward 2>/dev/null || true
     rm -f "$K8S_RUN/ip_forward.orig"
@@ -849,16 +893,34 @@ cmd_down() {
          /dev/shm/k8s-from-debian-etcd-"$(echo "$K8S_RUN" | md5sum | cut -c1-8)"
   step_end
 }
+# the kubelet's own chains (KUBE-FIREWALL, KUBE-MARK-*, KUBE-POSTROUTING, canaries) and the
+# jumps to them from the built-in chains
+clean_kubelet_iptables() {
+  local ipt t r c
+  for ipt in iptables ip6tables; do
+    command -v $ipt >/dev/null || continue
+    for t in filter nat mangle; do
+      $ipt -t $t -S 2>/dev/null | grep -E '^-A [A-Z]+ .*-j KUBE-' | sed 's/^-A /-D /' \
+        | while read -r r; do eval "$ipt -t $t $r" 2>/dev/null || true; done || true
+      for c in $($ipt -t $t -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^KUBE-/ {print $2}'); do
+        $ipt -t $t -F "$c" 2>/dev/null || true
+      done
+      for c in $($ipt -t $t -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^KUBE-/ {print $2}'); do
+        $ipt -t $t -X "$c" 2>/dev/null || true
+      done
+    done
+  done
+}
 stop_pid() {
   local n=$1
   [[ -f $PIDS/$n ]] || return 0
   local pid; pid=$(cat "$PIDS/$n")
-  if kill -0 "$pid" 2>/dev/null; then
+  if pid_alive "$pid" "$n"; then
     local t=$(date +%s.%N)
     kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
-    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 50); do pid_alive "$pid" || break; sleep 0.1; done
+    pid_alive "$pid" && kill -9 "$pid" 2>/dev/null || true
+    for _ in $(seq 1 20); do pid_alive "$pid" || break; sleep 0.1; done
     echo "    stopped $n ($pid) in $(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')s"
   fi
   rm -f "$PIDS/$n"

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use tandem_replica::detector::service::unix_ms;
@@ -22,7 +21,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::rm::{self, Action, Facts, Instance, Liveness, Observed, Record, Spec};
+use crate::membership::{self, MembershipUpdate, MembershipView, alive_members, describe_change};
+use crate::rm::{self, Action, Facts, Instance, Observed, Record, Spec};
 pub use manager::ManagerService;
 use supervisor::{Exit, Role, Supervisor};
 
@@ -157,7 +157,7 @@ pub async fn run(
 
     let (supervisor, exits) = Supervisor::new(settings.binary.clone(), log_dir);
     let (membership_sender, membership) = mpsc::unbounded_channel();
-    tokio::spawn(follow_membership(settings.gfd_address(), membership_sender, shutdown.clone()));
+    tokio::spawn(membership::follow(settings.gfd_address(), membership_sender, shutdown.clone()));
     let facts = Arc::new(Mutex::new(BTreeMap::new()));
     let poll_targets = watch::Sender::new(BTreeMap::new());
     tokio::spawn(poll_statuses(poll_targets.subscribe(), Arc::clone(&facts), shutdown.clone()));
@@ -167,9 +167,7 @@ pub async fn run(
         settings,
         record: Record::default(),
         supervisor,
-        liveness: BTreeMap::new(),
-        heartbeats: BTreeMap::new(),
-        membership_known: false,
+        membership: MembershipView::default(),
         facts,
         poll_targets,
         last_push: BTreeMap::new(),
@@ -213,45 +211,6 @@ fn stop_orphans(previous: &StateFile, output: &Output) {
                 nix::sys::signal::Signal::SIGKILL,
             );
             say(output, format!("RM: stopped pid {pid}, left running by a previous tandem up"));
-        }
-    }
-}
-
-enum MembershipUpdate {
-    Event(pb::MembershipEvent),
-    Lost(String),
-}
-
-/// Subscribes to the GFD's membership stream, resubscribing whenever it breaks.
-async fn follow_membership(
-    gfd: String,
-    updates: mpsc::UnboundedSender<MembershipUpdate>,
-    shutdown: CancellationToken,
-) {
-    let Ok(endpoint) = Endpoint::from_shared(format!("http://{gfd}")) else { return };
-    let channel = endpoint.connect_timeout(Duration::from_millis(300)).connect_lazy();
-    loop {
-        let mut client = pb::fault_detector_client::FaultDetectorClient::new(channel.clone());
-        let reason = match client.subscribe(pb::SubscribeRequest {}).await {
-            Ok(stream) => {
-                let mut stream = stream.into_inner();
-                loop {
-                    tokio::select! {
-                        event = stream.next() => match event {
-                            Some(Ok(event)) => { let _ = updates.send(MembershipUpdate::Event(event)); }
-                            Some(Err(status)) => break status.message().to_owned(),
-                            None => break "stream closed".into(),
-                        },
-                        () = shutdown.cancelled() => return,
-                    }
-                }
-            }
-            Err(status) => status.message().to_owned(),
-        };
-        let _ = updates.send(MembershipUpdate::Lost(reason));
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(200)) => {}
-            () = shutdown.cancelled() => return,
         }
     }
 }
@@ -306,9 +265,7 @@ struct Local {
     spec: Spec,
     record: Record,
     supervisor: Supervisor,
-    liveness: BTreeMap<String, Liveness>,
-    heartbeats: BTreeMap<String, u64>,
-    membership_known: bool,
+    membership: MembershipView,
     facts: Arc<Mutex<BTreeMap<String, pb::ReplicaStatus>>>,
     poll_targets: watch::Sender<BTreeMap<String, String>>,
     last_push: BTreeMap<String, Instant>,
@@ -437,7 +394,6 @@ impl Local {
         match &exit.role {
             Role::Gfd => {
                 say(&self.output, format!("RM: the GFD exited ({}); restarting it", exit.status));
-                self.membership_known = false;
                 if let Err(error) = self.start_gfd() {
                     say(&self.output, format!("RM: {error}"));
                 }
@@ -454,77 +410,41 @@ impl Local {
     }
 
     fn on_membership(&mut self, update: MembershipUpdate) {
-        match update {
-            MembershipUpdate::Lost(reason) => {
-                if self.membership_known {
-                    say(
-                        &self.output,
-                        format!(
-                            "RM: lost the GFD's membership stream ({reason}); ignoring membership until it is back"
-                        ),
-                    );
-                }
-                self.membership_known = false;
-            }
-            MembershipUpdate::Event(event) => {
-                let membership = event.membership.clone().unwrap_or_default();
-                let change = event.change();
-                match change {
-                    MembershipChange::Failed => {
-                        self.liveness.insert(event.replica_id.clone(), Liveness::Failed);
-                    }
-                    MembershipChange::DetectorLost => {
-                        self.liveness.insert(
-                            event.replica_id.clone(),
-                            Liveness::DetectorLost { since: event.at_unix_ms },
-                        );
-                    }
-                    _ => {}
-                }
-                for member in &membership.members {
-                    self.heartbeats.insert(member.replica_id.clone(), member.last_heartbeat_unix_ms);
-                    if member.alive {
-                        self.liveness
-                            .insert(member.replica_id.clone(), Liveness::Alive { ready: member.ready });
-                    } else {
-                        self.liveness
-                            .entry(member.replica_id.clone())
-                            .or_insert(Liveness::DetectorLost { since: member.since_unix_ms });
-                    }
-                }
-                if change != MembershipChange::Snapshot {
-                    let what = match change {
-                        MembershipChange::Joined => "joined",
-                        MembershipChange::Failed => "failed",
-                        MembershipChange::DetectorLost => "lost its LFD",
-                        MembershipChange::Ready => "is ready",
-                        MembershipChange::NotReady => "is not ready",
-                        _ => "changed",
-                    };
-                    say(&self.output, format!("GFD: {} {what} ({})", event.replica_id, event.reason));
-                    let alive: Vec<&str> = membership
-                        .members
-                        .iter()
-                        .filter(|m| m.alive)
-                        .map(|m| m.replica_id.as_str())
-                        .collect();
-                    say(&self.output, format!("GFD: {} members: {}", alive.len(), alive.join(", ")));
-                }
-                if change == MembershipChange::Ready
-                    && let Some(started) = self.restarted_at.remove(&event.replica_id)
-                {
-                    let elapsed = started.elapsed().as_millis();
-                    say(
-                        &self.output,
-                        format!("RM: {} recovered: ready {elapsed} ms after its restart", event.replica_id),
-                    );
-                }
-                let known = membership.settled;
-                if known && !self.membership_known {
-                    say(&self.output, "RM: following the GFD's membership");
-                }
-                self.membership_known = known;
-            }
+        let was_known = self.membership.known();
+        let lost = match &update {
+            MembershipUpdate::Lost(reason) => Some(reason.clone()),
+            MembershipUpdate::Event(_) => None,
+        };
+        let event = self.membership.apply(update);
+        if let (Some(reason), true) = (lost, was_known) {
+            say(
+                &self.output,
+                format!(
+                    "RM: lost the GFD's membership stream ({reason}); ignoring membership until it is back"
+                ),
+            );
+        }
+        let Some(event) = event else { return };
+        let change = event.change();
+        if change != MembershipChange::Snapshot {
+            say(
+                &self.output,
+                format!("GFD: {} {} ({})", event.replica_id, describe_change(change), event.reason),
+            );
+            let alive = alive_members(&event);
+            say(&self.output, format!("GFD: {} members: {}", alive.len(), alive.join(", ")));
+        }
+        if change == MembershipChange::Ready
+            && let Some(started) = self.restarted_at.remove(&event.replica_id)
+        {
+            let elapsed = started.elapsed().as_millis();
+            say(
+                &self.output,
+                format!("RM: {} recovered: ready {elapsed} ms after its restart", event.replica_id),
+            );
+        }
+        if self.membership.known() && !was_known {
+            say(&self.output, "RM: following the GFD's membership");
         }
     }
 
@@ -548,6 +468,7 @@ impl Local {
                 heartbeat_interval_ms: Some(spec.heartbeat_interval_ms),
                 failure_threshold: Some(spec.failure_threshold),
                 gfd_heartbeat_interval_ms: Some(spec.heartbeat_interval_ms),
+                replica_prefix: String::new(),
             };
             let channel = self.channel(&self.settings.gfd_address());
             let mut gfd = pb::fault_detector_client::FaultDetectorClient::new(channel);
@@ -563,7 +484,8 @@ impl Local {
             }
         }
         if old.checkpoint_interval_ms != spec.checkpoint_interval_ms {
-            let update = pb::Settings { checkpoint_interval_ms: Some(spec.checkpoint_interval_ms) };
+            let update =
+                pb::Settings { checkpoint_interval_ms: Some(spec.checkpoint_interval_ms), gfd_address: None };
             let calls: Vec<_> =
                 self.running_replicas()
                     .into_iter()
@@ -571,6 +493,7 @@ impl Local {
                         let mut control = pb::control_client::ControlClient::new(
                             self.channel(&self.settings.replica_address(&id)),
                         );
+                        let update = update.clone();
                         async move {
                             tokio::time::timeout(POLL_TIMEOUT * 4, control.update_settings(update)).await
                         }
@@ -608,7 +531,7 @@ impl Local {
                 Observed {
                     address: self.settings.replica_address(&id),
                     instance: if running { Instance::Running } else { Instance::Gone },
-                    liveness: self.liveness.get(&id).copied().unwrap_or(Liveness::Unknown),
+                    liveness: self.membership.liveness(&id),
                     facts: facts.get(&id).map(|s| Facts {
                         epoch: s.configuration.as_ref().map_or(0, |c| c.epoch),
                         last_seq: s.last_seq,
@@ -624,7 +547,7 @@ impl Local {
     fn reconcile(&mut self) {
         let observed = self.observe();
         let actions =
-            rm::reconcile(&self.spec, &mut self.record, &observed, self.membership_known, unix_ms());
+            rm::reconcile(&self.spec, &mut self.record, &observed, self.membership.known(), unix_ms());
         for action in actions {
             self.act(action);
         }
@@ -662,7 +585,7 @@ impl Local {
                 } else {
                     say(&self.output, format!("RM: starting {id} at {}", self.settings.replica_address(&id)));
                 }
-                self.liveness.remove(&id);
+                self.membership.forget(&id);
                 self.state_file.replicas.entry(id.clone()).or_default();
                 self.start_replica(&id, bootstrap);
             }
@@ -723,10 +646,10 @@ impl Local {
             shared.spec = self.spec.clone();
             shared.record = self.record.clone();
             shared.observed = observed;
-            shared.heartbeats = self.heartbeats.clone();
+            shared.heartbeats = self.membership.heartbeats().clone();
             shared.checkpoint_seqs = checkpoint_seqs;
             shared.restarts = self.restarts.clone();
-            shared.membership_known = self.membership_known;
+            shared.membership_known = self.membership.known();
         }
         let mut state = StateFile {
             manager: self.settings.manager_address(),

@@ -199,6 +199,11 @@ impl GfdCore {
         changes
     }
 
+    /// The replica an LFD stream speaks for, once it said hello.
+    pub fn replica_of(&self, link: LinkId) -> Option<&str> {
+        self.links.get(&link)?.replica_id.as_deref()
+    }
+
     /// Links due a heartbeat (all of them; the server paces it).
     pub fn links(&self) -> impl Iterator<Item = LinkId> + '_ {
         self.links.keys().copied()

@@ -48,14 +48,13 @@ pub struct LfdConfig {
 /// Runs an LFD until shutdown: heartbeats the replica, reports to the GFD.
 pub async fn run_lfd(config: LfdConfig, shutdown: CancellationToken) -> Result<(), String> {
     let replica = lazy_channel(&config.replica_address, Duration::from_millis(200))?;
-    let gfd = lazy_channel(&config.gfd_address, Duration::from_millis(500))?;
     let settings = watch::Sender::new(config.settings);
     let verdicts = watch::Sender::new(None::<Verdict>);
     info!(replica = %config.replica_id, address = %config.replica_address, gfd = %config.gfd_address,
         interval_ms = config.settings.heartbeat_interval.as_millis() as u64, threshold = config.settings.failure_threshold, "LFD started");
     tokio::join!(
-        probe_replica(&config, replica, settings.subscribe(), &verdicts, &shutdown),
-        stay_attached(&config, gfd, &settings, verdicts.subscribe(), &shutdown),
+        probe_replica(&config, replica.clone(), settings.subscribe(), &verdicts, &shutdown),
+        stay_attached(&config, replica, &settings, verdicts.subscribe(), &shutdown),
     );
     Ok(())
 }
@@ -135,12 +134,14 @@ fn describe(verdict: &Verdict) -> &'static str {
 /// Reconnects (with back-off) whenever it breaks, e.g. when the GFD restarts.
 async fn stay_attached(
     config: &LfdConfig,
-    channel: Channel,
+    replica: Channel,
     settings: &watch::Sender<LfdSettings>,
     mut verdicts: watch::Receiver<Option<Verdict>>,
     shutdown: &CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(50);
+    let mut gfd_address = config.gfd_address.clone();
+    let mut channel = lazy_channel(&gfd_address, Duration::from_millis(500)).ok();
     loop {
         let (outbound, receiver) = mpsc::channel(16);
         let hello = lfd_message::Kind::Hello(pb::LfdHello {
@@ -148,14 +149,19 @@ async fn stay_attached(
             replica_address: config.replica_address.clone(),
         });
         let _ = outbound.send(pb::LfdMessage { kind: Some(hello) }).await;
-        let mut client = FaultDetectorClient::new(channel.clone());
-        let attached = tokio::select! {
-            attached = client.attach(ReceiverStream::new(receiver)) => attached,
-            () = shutdown.cancelled() => return,
+        let attached = match channel.clone() {
+            Some(channel) => {
+                let mut client = FaultDetectorClient::new(channel);
+                tokio::select! {
+                    attached = client.attach(ReceiverStream::new(receiver)) => attached,
+                    () = shutdown.cancelled() => return,
+                }
+            }
+            None => Err(Status::unavailable(format!("no usable GFD address ({gfd_address:?})"))),
         };
         match attached {
             Ok(inbound) => {
-                info!("LFD {}: attached to the GFD at {}", config.replica_id, config.gfd_address);
+                info!("LFD {}: attached to the GFD at {gfd_address}", config.replica_id);
                 backoff = Duration::from_millis(50);
                 // Repeat the current verdict: a restarted GFD knows nothing yet.
                 verdicts.mark_changed();
@@ -166,7 +172,17 @@ async fn stay_attached(
                 }
                 warn!("LFD {}: stream to the GFD ended ({ended}); reconnecting", config.replica_id);
             }
-            Err(status) => debug!("LFD {}: GFD unreachable: {}", config.replica_id, status.message()),
+            Err(status) => {
+                debug!("LFD {}: GFD {gfd_address} unreachable: {}", config.replica_id, status.message());
+                // The operator may have moved: its replica knows the current address.
+                if let Some(moved) = current_gfd_address(&replica).await.filter(|a| *a != gfd_address) {
+                    info!("LFD {}: the GFD moved to {moved}", config.replica_id);
+                    channel = lazy_channel(&moved, Duration::from_millis(500)).ok();
+                    gfd_address = moved;
+                    backoff = Duration::from_millis(50);
+                    continue;
+                }
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
@@ -174,6 +190,16 @@ async fn stay_attached(
         }
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }
+}
+
+/// The GFD address the operator last gave the replica, if any.
+async fn current_gfd_address(replica: &Channel) -> Option<String> {
+    let mut client = pb::replica_client::ReplicaClient::new(replica.clone());
+    let status = tokio::time::timeout(Duration::from_millis(500), client.status(pb::StatusRequest {}))
+        .await
+        .ok()?
+        .ok()?;
+    Some(status.into_inner().gfd_address).filter(|a| !a.is_empty())
 }
 
 async fn relay(
@@ -235,6 +261,8 @@ type Outbound = mpsc::Sender<Result<pb::GfdMessage, Status>>;
 pub struct Gfd {
     core: Mutex<GfdCore>,
     lfd_settings: Mutex<pb::DetectorSettings>,
+    /// Settings for the LFDs of some replicas only, by replica id prefix.
+    scoped_settings: Mutex<std::collections::BTreeMap<String, pb::DetectorSettings>>,
     events: broadcast::Sender<pb::MembershipEvent>,
     links: Mutex<HashMap<LinkId, Outbound>>,
     next_link: AtomicU64,
@@ -246,14 +274,41 @@ impl Gfd {
             heartbeat_interval_ms: Some(lfd.heartbeat_interval.as_millis() as u64),
             failure_threshold: Some(lfd.failure_threshold),
             gfd_heartbeat_interval_ms: Some(settings.heartbeat_interval_ms),
+            replica_prefix: String::new(),
         };
         Arc::new(Self {
             core: Mutex::new(GfdCore::new(settings, unix_ms())),
             lfd_settings: Mutex::new(lfd_settings),
+            scoped_settings: Mutex::new(std::collections::BTreeMap::new()),
             events: broadcast::channel(1024).0,
             links: Mutex::new(HashMap::new()),
             next_link: AtomicU64::new(1),
         })
+    }
+
+    /// The settings in force for `replica_id`'s LFD: the global ones, overridden by the
+    /// longest matching prefix.
+    fn settings_for(&self, replica_id: &str) -> pb::DetectorSettings {
+        let mut settings = self.lfd_settings.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let scoped = self.scoped_settings.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, over)) = scoped
+            .iter()
+            .filter(|(prefix, _)| replica_id.starts_with(prefix.as_str()))
+            .max_by_key(|(p, _)| p.len())
+        {
+            settings.heartbeat_interval_ms = over.heartbeat_interval_ms.or(settings.heartbeat_interval_ms);
+            settings.failure_threshold = over.failure_threshold.or(settings.failure_threshold);
+        }
+        settings.replica_prefix = String::new();
+        settings
+    }
+
+    fn send_settings(&self, link: LinkId, settings: pb::DetectorSettings) {
+        let outbound = self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&link).cloned();
+        if let Some(outbound) = outbound {
+            let _ =
+                outbound.try_send(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Settings(settings)) }));
+        }
     }
 
     fn core(&self) -> std::sync::MutexGuard<'_, GfdCore> {
@@ -328,6 +383,8 @@ impl Gfd {
                 Some(lfd_message::Kind::Hello(hello)) => {
                     debug!(link, replica = %hello.replica_id, "LFD attached");
                     self.core().hello(link, &hello.replica_id, &hello.replica_address, now);
+                    // A (re)attached LFD adopts the settings in force, changed at run time or not.
+                    self.send_settings(link, self.settings_for(&hello.replica_id));
                 }
                 Some(lfd_message::Kind::Report(report)) => {
                     let changes = self.core().report(link, &report, now);
@@ -377,9 +434,6 @@ impl pb::fault_detector_server::FaultDetector for GfdService {
         let gfd = &self.0;
         let link = gfd.next_link.fetch_add(1, Ordering::Relaxed);
         let (outbound, receiver) = mpsc::channel(16);
-        // A (re)attached LFD adopts the settings in force, changed at run time or not.
-        let settings = *gfd.lfd_settings.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = outbound.try_send(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Settings(settings)) }));
         gfd.core().link_opened(link, unix_ms());
         gfd.links.lock().unwrap_or_else(|p| p.into_inner()).insert(link, outbound);
         tokio::spawn(Arc::clone(gfd).read_link(link, request.into_inner()).in_current_span());
@@ -432,22 +486,30 @@ impl pb::fault_detector_server::FaultDetector for GfdService {
             return Err(Status::invalid_argument("failure_threshold must be at least 1"));
         }
         let gfd = &self.0;
-        gfd.core().set_heartbeat(update.gfd_heartbeat_interval_ms, update.failure_threshold);
-        let settings = {
+        let prefix = update.replica_prefix.clone();
+        if prefix.is_empty() {
+            gfd.core().set_heartbeat(update.gfd_heartbeat_interval_ms, update.failure_threshold);
             let mut current = gfd.lfd_settings.lock().unwrap_or_else(|p| p.into_inner());
             current.heartbeat_interval_ms = update.heartbeat_interval_ms.or(current.heartbeat_interval_ms);
             current.failure_threshold = update.failure_threshold.or(current.failure_threshold);
             current.gfd_heartbeat_interval_ms =
                 update.gfd_heartbeat_interval_ms.or(current.gfd_heartbeat_interval_ms);
-            *current
-        };
-        info!(?settings, "GFD: detector settings changed");
-        let links: Vec<Outbound> =
-            gfd.links.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
-        for outbound in links {
-            let _ =
-                outbound.try_send(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Settings(settings)) }));
+        } else {
+            let mut scoped = gfd.scoped_settings.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = scoped.entry(prefix.clone()).or_default();
+            entry.heartbeat_interval_ms = update.heartbeat_interval_ms.or(entry.heartbeat_interval_ms);
+            entry.failure_threshold = update.failure_threshold.or(entry.failure_threshold);
         }
+        info!(?update, "GFD: detector settings changed");
+        let links: Vec<(LinkId, String)> = {
+            let core = gfd.core();
+            core.links().filter_map(|link| Some((link, core.replica_of(link)?.to_owned()))).collect()
+        };
+        for (link, replica) in links.into_iter().filter(|(_, replica)| replica.starts_with(&prefix)) {
+            gfd.send_settings(link, gfd.settings_for(&replica));
+        }
+        let mut settings = gfd.settings_for(&prefix);
+        settings.replica_prefix = prefix;
         Ok(Response::new(settings))
     }
 }

@@ -1,0 +1,102 @@
+//! `tandem operator`: the Kubernetes operator (the RM), normally run by the helm chart
+//! beside its GFD sidecar. It waits for the leader lease, then reconciles every
+//! ReplicatedService in the cluster.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use tandem_operator::controller::{self, Context};
+use tandem_operator::crd::Defaults;
+use tandem_operator::leader::{self, LeaseSettings};
+use tandem_operator::membership::MembershipView;
+use tandem_operator::pods::PodSettings;
+use tandem_operator::rm::Spec;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::replica::stop_on_signal;
+use crate::up::ModeArg;
+
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
+    /// Image of the replica pods when a ReplicatedService names none.
+    #[arg(long, env = "TANDEM_DEFAULT_IMAGE")]
+    pub image: String,
+    /// This pod's IP: the LFDs reach the GFD sidecar at POD_IP:GFD_PORT.
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: String,
+    #[arg(long, env = "TANDEM_GFD_PORT", default_value_t = 7100)]
+    pub gfd_port: u16,
+    /// Namespace of the leader-election lease (this pod's).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// This operator's identity in the lease (its pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Elect a leader among operator replicas (turn off only with a single replica).
+    #[arg(long, env = "TANDEM_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Log filter for the replica pods.
+    #[arg(long, env = "TANDEM_REPLICA_LOG", default_value = "info")]
+    pub replica_log_level: String,
+    /// Defaults for what a ReplicatedService leaves out.
+    #[arg(long, env = "TANDEM_DEFAULT_REPLICAS", default_value_t = 3)]
+    pub default_replicas: u32,
+    #[arg(long, env = "TANDEM_DEFAULT_MODE", value_enum, default_value = "passive")]
+    pub default_mode: ModeArg,
+    #[arg(long, env = "TANDEM_DEFAULT_HEARTBEAT_INTERVAL_MS", default_value_t = 100)]
+    pub default_heartbeat_interval_ms: u64,
+    #[arg(long, env = "TANDEM_DEFAULT_FAILURE_THRESHOLD", default_value_t = 3)]
+    pub default_failure_threshold: u32,
+    #[arg(long, env = "TANDEM_DEFAULT_CHECKPOINT_INTERVAL_MS", default_value_t = 2000)]
+    pub default_checkpoint_interval_ms: u64,
+}
+
+pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
+    let defaults = Defaults {
+        image: args.image,
+        spec: Spec {
+            replicas: args.default_replicas,
+            mode: args.default_mode.into(),
+            heartbeat_interval_ms: args.default_heartbeat_interval_ms,
+            failure_threshold: args.default_failure_threshold,
+            checkpoint_interval_ms: args.default_checkpoint_interval_ms,
+        },
+    };
+    let problems = defaults.spec.problems();
+    anyhow::ensure!(problems.is_empty(), "bad defaults: {}", problems.join("; "));
+    let identity = args
+        .identity
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .unwrap_or_else(|| format!("tandem-operator-{}", std::process::id()));
+    let client = kube::Client::try_default().await.context("cannot reach the Kubernetes API")?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    if args.leader_election {
+        let lease = LeaseSettings {
+            namespace: args.namespace.clone(),
+            name: "tandem-operator".into(),
+            identity: identity.clone(),
+            duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(3),
+        };
+        tokio::select! {
+            led = leader::lead(client.clone(), lease, shutdown.clone()) => led.context("leader election")?,
+            () = shutdown.cancelled() => return Ok(()),
+        }
+    }
+    let pdb_v1 = controller::serves_pdb_v1(&client).await;
+    info!(%identity, pdb = if pdb_v1 { "policy/v1" } else { "policy/v1beta1" }, "operator starting");
+    let pod_settings = PodSettings {
+        gfd_address: format!("{}:{}", args.pod_ip, args.gfd_port),
+        log_level: args.replica_log_level,
+    };
+    let membership = Arc::new(Mutex::new(MembershipView::default()));
+    let ctx = Arc::new(Context::new(client, defaults, pod_settings, membership, pdb_v1, identity));
+    controller::run(ctx, format!("127.0.0.1:{}", args.gfd_port), shutdown.clone()).await;
+    info!("operator stopped");
+    // Stopped on a signal, or lost the lease: exit, so a restart competes for it afresh.
+    Ok(())
+}

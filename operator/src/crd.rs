@@ -1,0 +1,242 @@
+//! The `ReplicatedService` custom resource (`tandem.dev/v1alpha1`, short name `rsvc`):
+//! what a user asks for (spec) and what the operator reports (status). The CRD YAML in
+//! crds/ is generated from these types (`tandem crd`), and a test fails when it is stale.
+
+// Several `printcolumn(type_ = "string", ...)` read as duplicates to this lint.
+#![allow(clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use serde::{Deserialize, Serialize};
+use tandem_replica::pb::Mode;
+
+use crate::rm::Spec;
+
+/// A replicated key-value service: `replicas` replica pods, each with a Local Fault
+/// Detector sidecar, kept healthy by the Tandem operator.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "tandem.dev",
+    version = "v1alpha1",
+    kind = "ReplicatedService",
+    plural = "replicatedservices",
+    shortname = "rsvc",
+    category = "tandem",
+    namespaced,
+    status = "ReplicatedServiceStatus",
+    printcolumn(
+        name = "Mode",
+        type_ = "string",
+        json_path = ".status.mode",
+        description = "replication mode in force"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.ready",
+        description = "ready members / desired replicas"
+    ),
+    printcolumn(
+        name = "Primary",
+        type_ = "string",
+        json_path = ".status.primary",
+        description = "primary (passive) or order-keeper (active)"
+    ),
+    printcolumn(
+        name = "Epoch",
+        type_ = "integer",
+        json_path = ".status.epoch",
+        description = "configuration epoch"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new(
+    "!has(self.checkpointIntervalMs) || self.checkpointIntervalMs == 0 || self.checkpointIntervalMs >= (has(self.heartbeatIntervalMs) ? self.heartbeatIntervalMs : 100)"
+).message("checkpointIntervalMs must be 0 (off) or at least heartbeatIntervalMs"))]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicatedServiceSpec {
+    /// Number of replicas (default: the operator's, normally 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 9))]
+    pub replicas: Option<i32>,
+    /// `passive` (a primary executes and checkpoints its backups) or `active` (every
+    /// replica executes every request). Changeable on a live service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "mode_schema")]
+    pub mode: Option<ReplicationMode>,
+    /// Image with the `tandem` binary (default: the operator's own image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+    /// How often each LFD heartbeats its replica, in milliseconds (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 60000))]
+    pub heartbeat_interval_ms: Option<i64>,
+    /// Missed heartbeats before a replica is declared dead (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_threshold: Option<i32>,
+    /// Passive mode: how often the primary checkpoints its backups, in milliseconds;
+    /// 0 turns periodic checkpoints off (default 2000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600000))]
+    pub checkpoint_interval_ms: Option<i64>,
+    /// Resources of the replica container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Overrides of the replica pods' template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_template: Option<PodOverrides>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicationMode {
+    Passive,
+    Active,
+}
+
+impl From<ReplicationMode> for Mode {
+    fn from(mode: ReplicationMode) -> Self {
+        match mode {
+            ReplicationMode::Passive => Mode::Passive,
+            ReplicationMode::Active => Mode::Active,
+        }
+    }
+}
+
+/// `passive` or `active`, and nothing else: an API server refuses any other value.
+fn mode_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "passive (a primary executes and checkpoints its backups) or active (every replica executes every request). Changeable on a live service.",
+        "type": "string",
+        "enum": ["passive", "active"]
+    })
+}
+
+/// Scheduling overrides for the replica pods.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Extra labels on the replica pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+/// What the operator reports, and the Replication Manager's record: the configuration in
+/// force is written here (with optimistic concurrency) before it is pushed, so the API
+/// server is the one authority for epochs.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicatedServiceStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Epoch of the configuration in force.
+    #[serde(default)]
+    pub epoch: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Pod name of the primary (passive) or order-keeper (active).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// `ready members/desired replicas`, e.g. `3/3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    #[serde(default)]
+    pub members: Vec<MemberStatus>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// How many times the primary changed.
+    #[serde(default)]
+    pub failovers: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover_time: Option<Time>,
+    /// The configuration in force, as pushed to the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configuration: Option<ConfigurationStatus>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// Pod name.
+    pub name: String,
+    /// Replica id within the service (r1, r2, ...).
+    pub id: String,
+    /// primary, backup, joining, standby, or gone.
+    pub role: String,
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// When its LFD last answered the GFD (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<String>,
+    #[serde(default)]
+    pub checkpoint_seq: i64,
+    #[serde(default)]
+    pub last_seq: i64,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigurationStatus {
+    pub epoch: i64,
+    pub mode: String,
+    /// Replica id of the primary.
+    pub primary: String,
+    pub members: Vec<ConfiguredMember>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfiguredMember {
+    pub id: String,
+    pub address: String,
+    /// Member without a break since this epoch (the RM promotes only members that
+    /// synced with their leader since).
+    pub joined_epoch: i64,
+}
+
+/// Operator-wide defaults for what a spec leaves out (set through the helm chart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Defaults {
+    pub image: String,
+    pub spec: Spec,
+}
+
+impl ReplicatedServiceSpec {
+    /// The RM's spec, with the operator's defaults filled in.
+    pub fn effective(&self, defaults: &Defaults) -> Spec {
+        let base = &defaults.spec;
+        let positive = |value: Option<i64>, default: u64| value.map_or(default, |v| v.max(0) as u64);
+        Spec {
+            replicas: self.replicas.map_or(base.replicas, |r| r.max(0) as u32),
+            mode: self.mode.map_or(base.mode, Mode::from),
+            heartbeat_interval_ms: positive(self.heartbeat_interval_ms, base.heartbeat_interval_ms),
+            failure_threshold: self.failure_threshold.map_or(base.failure_threshold, |t| t.max(0) as u32),
+            checkpoint_interval_ms: positive(self.checkpoint_interval_ms, base.checkpoint_interval_ms),
+        }
+    }
+
+    pub fn image<'a>(&'a self, defaults: &'a Defaults) -> &'a str {
+        self.image.as_deref().unwrap_or(&defaults.image)
+    }
+}
+
+/// The CRD as YAML, as checked in under crds/.
+pub fn crd_yaml() -> String {
+    let crd = ReplicatedService::crd();
+    let yaml = serde_yaml::to_string(&crd).expect("a CRD always serializes");
+    format!("# Generated by `tandem crd` from operator/src/crd.rs. Do not edit.\n{yaml}")
+}

@@ -1,0 +1,429 @@
+//! Translations between Kubernetes and the RM, all pure: the RM's record from the
+//! resource's status, its observations from the pods (plus the GFD's membership and the
+//! replicas' own status), and the status to write back — members, printer columns and
+//! conditions (SpecValid, Available, Degraded, Progressing).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use tandem_replica::pb::{self, Mode};
+
+use crate::crd::{
+    ConfigurationStatus, ConfiguredMember, MemberStatus, ReplicatedService, ReplicatedServiceStatus,
+};
+use crate::membership::MembershipView;
+use crate::pods::{REPLICA_LABEL, REPLICA_PORT, detector_id, pod_name};
+use crate::rm::{self, Facts, Instance, Liveness, Observed, Record, Restarts, Spec};
+
+/// The RM's record: the configuration and join epochs from the status, the back-off
+/// state the operator keeps in memory.
+pub fn record_from_status(
+    status: Option<&ReplicatedServiceStatus>,
+    restarts: BTreeMap<String, Restarts>,
+) -> Record {
+    let Some(status) = status else { return Record { restarts, ..Record::default() } };
+    let config = status.configuration.as_ref().map(|c| pb::Configuration {
+        epoch: c.epoch.max(0) as u64,
+        mode: match c.mode.as_str() {
+            "active" => Mode::Active,
+            _ => Mode::Passive,
+        }
+        .into(),
+        primary: c.primary.clone(),
+        members: c
+            .members
+            .iter()
+            .map(|m| pb::Member { id: m.id.clone(), address: m.address.clone() })
+            .collect(),
+    });
+    let joined_epoch = status
+        .configuration
+        .iter()
+        .flat_map(|c| &c.members)
+        .map(|m| (m.id.clone(), m.joined_epoch.max(0) as u64))
+        .collect();
+    Record {
+        config,
+        joined_epoch,
+        failovers: status.failovers.max(0) as u64,
+        restarts,
+        dead_since: BTreeMap::new(),
+    }
+}
+
+/// The configuration as the status records it.
+pub fn configuration_status(record: &Record) -> Option<ConfigurationStatus> {
+    let config = record.config.as_ref()?;
+    Some(ConfigurationStatus {
+        epoch: config.epoch as i64,
+        mode: rm::mode_name(config.mode()).into(),
+        primary: config.primary.clone(),
+        members: config
+            .members
+            .iter()
+            .map(|m| ConfiguredMember {
+                id: m.id.clone(),
+                address: m.address.clone(),
+                joined_epoch: record.joined_epoch.get(&m.id).copied().unwrap_or(config.epoch) as i64,
+            })
+            .collect(),
+    })
+}
+
+/// Whether a pod still counts as a running instance of its replica.
+pub fn pod_running(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    pod.metadata.deletion_timestamp.is_none() && !matches!(phase, Some("Failed" | "Succeeded"))
+}
+
+pub fn pod_address(pod: &Pod) -> Option<String> {
+    let ip = pod.status.as_ref()?.pod_ip.as_ref()?;
+    Some(format!("{ip}:{REPLICA_PORT}"))
+}
+
+/// What the RM observes: one entry per replica pod, plus a gone entry for each member
+/// whose pod no longer exists (so its id is reused for the replacement).
+pub fn observe(
+    rsvc: &ReplicatedService,
+    pods: &[Pod],
+    membership: &MembershipView,
+    statuses: &BTreeMap<String, pb::ReplicaStatus>,
+    record: &Record,
+) -> Vec<Observed> {
+    let namespace = rsvc.namespace().unwrap_or_default();
+    let mut observed: BTreeMap<String, Observed> = BTreeMap::new();
+    for pod in pods {
+        let Some(id) = pod.labels().get(REPLICA_LABEL).cloned() else { continue };
+        let facts = statuses.get(&id).map(|s| Facts {
+            epoch: s.configuration.as_ref().map_or(0, |c| c.epoch),
+            last_seq: s.last_seq,
+            synced_epoch: s.synced_epoch,
+        });
+        let entry = Observed {
+            address: pod_address(pod).unwrap_or_default(),
+            instance: if pod_running(pod) { Instance::Running } else { Instance::Gone },
+            liveness: membership.liveness(&detector_id(&namespace, &pod.name_any())),
+            facts,
+            id: id.clone(),
+        };
+        // Of two pods for one id (one terminating), the running one counts.
+        if observed.get(&id).is_none_or(|o| o.instance == Instance::Gone) {
+            observed.insert(id, entry);
+        }
+    }
+    for member in record.config.iter().flat_map(|c| &c.members) {
+        observed.entry(member.id.clone()).or_insert_with(|| Observed {
+            id: member.id.clone(),
+            address: member.address.clone(),
+            instance: Instance::Gone,
+            liveness: Liveness::Unknown,
+            facts: None,
+        });
+    }
+    observed.into_values().collect()
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    }
+}
+
+/// Everything the status shows after this reconciliation.
+#[allow(clippy::too_many_arguments)]
+pub fn build_status(
+    rsvc: &ReplicatedService,
+    spec: &Spec,
+    problems: &[String],
+    record: &Record,
+    observed: &[Observed],
+    statuses: &BTreeMap<String, pb::ReplicaStatus>,
+    membership: &MembershipView,
+    now_ms: u64,
+) -> ReplicatedServiceStatus {
+    let previous = rsvc.status.clone().unwrap_or_default();
+    let namespace = rsvc.namespace().unwrap_or_default();
+    let service = rsvc.name_any();
+    let config = record.config.as_ref();
+    let now = Time(Timestamp::from_millisecond(now_ms as i64).unwrap_or(Timestamp::UNIX_EPOCH));
+    let generation = rsvc.metadata.generation;
+
+    let members: Vec<MemberStatus> = observed
+        .iter()
+        .map(|o| {
+            let name = pod_name(&service, &o.id);
+            let member = config.is_some_and(|c| c.members.iter().any(|m| m.id == o.id));
+            let role = match (o.instance, config) {
+                (Instance::Gone, _) => "gone",
+                (_, Some(c)) if c.primary == o.id => "primary",
+                _ if member => "backup",
+                _ if matches!(o.liveness, Liveness::Alive { ready: true }) => "standby",
+                _ => "joining",
+            };
+            let heartbeat = membership
+                .heartbeat(&detector_id(&namespace, &name))
+                .and_then(|ms| Timestamp::from_millisecond(ms as i64).ok().map(|t| t.to_string()));
+            let status = statuses.get(&o.id);
+            MemberStatus {
+                name,
+                id: o.id.clone(),
+                role: role.into(),
+                ready: o.instance == Instance::Running
+                    && matches!(o.liveness, Liveness::Alive { ready: true }),
+                address: (!o.address.is_empty()).then(|| o.address.clone()),
+                last_heartbeat: heartbeat,
+                checkpoint_seq: status.map_or(0, |s| s.checkpoint_seq as i64),
+                last_seq: status.map_or(0, |s| s.last_seq as i64),
+            }
+        })
+        .collect();
+    let ready_members = members
+        .iter()
+        .filter(|m| m.ready && config.is_some_and(|c| c.members.iter().any(|x| x.id == m.id)))
+        .count();
+    let primary_ready = config.is_some_and(|c| members.iter().any(|m| m.id == c.primary && m.ready));
+    let running = observed.iter().filter(|o| o.instance == Instance::Running).count();
+    let wanted = spec.replicas as usize;
+    let member_count = config.map_or(0, |c| c.members.len());
+
+    let mut conditions = vec![
+        if problems.is_empty() {
+            condition("SpecValid", true, "Valid", "the spec is valid".into(), generation, &now)
+        } else {
+            condition("SpecValid", false, "InvalidSpec", problems.join("; "), generation, &now)
+        },
+        if primary_ready {
+            let primary = config.map(|c| c.primary.clone()).unwrap_or_default();
+            condition(
+                "Available",
+                true,
+                "PrimaryReady",
+                format!("{} serves clients", pod_name(&service, &primary)),
+                generation,
+                &now,
+            )
+        } else {
+            condition(
+                "Available",
+                false,
+                "NoReadyPrimary",
+                "no ready primary: clients wait".into(),
+                generation,
+                &now,
+            )
+        },
+        if ready_members >= wanted && member_count == wanted {
+            condition(
+                "Degraded",
+                false,
+                "AllMembersReady",
+                format!("{ready_members}/{wanted} members ready"),
+                generation,
+                &now,
+            )
+        } else {
+            condition(
+                "Degraded",
+                true,
+                "MembersMissing",
+                format!("{ready_members}/{wanted} members ready"),
+                generation,
+                &now,
+            )
+        },
+        if running == wanted && member_count == wanted && config.is_some_and(|c| c.mode() == spec.mode) {
+            condition("Progressing", false, "Stable", "the group matches the spec".into(), generation, &now)
+        } else {
+            condition(
+                "Progressing",
+                true,
+                "Reconciling",
+                format!("{running} replicas running, {member_count} members, {wanted} wanted"),
+                generation,
+                &now,
+            )
+        },
+    ];
+    // A condition keeps its transition time while its status stays the same.
+    for condition in &mut conditions {
+        if let Some(old) =
+            previous.conditions.iter().find(|c| c.type_ == condition.type_ && c.status == condition.status)
+        {
+            condition.last_transition_time = old.last_transition_time.clone();
+        }
+    }
+    let failover_happened = record.failovers as i64 > previous.failovers;
+    ReplicatedServiceStatus {
+        observed_generation: generation,
+        epoch: config.map_or(0, |c| c.epoch as i64),
+        mode: config.map(|c| rm::mode_name(c.mode()).to_owned()),
+        primary: config.map(|c| pod_name(&service, &c.primary)),
+        ready: Some(format!("{ready_members}/{wanted}")),
+        ready_replicas: ready_members as i32,
+        members,
+        conditions,
+        failovers: record.failovers as i64,
+        last_failover_time: if failover_happened { Some(now) } else { previous.last_failover_time },
+        configuration: configuration_status(record),
+    }
+}
+
+/// The status without its volatile parts (heartbeat times), to tell whether a write is
+/// worth it.
+pub fn settled_part(status: &ReplicatedServiceStatus) -> ReplicatedServiceStatus {
+    let mut status = status.clone();
+    for member in &mut status.members {
+        member.last_heartbeat = None;
+        member.last_seq = 0;
+        member.checkpoint_seq = 0;
+    }
+    status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::ReplicatedServiceSpec;
+    use k8s_openapi::api::core::v1::PodStatus;
+    use kube::api::ObjectMeta;
+
+    fn pod(id: &str, ip: Option<&str>, deleting: bool) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(format!("demo-{id}")),
+                labels: Some(BTreeMap::from([(REPLICA_LABEL.to_owned(), id.to_owned())])),
+                deletion_timestamp: deleting.then_some(Time(Timestamp::UNIX_EPOCH)),
+                ..ObjectMeta::default()
+            },
+            spec: None,
+            status: Some(PodStatus {
+                pod_ip: ip.map(String::from),
+                phase: Some("Running".into()),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    fn rsvc() -> ReplicatedService {
+        let mut rsvc = ReplicatedService::new("demo", ReplicatedServiceSpec::default());
+        rsvc.metadata.namespace = Some("ns".into());
+        rsvc.metadata.generation = Some(4);
+        rsvc
+    }
+
+    fn record() -> Record {
+        let config = pb::Configuration {
+            epoch: 5,
+            mode: Mode::Passive.into(),
+            primary: "r1".into(),
+            members: ["r1", "r2", "r3"]
+                .iter()
+                .map(|id| pb::Member { id: (*id).into(), address: format!("{id}:7000") })
+                .collect(),
+        };
+        Record {
+            config: Some(config),
+            joined_epoch: BTreeMap::from([("r1".into(), 1), ("r2".into(), 1), ("r3".into(), 4)]),
+            failovers: 2,
+            ..Record::default()
+        }
+    }
+
+    #[test]
+    fn the_record_survives_a_round_trip_through_the_status() {
+        let record = record();
+        let status = ReplicatedServiceStatus {
+            configuration: configuration_status(&record),
+            failovers: 2,
+            ..Default::default()
+        };
+        assert_eq!(record_from_status(Some(&status), BTreeMap::new()), record);
+        assert_eq!(record_from_status(None, BTreeMap::new()), Record::default());
+    }
+
+    #[test]
+    fn a_deleted_pod_is_gone_at_once_and_a_member_without_pod_too() {
+        let pods = vec![pod("r1", Some("10.0.0.1"), false), pod("r2", Some("10.0.0.2"), true)];
+        let observed = observe(&rsvc(), &pods, &MembershipView::default(), &BTreeMap::new(), &record());
+        let by_id: BTreeMap<&str, &Observed> = observed.iter().map(|o| (o.id.as_str(), o)).collect();
+        assert_eq!(by_id["r1"].instance, Instance::Running);
+        assert_eq!(by_id["r1"].address, "10.0.0.1:7000");
+        assert_eq!(by_id["r2"].instance, Instance::Gone, "deletion timestamp: a failed member");
+        assert_eq!(by_id["r3"].instance, Instance::Gone, "member without a pod");
+    }
+
+    #[test]
+    fn status_reports_primary_readiness_and_conditions() {
+        let mut record = record();
+        record.failovers = 3;
+        let observed: Vec<Observed> = ["r1", "r2", "r3"]
+            .iter()
+            .map(|id| Observed {
+                id: (*id).into(),
+                address: format!("{id}:7000"),
+                instance: Instance::Running,
+                liveness: if *id == "r3" {
+                    Liveness::Alive { ready: false }
+                } else {
+                    Liveness::Alive { ready: true }
+                },
+                facts: None,
+            })
+            .collect();
+        let status = build_status(
+            &rsvc(),
+            &Spec::default(),
+            &[],
+            &record,
+            &observed,
+            &BTreeMap::new(),
+            &MembershipView::default(),
+            1_000,
+        );
+        assert_eq!(
+            (status.epoch, status.primary.as_deref(), status.ready.as_deref()),
+            (5, Some("demo-r1"), Some("2/3"))
+        );
+        assert_eq!(status.mode.as_deref(), Some("passive"));
+        let condition = |t: &str| status.conditions.iter().find(|c| c.type_ == t).map(|c| c.status.clone());
+        assert_eq!(condition("Available").as_deref(), Some("True"));
+        assert_eq!(condition("Degraded").as_deref(), Some("True"));
+        assert_eq!(condition("SpecValid").as_deref(), Some("True"));
+        assert!(status.last_failover_time.is_some(), "a new failover is timestamped");
+        assert_eq!(status.members.iter().find(|m| m.id == "r1").map(|m| m.role.as_str()), Some("primary"));
+    }
+
+    #[test]
+    fn an_invalid_spec_is_a_false_condition_with_the_reason() {
+        let problems =
+            vec!["checkpoint interval (10 ms) is shorter than the heartbeat interval (100 ms)".to_owned()];
+        let status = build_status(
+            &rsvc(),
+            &Spec::default(),
+            &problems,
+            &Record::default(),
+            &[],
+            &BTreeMap::new(),
+            &MembershipView::default(),
+            0,
+        );
+        let valid = status.conditions.iter().find(|c| c.type_ == "SpecValid").expect("condition");
+        assert_eq!((valid.status.as_str(), valid.reason.as_str()), ("False", "InvalidSpec"));
+        assert!(valid.message.contains("checkpoint interval"));
+    }
+}
