@@ -2,7 +2,7 @@
 //! beside its GFD sidecar. It waits for the leader lease, then reconciles every
 //! ReplicatedService in the cluster.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -10,7 +10,6 @@ use clap::Args;
 use tandem_operator::controller::{self, Context};
 use tandem_operator::crd::Defaults;
 use tandem_operator::leader::{self, LeaseSettings};
-use tandem_operator::membership::MembershipView;
 use tandem_operator::pods::PodSettings;
 use tandem_operator::rm::Spec;
 use tokio_util::sync::CancellationToken;
@@ -93,9 +92,9 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         gfd_address: format!("{}:{}", args.pod_ip, args.gfd_port),
         log_level: args.replica_log_level,
     };
-    let membership = Arc::new(Mutex::new(MembershipView::default()));
-    let ctx = Arc::new(Context::new(client, defaults, pod_settings, membership, pdb_v1, identity));
-    controller::run(ctx, format!("127.0.0.1:{}", args.gfd_port), shutdown.clone()).await;
+    let gfd_local = format!("127.0.0.1:{}", args.gfd_port);
+    let ctx = Arc::new(Context::new(client, defaults, pod_settings, gfd_local, pdb_v1, identity));
+    controller::run(ctx, shutdown.clone()).await;
     info!("operator stopped");
     // Stopped on a signal, or lost the lease: exit, so a restart competes for it afresh.
     Ok(())

@@ -1,7 +1,7 @@
-//! The CRD YAML checked in under crds/ (and shipped in the helm chart) must be exactly
-//! what the Rust types generate: change the types, then run
+//! The CRD YAML checked in under crds/ (and shipped in the helm chart's files/) must be
+//! exactly what the Rust types generate: change the types, then run
 //! `cargo run -- crd > crds/replicatedservices.tandem.dev.yaml` and copy it to
-//! charts/tandem/crds/.
+//! charts/tandem/files/.
 
 use tandem_operator::crd::crd_yaml;
 
@@ -9,7 +9,7 @@ use tandem_operator::crd::crd_yaml;
 fn checked_in_crds_match_the_rust_types() {
     let generated = crd_yaml();
     for path in
-        ["crds/replicatedservices.tandem.dev.yaml", "charts/tandem/crds/replicatedservices.tandem.dev.yaml"]
+        ["crds/replicatedservices.tandem.dev.yaml", "charts/tandem/files/replicatedservices.tandem.dev.yaml"]
     {
         let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
         let checked_in = std::fs::read_to_string(&file).unwrap_or_default();

@@ -514,13 +514,30 @@ struct Workload {
     /// Upper bound of the random time between invocation and linearization point, and
     /// between linearization point and completion.
     latency: u64,
+    /// Whether written values are unique (else drawn from `VALUES`).
+    unique_values: bool,
 }
 
-/// Values that ops write: numbers (so increments succeed) and words (so they fail).
+/// Values that ops write from a small pool, so that values repeat and collide, which makes
+/// histories ambiguous and the checker work: numbers (so increments succeed) and words (so
+/// they fail).
 const VALUES: [&str; 6] = ["a", "b", "0", "1", "-7", "+2"];
 
-fn random_op(rng: &mut StdRng, key: String, map: &BTreeMap<String, Vec<u8>>) -> Op {
-    let value = |rng: &mut StdRng| VALUES[rng.random_range(0..VALUES.len())].as_bytes().to_vec();
+fn random_op(
+    rng: &mut StdRng,
+    key: String,
+    map: &BTreeMap<String, Vec<u8>>,
+    written: &mut u64,
+    unique: bool,
+) -> Op {
+    // Unique values are what real tests write (each write identifiable by its value).
+    let mut value = |rng: &mut StdRng| {
+        *written += 1;
+        match unique {
+            true => format!("v{written}").into_bytes(),
+            false => VALUES[rng.random_range(0..VALUES.len())].as_bytes().to_vec(),
+        }
+    };
     match rng.random_range(0..10) {
         0..=2 => Op::Get { key },
         3 | 4 => Op::Put { value: value(rng), key },
@@ -534,6 +551,7 @@ fn random_op(rng: &mut StdRng, key: String, map: &BTreeMap<String, Vec<u8>>) -> 
             };
             Op::Cas { expected, new: value(rng), key }
         }
+        _ if unique => Op::Incr { delta: 1, key },
         _ => Op::Incr { delta: if rng.random_bool(0.02) { i64::MAX } else { rng.random_range(-3..=3) }, key },
     }
 }
@@ -546,6 +564,7 @@ fn generate(seed: u64, workload: Workload) -> Vec<Event> {
     let mut map = BTreeMap::new();
     let mut free_at = vec![0u64; workload.clients];
     let mut now = 0u64;
+    let mut written = 0;
     let mut history = Vec::with_capacity(workload.ops);
     for _ in 0..workload.ops {
         now += 1 + rng.random_range(0..workload.latency / 2 + 1);
@@ -554,19 +573,11 @@ fn generate(seed: u64, workload: Workload) -> Vec<Event> {
         let free: Vec<usize> = (0..workload.clients).filter(|&c| free_at[c] <= now).collect();
         let client = free[rng.random_range(0..free.len())];
         let key = format!("key{}", rng.random_range(0..workload.keys));
-        let op = random_op(&mut rng, key, &map);
+        let op = random_op(&mut rng, key, &map, &mut written, workload.unique_values);
         let invoked = now - rng.random_range(0..=workload.latency.min(now - free_at[client]));
         let completed = now + rng.random_range(0..=workload.latency);
         free_at[client] = completed + 1;
-        let kind = match &op {
-            Op::Get { .. } => 'g',
-            Op::Put { .. } => 'p',
-            Op::Delete { .. } => 'd',
-            Op::Cas { .. } => 'c',
-            Op::Incr { .. } => 'i',
-        };
-        let allowed = std::env::var("MIX").map(|m| m.contains(kind)).unwrap_or(true);
-        let event = if rng.random_bool(workload.unknown) && allowed {
+        let event = if rng.random_bool(workload.unknown) {
             if !rng.random_bool(workload.lost) {
                 apply(&mut map, &op);
             }
@@ -636,12 +647,16 @@ fn mutate(history: &mut [Event], seed: u64) {
     if history.is_empty() {
         return;
     }
+    // Mostly values written somewhere in the history, to make stale or early reads.
+    let mut written: Vec<Option<Vec<u8>>> = vec![None, Some(b"1".to_vec()), Some(b"-7".to_vec())];
+    for event in history.iter() {
+        if let Op::Put { value: v, .. } | Op::Cas { new: v, .. } = &event.op {
+            written.push(Some(v.clone()));
+        }
+    }
     for _ in 0..rng.random_range(1..=2) {
         let i = rng.random_range(0..history.len());
-        let value = |rng: &mut StdRng| {
-            [None, Some("a"), Some("1"), Some("2"), Some("-7")][rng.random_range(0..5)]
-                .map(|v| v.as_bytes().to_vec())
-        };
+        let value = |rng: &mut StdRng| written[rng.random_range(0..written.len())].clone();
         let event = &mut history[i];
         match &mut event.outcome {
             Outcome::Get(seen) => *seen = value(&mut rng),
@@ -679,13 +694,18 @@ fn workload_strategy() -> impl Strategy<Value = (u64, Workload)> {
         prop_oneof![Just(0u64), 1u64..=4, 5u64..=60],
     )
         .prop_map(|(seed, clients, keys, ops, unknown, latency)| {
-            let workload = Workload { clients, keys, ops, unknown, lost: 0.5, latency };
+            let workload = Workload { clients, keys, ops, unknown, lost: 0.5, latency, unique_values: false };
             (seed, workload)
         })
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        // Integration tests have no lib.rs or main.rs to store regressions next to.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn generated_linearizable_histories_pass((seed, workload) in workload_strategy()) {
@@ -709,7 +729,12 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(1000))]
+    #![proptest_config(ProptestConfig {
+        cases: 1000,
+        // Integration tests have no lib.rs or main.rs to store regressions next to.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn checker_agrees_with_brute_force_on_small_damaged_histories(
@@ -720,8 +745,9 @@ proptest! {
         ops in 0usize..=12,
         unknown in 0.0f64..0.5,
         latency in 0u64..=20,
+        unique_values in any::<bool>(),
     ) {
-        let workload = Workload { clients, keys, ops, unknown, lost: 0.5, latency };
+        let workload = Workload { clients, keys, ops, unknown, lost: 0.5, latency, unique_values };
         let mut history = generate(seed, workload);
         mutate(&mut history, damage);
         let expected = linearizable_by_brute_force(&history);
@@ -735,30 +761,14 @@ proptest! {
     }
 }
 
+fn hot_key(unknown: f64, unique_values: bool) -> Workload {
+    Workload { clients: 4, keys: 1, ops: 2000, unknown, lost: 0.5, latency: 40, unique_values }
+}
+
 #[test]
 fn two_thousand_events_on_one_hot_key_with_four_clients_pass() {
-    let workload = Workload {
-        clients: 4,
-        keys: 1,
-        ops: 2000,
-        unknown: std::env::var("U").map(|v| v.parse().expect("U")).unwrap_or(0.05),
-        lost: 0.5,
-        latency: std::env::var("L").map(|v| v.parse().expect("L")).unwrap_or(40),
-    };
-    for seed in std::env::var("S").map(|v| v.parse().expect("S")).unwrap_or(0)
-        ..std::env::var("S").map(|v| v.parse::<u64>().expect("S") + 1).unwrap_or(10)
-    {
-        let history = generate(seed, workload);
-        if std::env::var("C").is_ok() {
-            let (history, _) = corrupt_one_read(history.clone(), seed as usize * 7919).expect("reads");
-            let started = Instant::now();
-            let v = check(&history).expect_err("corrupt");
-            println!(
-                "corrupt seed {seed}: {:?} {}",
-                started.elapsed(),
-                v.explanation.lines().next().unwrap_or_default()
-            );
-        }
+    for seed in 0..3 {
+        let history = generate(seed, hot_key(0.05, false));
         let started = Instant::now();
         let stats = check(&history).unwrap_or_else(|violation| panic!("seed {seed}: {violation}"));
         println!("seed {seed}: {stats:?} in {:?}", started.elapsed());
@@ -767,8 +777,51 @@ fn two_thousand_events_on_one_hot_key_with_four_clients_pass() {
 }
 
 #[test]
+fn two_thousand_events_on_one_hot_key_with_unique_values_and_many_timeouts_pass() {
+    // The shape of real test workloads: every write distinct, counters incremented by one,
+    // and here one request in five timing out.
+    for seed in 0..2 {
+        let history = generate(seed, hot_key(0.2, true));
+        let started = Instant::now();
+        let stats = check(&history).unwrap_or_else(|violation| panic!("seed {seed}: {violation}"));
+        println!("seed {seed}: {stats:?} in {:?}", started.elapsed());
+    }
+}
+
+#[test]
+fn stale_read_deep_in_a_hot_key_history_with_timeouts_fails() {
+    let mut history = generate(3, hot_key(0.05, true));
+    // A read near the middle returns the value of a put some fifty operations earlier,
+    // overwritten since: the classic bug of a lagging replica answering reads.
+    let read = (1000..history.len())
+        .find(|&i| matches!(history[i].outcome, Outcome::Get(Some(_))))
+        .expect("the history has reads");
+    let stale = (0..read - 50)
+        .rev()
+        .find_map(|i| match (&history[i].op, &history[i].outcome) {
+            (Op::Put { value, .. }, Outcome::Put) => Some(value.clone()),
+            _ => None,
+        })
+        .expect("the history has puts");
+    history[read].outcome = Outcome::Get(Some(stale.clone()));
+    let started = Instant::now();
+    let violation = assert_fails_on(&history, "key0");
+    println!("{} in {:?}", violation.explanation.lines().next().unwrap_or_default(), started.elapsed());
+    let stale = String::from_utf8(stale).expect("generated values are text");
+    assert!(violation.explanation.contains(&format!("get \"key0\" -> \"{stale}\"")), "{violation}");
+}
+
+#[test]
 fn eight_clients_with_three_hundred_ops_each_over_fifty_keys_pass() {
-    let workload = Workload { clients: 8, keys: 50, ops: 8 * 300, unknown: 0.05, lost: 0.5, latency: 40 };
+    let workload = Workload {
+        clients: 8,
+        keys: 50,
+        ops: 8 * 300,
+        unknown: 0.05,
+        lost: 0.5,
+        latency: 40,
+        unique_values: false,
+    };
     let history = generate(7, workload);
     let started = Instant::now();
     let stats = check(&history).unwrap_or_else(|violation| panic!("{violation}"));
@@ -778,7 +831,15 @@ fn eight_clients_with_three_hundred_ops_each_over_fifty_keys_pass() {
 
 #[test]
 fn corrupted_read_in_a_large_history_fails_on_its_key() {
-    let workload = Workload { clients: 8, keys: 50, ops: 8 * 300, unknown: 0.05, lost: 0.5, latency: 40 };
+    let workload = Workload {
+        clients: 8,
+        keys: 50,
+        ops: 8 * 300,
+        unknown: 0.05,
+        lost: 0.5,
+        latency: 40,
+        unique_values: false,
+    };
     let (history, key) = corrupt_one_read(generate(11, workload), 1234).expect("a large history has reads");
     let violation = assert_fails_on(&history, &key);
     assert!(violation.explanation.contains("never-written"), "{violation}");

@@ -52,6 +52,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub defaults: Defaults,
     pub pod_settings: PodSettings,
+    /// Where this operator reaches its own GFD sidecar.
+    pub gfd_local: String,
     pub membership: Arc<Mutex<MembershipView>>,
     /// Restart back-off per service (in memory: an operator restart resets it).
     restarts: Mutex<HashMap<String, BTreeMap<String, Restarts>>>,
@@ -67,7 +69,7 @@ impl Context {
         client: Client,
         defaults: Defaults,
         pod_settings: PodSettings,
-        membership: Arc<Mutex<MembershipView>>,
+        gfd_local: String,
         pdb_v1: bool,
         identity: String,
     ) -> Self {
@@ -77,7 +79,8 @@ impl Context {
             client,
             defaults,
             pod_settings,
-            membership,
+            gfd_local,
+            membership: Arc::default(),
             restarts: Mutex::default(),
             pushed: Mutex::default(),
             pdb_v1,
@@ -293,7 +296,7 @@ async fn push_settings(
     let last = ctx.pushed.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
     if last.as_ref().is_none_or(|l| {
         (l.heartbeat_interval_ms, l.failure_threshold) != (spec.heartbeat_interval_ms, spec.failure_threshold)
-    }) && let Some(channel) = ctx.channel("127.0.0.1:7100")
+    }) && let Some(channel) = ctx.channel(&ctx.gfd_local)
     {
         let (namespace, name) = key.split_once('/').unwrap_or_default();
         let settings = pb::DetectorSettings {
@@ -407,9 +410,9 @@ pub fn service_of(detector_id: &str) -> Option<ObjectRef<ReplicatedService>> {
 
 /// Runs the controller until `shutdown`: reconciles every ReplicatedService on changes
 /// to it or its pods, on every membership change the GFD reports, and every RESYNC.
-pub async fn run(ctx: Arc<Context>, gfd: String, shutdown: CancellationToken) {
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let (updates, mut received) = mpsc::unbounded_channel();
-    tokio::spawn(membership::follow(gfd, updates, shutdown.clone()));
+    tokio::spawn(membership::follow(ctx.gfd_local.clone(), updates, shutdown.clone()));
     let (triggers, trigger_stream) = mpsc::unbounded_channel::<ObjectRef<ReplicatedService>>();
     let view = Arc::clone(&ctx.membership);
     tokio::spawn(async move {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, ObjectFieldSelector,
-    Pod, PodSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Pod, PodSecurityContext, PodSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -147,6 +147,7 @@ pub fn replica_pod(
         ports: Some(vec![ContainerPort {
             name: Some("grpc".into()),
             container_port: i32::from(REPLICA_PORT),
+            protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
         readiness_probe: Some(health),
@@ -194,6 +195,12 @@ pub fn replica_pod(
             // (its marker in the `run` volume stops it from bootstrapping twice). The RM
             // decides when a whole pod is recreated.
             restart_policy: Some("Always".into()),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(65534),
+                run_as_group: Some(65534),
+                ..PodSecurityContext::default()
+            }),
             termination_grace_period_seconds: Some(5),
             node_selector: overrides.node_selector,
             tolerations: overrides.tolerations,
@@ -239,6 +246,8 @@ fn grpc_port() -> ServicePort {
         name: Some("grpc".into()),
         port: i32::from(REPLICA_PORT),
         target_port: Some(IntOrString::Int(i32::from(REPLICA_PORT))),
+        // Spelled out: server-side apply on older API servers needs every list key.
+        protocol: Some("TCP".into()),
         ..ServicePort::default()
     }
 }

@@ -85,7 +85,8 @@ pub fn pod_address(pod: &Pod) -> Option<String> {
 }
 
 /// What the RM observes: one entry per replica pod, plus a gone entry for each member
-/// whose pod no longer exists (so its id is reused for the replacement).
+/// whose pod no longer exists and each replica being restarted (so the replacement gets
+/// the same id and pod name).
 pub fn observe(
     rsvc: &ReplicatedService,
     pods: &[Pod],
@@ -114,10 +115,13 @@ pub fn observe(
             observed.insert(id, entry);
         }
     }
-    for member in record.config.iter().flat_map(|c| &c.members) {
-        observed.entry(member.id.clone()).or_insert_with(|| Observed {
-            id: member.id.clone(),
-            address: member.address.clone(),
+    // Members without a pod, and replicas waiting to be restarted, keep their ids.
+    let members = record.config.iter().flat_map(|c| &c.members).map(|m| (m.id.clone(), m.address.clone()));
+    let restarting = record.restarts.keys().map(|id| (id.clone(), String::new()));
+    for (id, address) in members.chain(restarting) {
+        observed.entry(id.clone()).or_insert_with(|| Observed {
+            id,
+            address,
             instance: Instance::Gone,
             liveness: Liveness::Unknown,
             facts: None,

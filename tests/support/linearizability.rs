@@ -1,13 +1,13 @@
-//! Linearizability checker for Tandem key-value histories: decides whether what the clients
-//! observed could have come from one atomic map that applied each operation at some instant
-//! between its invocation and its completion. Keys are checked independently (locality), each
-//! with the Wing & Gong search plus Lowe's memoization ("WGL", as in Knossos and Porcupine).
+//! Linearizability checker for Tandem key-value histories: could one atomic map, applying each
+//! operation at an instant between its invocation and completion, explain every outcome? Keys
+//! are checked separately (locality), each by Wing & Gong search with Lowe's memoization (WGL).
 
 // Every test crate that includes this module uses a different subset of it.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -96,12 +96,12 @@ const INITIAL_BUDGET: u64 = 20_000;
 /// any, is ignored): it may take effect at any point after `invoked`, or never. Two events
 /// where one completes at the very nanosecond the other is invoked count as concurrent.
 pub fn check(history: &[Event]) -> Result<CheckStats, Violation> {
-    check_with(history, &[Strategy::Greedy, Strategy::Rounds])
+    check_with(history, &[Strategy::DepthFirst, Strategy::Rounds])
 }
 
 /// `check` using only plain depth-first search; for testing the checker itself.
 pub fn check_depth_first_only(history: &[Event]) -> Result<CheckStats, Violation> {
-    check_with(history, &[Strategy::Greedy])
+    check_with(history, &[Strategy::DepthFirst])
 }
 
 /// `check` using only the search in rounds; for testing the checker itself.
@@ -129,7 +129,7 @@ fn check_with(history: &[Event], strategies: &[Strategy]) -> Result<CheckStats, 
     let mut stats = CheckStats { keys: keys.len(), events: history.len(), states_explored: 0 };
     for key in keys {
         let indices = by_key.get(key).map(Vec::as_slice).unwrap_or_default();
-        stats.states_explored += KeySearch::new(history, key, indices).run(strategies)?;
+        stats.states_explored += Problem::new(history, key, indices).solve(strategies)?;
     }
     Ok(stats)
 }
@@ -176,10 +176,20 @@ type Val = u32;
 const ABSENT: Val = 0;
 
 /// Interns every value seen on one key; id 0 is "absent", id n is `values[n - 1]`.
-#[derive(Default)]
+///
+/// Values that no outcome shows and no compare-and-swap expects can only be told apart by
+/// whether `incr` parses them, and as what. So each such group shares one id: that makes,
+/// say, two timed-out puts of never-read values interchangeable, and states that differ only
+/// in such values one state. Real tests write unique values, and most are never read.
+#[derive(Default, Clone)]
 struct Values {
+    /// Values some outcome or compare-and-swap can tell apart from every other.
+    distinguished: HashSet<Vec<u8>>,
     ids: HashMap<Vec<u8>, Val>,
-    values: Vec<Vec<u8>>,
+    /// The id of each group of undistinguished values, by what `incr` parses them as.
+    groups: HashMap<Option<i64>, Val>,
+    /// One value of each id, and how many distinct values share it.
+    values: Vec<(Vec<u8>, usize)>,
     /// The value parsed as `incr` parses it, computed once per value.
     ints: Vec<Option<i64>>,
     /// Id of the decimal text of an integer, so `incr` needn't format and hash each time.
@@ -191,9 +201,23 @@ impl Values {
         if let Some(&id) = self.ids.get(bytes) {
             return id;
         }
-        self.values.push(bytes.to_vec());
-        self.ints.push(std::str::from_utf8(bytes).ok().and_then(|text| text.parse::<i64>().ok()));
-        let id = Val::try_from(self.values.len()).expect("fewer than 2^32 distinct values");
+        let int = std::str::from_utf8(bytes).ok().and_then(|text| text.parse::<i64>().ok());
+        let grouped = !self.distinguished.contains(bytes);
+        let id = match self.groups.get(&int) {
+            Some(&id) if grouped => {
+                self.values[id as usize - 1].1 += 1;
+                id
+            }
+            _ => {
+                self.values.push((bytes.to_vec(), 1));
+                self.ints.push(int);
+                let id = Val::try_from(self.values.len()).expect("fewer than 2^32 distinct values");
+                if grouped {
+                    self.groups.insert(int, id);
+                }
+                id
+            }
+        };
         self.ids.insert(bytes.to_vec(), id);
         id
     }
@@ -222,7 +246,10 @@ impl Values {
     fn show(&self, id: Val) -> String {
         match id {
             ABSENT => "absent".to_owned(),
-            _ => show_bytes(&self.values[id as usize - 1]),
+            _ => match &self.values[id as usize - 1] {
+                (bytes, 1) => show_bytes(bytes),
+                (bytes, _) => format!("{} (or another value that nothing read)", show_bytes(bytes)),
+            },
         }
     }
 }
@@ -253,7 +280,7 @@ enum ModelOut {
 }
 
 /// An op whose outcome the client learned. Its bit in the known bitset is its index in
-/// `KeySearch::known`, which is in invocation order.
+/// `Problem::known`, which is in invocation order.
 struct KnownOp {
     event: usize,
     op: ModelOp,
@@ -263,7 +290,7 @@ struct KnownOp {
 }
 
 /// An op whose client never learned the outcome: it takes effect once, at any time after
-/// `invoked`, or never. Its bit in the unknown bitset is its index in `KeySearch::unknown`.
+/// `invoked`, or never. Its bit in the unknown bitset is its index in `Problem::unknown`.
 struct UnknownOp {
     event: usize,
     op: ModelOp,
@@ -282,34 +309,70 @@ enum Step {
 /// pruned if a visited state has the same known ops and value and a SUBSET of its unknown
 /// ops: an unknown op may also never take effect, so having more of them still pending can
 /// only help, and whatever this state could reach, that one could too.
-/// A set of ops as a bitset.
-type OpSet = Vec<u64>;
-
 #[derive(Default)]
 struct Memo {
-    /// Linearized known ops -> for each value reached, the sets of linearized unknown ops.
-    seen: HashMap<OpSet, Vec<(Val, Vec<OpSet>)>>,
+    /// (hash of the known ops, value) -> the states with those; collisions are compared.
+    seen: HashMap<(u64, Val), Vec<MemoEntry>, BuildHasherDefault<MixHasher>>,
+}
+
+struct MemoEntry {
+    known: Box<[u64]>,
+    /// The minimal sets of linearized unknown ops visited with these known ops and value.
+    unknown_sets: Vec<Box<[u64]>>,
 }
 
 impl Memo {
     /// Records the state; false if it (or a state dominating it) was already visited.
-    fn visit(&mut self, known: &[u64], value: Val, unknown: &[u64]) -> bool {
-        let Some(by_value) = self.seen.get_mut(known) else {
-            self.seen.insert(known.to_vec(), vec![(value, vec![unknown.to_vec()])]);
+    fn visit(&mut self, known_hash: u64, known: &[u64], value: Val, unknown: &[u64]) -> bool {
+        let entries = self.seen.entry((known_hash, value)).or_default();
+        let Some(entry) = entries.iter_mut().find(|entry| *entry.known == *known) else {
+            entries.push(MemoEntry { known: known.into(), unknown_sets: vec![unknown.into()] });
             return true;
         };
-        let Some((_, sets)) = by_value.iter_mut().find(|(v, _)| *v == value) else {
-            by_value.push((value, vec![unknown.to_vec()]));
-            return true;
-        };
+        let sets = &mut entry.unknown_sets;
         if sets.iter().any(|set| is_subset(set, unknown)) {
             return false;
         }
         // Keep only the minimal sets: any superset of this one is now redundant.
         sets.retain(|set| !is_subset(unknown, set));
-        sets.push(unknown.to_vec());
+        sets.push(unknown.into());
         true
     }
+}
+
+/// A cheap hasher for memo keys, which are already well mixed (std's SipHash was most of
+/// the run time).
+#[derive(Default)]
+struct MixHasher(u64);
+
+impl Hasher for MixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.write_u64(u64::from(byte));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A fixed pseudo-random 64-bit tag per known op; the hash of a set of known ops is the XOR
+/// of their tags (Zobrist hashing), kept up to date as ops are linearized and undone.
+fn tag(i: usize) -> u64 {
+    // SplitMix64 finalizer.
+    let mut z = (i as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Whether every bit of `a` is set in `b` (same length). A plain loop: this is the hot
@@ -349,17 +412,19 @@ struct Saved {
     /// Known ops below `lo` are all linearized; `extra` lists those linearized above it.
     lo: usize,
     extra: Box<[usize]>,
+    known_hash: u64,
     unknown: Box<[u64]>,
     value: Val,
-    /// Whether an unknown op led to this state (see `try_unknown_ops`).
+    /// Whether an unknown op led to this state (see `Search::try_unknown`).
     after_unknown: bool,
 }
 
 /// A node of the depth-first search.
+#[derive(Clone, Copy)]
 struct Node {
     /// The op linearized to reach this node, and the value before it.
     via: Option<(Step, Val)>,
-    /// Whether the op that led here had an unknown outcome (see `next_child`).
+    /// Whether the op that led here had an unknown outcome.
     after_unknown: bool,
     /// Known candidates still to try: pending known ops in `next..end` invoked by `bound`.
     bound: u64,
@@ -369,56 +434,58 @@ struct Node {
     next_unknown: usize,
 }
 
-/// How to order the search (both are complete; they differ in what they find fast).
+/// How to order the search. Both are complete; they differ in what they find fast.
+///
+/// Unknown ops are what make the search expensive: each may be linearized anywhere after its
+/// invocation, or never, and the memo prunes a state only if one with the same known ops and
+/// value and FEWER unknown ops was visited. Depth-first search often visits the costlier
+/// state first, then explores the same ground again from the cheaper one; with many unknown
+/// ops that compounds exponentially when no linearization exists. Searching in rounds by the
+/// number of unknown ops used reaches every state only after all cheaper ones, but explores
+/// each round completely, which is slow when a linearization exists. So `check` runs both,
+/// taking turns under a budget that doubles: it costs at most a few times the better one.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Strategy {
     /// Plain depth-first, trying unknown ops only after the known ones at each node, so they
-    /// are used only where needed: finds a linearization of a valid history quickly.
-    Greedy,
-    /// In rounds by the number of unknown ops used (below): proves a violation quickly.
+    /// are used only where needed.
+    DepthFirst,
+    /// Round c explores, depth-first over known ops only, every state that uses exactly c
+    /// unknown ops, saving each; round c + 1 starts from those with one more unknown op.
     Rounds,
 }
 
-/// How an attempt ended.
+/// How a turn of a search ended.
 enum End {
     Linearized,
     Exhausted,
     OverBudget,
 }
 
-/// The WGL search over the events of one key.
-///
-/// Unknown ops are what make the search expensive: each may be linearized anywhere after its
-/// invocation, or never, and the memo prunes a state only if one with the same known ops and
-/// value and FEWER unknown ops was visited. Depth-first search often visits the costlier
-/// state first, then explores the same ground again from the cheaper one; with many unknown
-/// ops, that repeats exponentially when no linearization exists. So the search can also run
-/// in rounds: round c explores, depth-first over known ops only, every state that uses
-/// exactly c unknown ops, saving each one; round c + 1 starts from those with one more
-/// unknown op. Each state is then reached only after all cheaper ones. Both strategies take
-/// turns, under a state budget that doubles, so the answer costs at most a few times what the
-/// better one needs.
-struct KeySearch<'a> {
+/// The ops on one key, ready to search.
+struct Problem<'a> {
     history: &'a [Event],
     key: &'a str,
     /// Events on this key (for explanations), including unknown gets the search ignores.
     total: usize,
+    /// The values of the ops; each search extends its own copy.
     values: Values,
+    /// In invocation order.
     known: Vec<KnownOp>,
     unknown: Vec<UnknownOp>,
-    /// The current state: the linearized ops and the value they left.
-    known_bits: Vec<u64>,
-    unknown_bits: Vec<u64>,
-    value: Val,
-    known_done: usize,
-    memo: Memo,
-    explored: u64,
-    best: Best,
 }
 
-impl<'a> KeySearch<'a> {
+impl<'a> Problem<'a> {
     fn new(history: &'a [Event], key: &'a str, indices: &[usize]) -> Self {
         let mut values = Values::default();
+        for &index in indices {
+            let event = &history[index];
+            if let Op::Cas { expected: Some(value), .. } = &event.op {
+                values.distinguished.insert(value.clone());
+            }
+            if let Outcome::Get(Some(value)) | Outcome::Cas { current: Some(value), .. } = &event.outcome {
+                values.distinguished.insert(value.clone());
+            }
+        }
         let mut known = Vec::new();
         let mut unknown: Vec<UnknownOp> = Vec::new();
         let mut last_unknown_with: HashMap<ModelOp, usize> = HashMap::new();
@@ -464,336 +531,52 @@ impl<'a> KeySearch<'a> {
                 completed: event.completed.expect("validated: known outcomes have one"),
             });
         }
-        let known_bits = vec![0; known.len().div_ceil(64)];
-        let unknown_bits = vec![0; unknown.len().div_ceil(64)];
-        KeySearch {
-            history,
-            key,
-            total: indices.len(),
-            values,
-            best: Best { known: known_bits.clone(), unknown: unknown_bits.clone(), ..Best::default() },
-            known,
-            unknown,
-            known_bits,
-            unknown_bits,
-            value: ABSENT,
-            known_done: 0,
-            memo: Memo::default(),
-            explored: 0,
-        }
+        Problem { history, key, total: indices.len(), values, known, unknown }
     }
 
-    /// Applies `op` to `value` as the model does; None if that contradicts `out`, the
-    /// outcome the client saw (None if it saw none).
-    fn step(&mut self, value: Val, op: ModelOp, out: Option<ModelOut>) -> Option<Val> {
-        let (after, model_out) = match op {
-            ModelOp::Get => (value, ModelOut::Get(value)),
-            ModelOp::Put(new) => (new, ModelOut::Put),
-            ModelOp::Delete => (ABSENT, ModelOut::Delete(value != ABSENT)),
-            ModelOp::Cas { expected, new } => {
-                let swapped = value == expected;
-                let model_out = ModelOut::Cas { swapped, current: value };
-                (if swapped { new } else { value }, model_out)
-            }
-            ModelOp::Incr(delta) => {
-                let result = self.values.as_int(value).and_then(|n| n.checked_add(delta));
-                // Check the outcome before interning, so wrong guesses create no values.
-                if out.is_some_and(|out| out != ModelOut::Incr(result)) {
-                    return None;
-                }
-                return Some(result.map_or(value, |n| self.values.intern_int(n)));
-            }
+    /// Runs the strategies in turns; Ok(states explored) if some linearization explains
+    /// every op with a known outcome.
+    fn solve(&self, strategies: &[Strategy]) -> Result<u64, Violation> {
+        let mut searches: Vec<Search> =
+            strategies.iter().map(|&strategy| Search::new(self, strategy)).collect();
+        let mut limit = match strategies.len() {
+            1 => u64::MAX,
+            _ => INITIAL_BUDGET + 10 * self.total as u64,
         };
-        match out {
-            Some(out) if out != model_out => None,
-            _ => Some(after),
-        }
-    }
-
-    /// Where the candidates for the next linearization point are, in the current state:
-    /// (first pending known op, bound, end). A known op can go next iff it is pending, in
-    /// `first..end`, and invoked by `bound`, the earliest completion of a pending known op;
-    /// an unknown op iff it is pending and invoked by `bound`. (Ops that touch at an instant
-    /// count as concurrent.)
-    fn window(&self) -> (usize, u64, usize) {
-        let first = self
-            .known_bits
-            .iter()
-            .position(|&word| word != u64::MAX)
-            .map_or(self.known.len(), |w| w * 64 + (!self.known_bits[w]).trailing_zeros() as usize)
-            .min(self.known.len());
-        let mut bound = u64::MAX;
-        let mut end = first;
-        // Pending ops invoked after the bound complete after it, so they cannot lower it.
-        while end < self.known.len() && self.known[end].invoked <= bound {
-            if !has_bit(&self.known_bits, end) {
-                bound = bound.min(self.known[end].completed);
-            }
-            end += 1;
-        }
-        (first, bound, end)
-    }
-
-    /// Records the current state in the memo; false if it needn't be explored.
-    fn visit(&mut self) -> bool {
-        let new = self.memo.visit(&self.known_bits, self.value, &self.unknown_bits);
-        self.explored += u64::from(new);
-        new
-    }
-
-    fn note_progress(&mut self, root: Option<Step>, stack: &[Node]) {
-        if self.known_done <= self.best.known_done {
-            return;
-        }
-        let path = root.into_iter().chain(stack.iter().filter_map(|node| node.via.map(|(step, _)| step)));
-        let mut tail: Vec<Step> = path.collect();
-        tail.drain(..tail.len().saturating_sub(CONTEXT_LIMIT));
-        self.best = Best {
-            known_done: self.known_done,
-            known: self.known_bits.clone(),
-            unknown: self.unknown_bits.clone(),
-            value: self.value,
-            tail,
-        };
-    }
-
-    fn save(&self, first: usize, end: usize, after_unknown: bool) -> Saved {
-        // Linearized known ops are all before `end`: each was a candidate under a bound no
-        // later than the current one.
-        Saved {
-            lo: first,
-            extra: (first..end).filter(|&i| has_bit(&self.known_bits, i)).collect(),
-            unknown: self.unknown_bits.clone().into_boxed_slice(),
-            value: self.value,
-            after_unknown,
-        }
-    }
-
-    fn restore(&mut self, saved: &Saved) {
-        self.known_bits.fill(0);
-        for i in 0..saved.lo / 64 {
-            self.known_bits[i] = u64::MAX;
-        }
-        for i in (saved.lo / 64 * 64..saved.lo).chain(saved.extra.iter().copied()) {
-            flip_bit(&mut self.known_bits, i);
-        }
-        self.unknown_bits.copy_from_slice(&saved.unknown);
-        self.value = saved.value;
-        self.known_done = saved.lo + saved.extra.len();
-    }
-
-    /// Depth-first search from the current state, which was just visited, over known ops
-    /// and (when greedy) unknown ones; in rounds, saves each state it visits for the next
-    /// round. `root` is the unknown op that led to the current state, if any. Leaves the
-    /// current state as it found it unless it ends otherwise than exhausted.
-    fn explore(&mut self, root: Option<Step>, strategy: Strategy, saved: &mut Vec<Saved>, limit: u64) -> End {
-        let mut stack: Vec<Node> = Vec::new();
-        let mut via = None;
         loop {
-            // The current state is new: check it, save it, and make it a node.
-            if self.known_done == self.known.len() {
-                return End::Linearized;
-            }
-            if self.explored > limit {
-                return End::OverBudget;
-            }
-            let (first, bound, end) = self.window();
-            let after_unknown = match via {
-                None => root.is_some(),
-                Some((step, _)) => matches!(step, Step::Unknown(_)),
-            };
-            let some_unknown = self.unknown.first().is_some_and(|op| op.invoked <= bound);
-            if strategy == Strategy::Rounds && some_unknown {
-                saved.push(self.save(first, end, after_unknown));
-            }
-            stack.push(Node {
-                via,
-                after_unknown,
-                bound,
-                next: first,
-                end,
-                next_unknown: match strategy {
-                    Strategy::Greedy => 0,
-                    Strategy::Rounds => usize::MAX,
-                },
-            });
-            self.note_progress(root, &stack);
-            // Find the next new state, backtracking as needed.
-            loop {
-                let Some(node) = stack.last_mut() else {
-                    return End::Exhausted;
-                };
-                if let Some(found) = self.next_child(node) {
-                    via = Some(found);
-                    break;
-                }
-                // Every candidate failed here: undo the op that led to this node.
-                if let Some(Node { via: Some((step, before)), .. }) = stack.pop() {
-                    match step {
-                        Step::Known(i) => {
-                            flip_bit(&mut self.known_bits, i);
-                            self.known_done -= 1;
-                        }
-                        Step::Unknown(j) => flip_bit(&mut self.unknown_bits, j),
-                    }
-                    self.value = before;
-                }
-            }
-        }
-    }
-
-    /// Moves to the next new state reachable from `node` by one op: the known candidates
-    /// first, then the unknown ones. Returns the op and the value before it.
-    fn next_child(&mut self, node: &mut Node) -> Option<(Step, Val)> {
-        let before = self.value;
-        while node.next < node.end {
-            let i = node.next;
-            node.next += 1;
-            let op = &self.known[i];
-            if has_bit(&self.known_bits, i) || op.invoked > node.bound {
-                continue;
-            }
-            let (model_op, out) = (op.op, op.out);
-            let Some(after) = self.step(before, model_op, Some(out)) else {
-                continue;
-            };
-            flip_bit(&mut self.known_bits, i);
-            self.value = after;
-            if self.visit() {
-                self.known_done += 1;
-                return Some((Step::Known(i), before));
-            }
-            flip_bit(&mut self.known_bits, i);
-            self.value = before;
-        }
-        while node.next_unknown < self.unknown.len() {
-            let j = node.next_unknown;
-            node.next_unknown += 1;
-            if self.unknown[j].invoked > node.bound {
-                // In invocation order: the rest were invoked even later.
-                node.next_unknown = usize::MAX;
-                break;
-            }
-            let Some(after) = self.try_unknown(j, node.after_unknown) else {
-                continue;
-            };
-            flip_bit(&mut self.unknown_bits, j);
-            self.value = after;
-            if self.visit() {
-                return Some((Step::Unknown(j), before));
-            }
-            flip_bit(&mut self.unknown_bits, j);
-            self.value = before;
-        }
-        None
-    }
-
-    /// The value if unknown op `j` took effect now, or None if that needn't be explored.
-    fn try_unknown(&mut self, j: usize, after_unknown: bool) -> Option<Val> {
-        let op = &self.unknown[j];
-        // Identical unknown ops are interchangeable: take them in invocation order.
-        let twin_pending = op.twin.is_some_and(|twin| !has_bit(&self.unknown_bits, twin));
-        // Two unknown ops in a row where the second overwrites the value: the first one
-        // achieved nothing, and the state without it is reachable directly.
-        let overwrites_unknown = after_unknown && op.op.is_blind_write();
-        if has_bit(&self.unknown_bits, j) || twin_pending || overwrites_unknown {
-            return None;
-        }
-        let model_op = op.op;
-        self.step(self.value, model_op, None)
-    }
-
-    /// Round step: explores, from a saved state, each unknown op that could go next.
-    fn expand_saved(&mut self, from: &Saved, next: &mut Vec<Saved>, limit: u64) -> End {
-        self.restore(from);
-        let (_, bound, _) = self.window();
-        for j in 0..self.unknown.len() {
-            if self.unknown[j].invoked > bound {
-                break;
-            }
-            let Some(after) = self.try_unknown(j, from.after_unknown) else {
-                continue;
-            };
-            flip_bit(&mut self.unknown_bits, j);
-            self.value = after;
-            if self.visit() {
-                match self.explore(Some(Step::Unknown(j)), Strategy::Rounds, next, limit) {
-                    End::Exhausted => {}
-                    end => return end,
-                }
-            }
-            flip_bit(&mut self.unknown_bits, j);
-            self.value = from.value;
-        }
-        End::Exhausted
-    }
-
-    /// One complete search from the empty map, giving up after `budget` new states.
-    fn attempt(&mut self, strategy: Strategy, budget: u64) -> End {
-        self.known_bits.fill(0);
-        self.unknown_bits.fill(0);
-        self.value = ABSENT;
-        self.known_done = 0;
-        self.memo = Memo::default();
-        let limit = self.explored.saturating_add(budget);
-        let mut round = Vec::new();
-        if !self.visit() {
-            return End::Exhausted; // unreachable: the memo is empty
-        }
-        match self.explore(None, strategy, &mut round, limit) {
-            End::Exhausted => {}
-            end => return end,
-        }
-        while !round.is_empty() {
-            let mut next = Vec::new();
-            for from in &round {
-                match self.expand_saved(from, &mut next, limit) {
-                    End::Exhausted => {}
-                    end => return end,
-                }
-            }
-            round = next;
-        }
-        End::Exhausted
-    }
-
-    /// Runs the search; Ok(states explored) if some linearization explains every op with a
-    /// known outcome.
-    fn run(mut self, strategies: &[Strategy]) -> Result<u64, Violation> {
-        let mut budget = INITIAL_BUDGET + 10 * self.total as u64;
-        loop {
-            for &strategy in strategies {
-                match self.attempt(strategy, budget) {
-                    End::Linearized => return Ok(self.explored),
-                    End::Exhausted => return Err(self.explain()),
+            for i in 0..searches.len() {
+                match searches[i].advance(self, limit) {
+                    End::Linearized => return Ok(searches.iter().map(|s| s.explored).sum()),
+                    End::Exhausted => return Err(self.explain(&searches)),
                     End::OverBudget => {}
                 }
             }
-            // A lone strategy has nothing to take turns with.
-            budget = match strategies.len() {
-                1 => u64::MAX,
-                _ => budget.saturating_mul(2),
-            };
+            limit = limit.saturating_mul(2);
         }
     }
 
-    fn explain(&self) -> Violation {
+    fn explain(&self, searches: &[Search]) -> Violation {
         use std::fmt::Write as _;
-        let best = &self.best;
+        let explored: u64 = searches.iter().map(|s| s.explored).sum();
+        // The search that got furthest (solve runs at least one).
+        let search = searches
+            .iter()
+            .skip(1)
+            .fold(&searches[0], |a, b| if b.best.known_done > a.best.known_done { b } else { a });
+        let best = &search.best;
         let mut text = format!(
             "no order of the {} operations on this key ({} with a known outcome) is consistent \
-             with a single key-value register (explored {} states).\n",
+             with a single key-value register (explored {explored} states).\n",
             self.total,
             self.known.len(),
-            self.explored
         );
         let _ = writeln!(
             text,
             "The longest consistent prefix linearized {} of the {} operations with a known \
-             outcome, leaving the value {}, and ended with:",
+             outcome, leaving the value {}, and ended with (in linearization order):",
             best.known_done,
             self.known.len(),
-            self.values.show(best.value)
+            search.values.show(best.value)
         );
         if best.tail.is_empty() {
             text.push_str("  (nothing: no operation could go first)\n");
@@ -828,6 +611,308 @@ impl<'a> KeySearch<'a> {
             let _ = writeln!(text, "  ... and {} more", pending.len() - EXPLAIN_LIMIT);
         }
         Violation { key: self.key.to_owned(), explanation: text }
+    }
+}
+
+/// One resumable search of a `Problem` (the WGL search, ordered by a `Strategy`).
+struct Search {
+    strategy: Strategy,
+    values: Values,
+    /// The current state: the linearized ops and the value they left.
+    known_bits: Vec<u64>,
+    /// Zobrist hash of `known_bits` (see `tag`).
+    known_hash: u64,
+    unknown_bits: Vec<u64>,
+    value: Val,
+    known_done: usize,
+    memo: Memo,
+    explored: u64,
+    best: Best,
+    started: bool,
+    /// The depth-first search in progress; its top node is the current state.
+    stack: Vec<Node>,
+    /// Rounds: the saved states of this round still to expand, and those of the next.
+    round: VecDeque<Saved>,
+    next_round: Vec<Saved>,
+}
+
+impl Search {
+    fn new(problem: &Problem, strategy: Strategy) -> Self {
+        let known_bits = vec![0; problem.known.len().div_ceil(64)];
+        let unknown_bits = vec![0; problem.unknown.len().div_ceil(64)];
+        Search {
+            strategy,
+            values: problem.values.clone(),
+            best: Best { known: known_bits.clone(), unknown: unknown_bits.clone(), ..Best::default() },
+            known_bits,
+            known_hash: 0,
+            unknown_bits,
+            value: ABSENT,
+            known_done: 0,
+            memo: Memo::default(),
+            explored: 0,
+            started: false,
+            stack: Vec::new(),
+            round: VecDeque::new(),
+            next_round: Vec::new(),
+        }
+    }
+
+    /// Continues the search until it ends or has explored more than `limit` states.
+    fn advance(&mut self, problem: &Problem, limit: u64) -> End {
+        loop {
+            if self.explored > limit {
+                return End::OverBudget;
+            }
+            if !self.stack.is_empty() {
+                match self.next_child(problem) {
+                    Some(via) => {
+                        if let Some(end) = self.push_node(problem, Some(via)) {
+                            return end;
+                        }
+                    }
+                    None => self.pop_node(),
+                }
+                continue;
+            }
+            if !self.started {
+                self.started = true;
+                self.visit();
+                if let Some(end) = self.push_node(problem, None) {
+                    return end;
+                }
+                continue;
+            }
+            // Depth-first: the one search from the empty map is over. Rounds: expand the
+            // next saved state, starting the next round when this one is done.
+            if self.round.is_empty() {
+                self.round = std::mem::take(&mut self.next_round).into();
+            }
+            let Some(saved) = self.round.pop_front() else {
+                return End::Exhausted;
+            };
+            self.restore(&saved);
+            let (_, bound, _) = self.window(problem);
+            self.stack.push(Node {
+                via: None,
+                after_unknown: saved.after_unknown,
+                bound,
+                next: 0,
+                end: 0,
+                next_unknown: 0,
+            });
+        }
+    }
+
+    /// Makes the current state, which was just visited, a node of the search.
+    fn push_node(&mut self, problem: &Problem, via: Option<(Step, Val)>) -> Option<End> {
+        if self.known_done == problem.known.len() {
+            return Some(End::Linearized);
+        }
+        let (first, bound, end) = self.window(problem);
+        let after_unknown = matches!(via, Some((Step::Unknown(_), _)));
+        let next_unknown = match self.strategy {
+            Strategy::DepthFirst => 0,
+            Strategy::Rounds => {
+                if problem.unknown.first().is_some_and(|op| op.invoked <= bound) {
+                    let saved = self.save(first, end, after_unknown);
+                    self.next_round.push(saved);
+                }
+                usize::MAX
+            }
+        };
+        self.stack.push(Node { via, after_unknown, bound, next: first, end, next_unknown });
+        self.note_progress();
+        None
+    }
+
+    /// Every candidate failed at the top node: undoes the op that led to it.
+    fn pop_node(&mut self) {
+        if let Some(Node { via: Some((step, before)), .. }) = self.stack.pop() {
+            match step {
+                Step::Known(i) => {
+                    self.toggle_known(i);
+                    self.known_done -= 1;
+                }
+                Step::Unknown(j) => flip_bit(&mut self.unknown_bits, j),
+            }
+            self.value = before;
+        }
+    }
+
+    /// Moves to the next new state reachable from the top node by one op: the known
+    /// candidates first, then the unknown ones. Returns the op and the value before it.
+    fn next_child(&mut self, problem: &Problem) -> Option<(Step, Val)> {
+        let mut node = *self.stack.last()?;
+        let found = self.next_child_of(problem, &mut node);
+        if let Some(top) = self.stack.last_mut() {
+            *top = node;
+        }
+        found
+    }
+
+    fn next_child_of(&mut self, problem: &Problem, node: &mut Node) -> Option<(Step, Val)> {
+        let before = self.value;
+        while node.next < node.end {
+            let i = node.next;
+            node.next += 1;
+            let op = &problem.known[i];
+            if has_bit(&self.known_bits, i) || op.invoked > node.bound {
+                continue;
+            }
+            let Some(after) = self.step(before, op.op, Some(op.out)) else {
+                continue;
+            };
+            self.toggle_known(i);
+            self.value = after;
+            if self.visit() {
+                self.known_done += 1;
+                return Some((Step::Known(i), before));
+            }
+            self.toggle_known(i);
+            self.value = before;
+        }
+        while node.next_unknown < problem.unknown.len() {
+            let j = node.next_unknown;
+            node.next_unknown += 1;
+            if problem.unknown[j].invoked > node.bound {
+                // In invocation order: the rest were invoked even later.
+                node.next_unknown = usize::MAX;
+                break;
+            }
+            let Some(after) = self.try_unknown(problem, j, node.after_unknown) else {
+                continue;
+            };
+            flip_bit(&mut self.unknown_bits, j);
+            self.value = after;
+            if self.visit() {
+                return Some((Step::Unknown(j), before));
+            }
+            flip_bit(&mut self.unknown_bits, j);
+            self.value = before;
+        }
+        None
+    }
+
+    /// The value if unknown op `j` took effect now, or None if that needn't be explored.
+    fn try_unknown(&mut self, problem: &Problem, j: usize, after_unknown: bool) -> Option<Val> {
+        let op = &problem.unknown[j];
+        // Identical unknown ops are interchangeable: take them in invocation order.
+        let twin_pending = op.twin.is_some_and(|twin| !has_bit(&self.unknown_bits, twin));
+        // Two unknown ops in a row where the second overwrites the value: the first one
+        // achieved nothing, and the state without it is reachable directly.
+        let overwrites_unknown = after_unknown && op.op.is_blind_write();
+        if has_bit(&self.unknown_bits, j) || twin_pending || overwrites_unknown {
+            return None;
+        }
+        self.step(self.value, op.op, None)
+    }
+
+    /// Applies `op` to `value` as the model does; None if that contradicts `out`, the
+    /// outcome the client saw (None if it saw none).
+    fn step(&mut self, value: Val, op: ModelOp, out: Option<ModelOut>) -> Option<Val> {
+        let (after, model_out) = match op {
+            ModelOp::Get => (value, ModelOut::Get(value)),
+            ModelOp::Put(new) => (new, ModelOut::Put),
+            ModelOp::Delete => (ABSENT, ModelOut::Delete(value != ABSENT)),
+            ModelOp::Cas { expected, new } => {
+                let swapped = value == expected;
+                let model_out = ModelOut::Cas { swapped, current: value };
+                (if swapped { new } else { value }, model_out)
+            }
+            ModelOp::Incr(delta) => {
+                let result = self.values.as_int(value).and_then(|n| n.checked_add(delta));
+                // Check the outcome before interning, so wrong guesses create no values.
+                if out.is_some_and(|out| out != ModelOut::Incr(result)) {
+                    return None;
+                }
+                return Some(result.map_or(value, |n| self.values.intern_int(n)));
+            }
+        };
+        match out {
+            Some(out) if out != model_out => None,
+            _ => Some(after),
+        }
+    }
+
+    /// Where the candidates for the next linearization point are, in the current state:
+    /// (first pending known op, bound, end). A known op can go next iff it is pending, in
+    /// `first..end`, and invoked by `bound`, the earliest completion of a pending known op;
+    /// an unknown op iff it is pending and invoked by `bound`. (Ops that touch at an instant
+    /// count as concurrent.)
+    fn window(&self, problem: &Problem) -> (usize, u64, usize) {
+        let known = &problem.known;
+        let first = self
+            .known_bits
+            .iter()
+            .position(|&word| word != u64::MAX)
+            .map_or(known.len(), |w| w * 64 + (!self.known_bits[w]).trailing_zeros() as usize)
+            .min(known.len());
+        let mut bound = u64::MAX;
+        let mut end = first;
+        // Pending ops invoked after the bound complete after it, so they cannot lower it.
+        while end < known.len() && known[end].invoked <= bound {
+            if !has_bit(&self.known_bits, end) {
+                bound = bound.min(known[end].completed);
+            }
+            end += 1;
+        }
+        (first, bound, end)
+    }
+
+    /// Records the current state in the memo; false if it needn't be explored.
+    fn visit(&mut self) -> bool {
+        let new = self.memo.visit(self.known_hash, &self.known_bits, self.value, &self.unknown_bits);
+        self.explored += u64::from(new);
+        new
+    }
+
+    fn toggle_known(&mut self, i: usize) {
+        flip_bit(&mut self.known_bits, i);
+        self.known_hash ^= tag(i);
+    }
+
+    fn note_progress(&mut self) {
+        if self.known_done <= self.best.known_done {
+            return;
+        }
+        let mut tail: Vec<Step> =
+            self.stack.iter().filter_map(|node| node.via.map(|(step, _)| step)).collect();
+        tail.drain(..tail.len().saturating_sub(CONTEXT_LIMIT));
+        self.best = Best {
+            known_done: self.known_done,
+            known: self.known_bits.clone(),
+            unknown: self.unknown_bits.clone(),
+            value: self.value,
+            tail,
+        };
+    }
+
+    fn save(&self, first: usize, end: usize, after_unknown: bool) -> Saved {
+        // Linearized known ops are all before `end`: each was a candidate under a bound no
+        // later than the current one.
+        Saved {
+            lo: first,
+            extra: (first..end).filter(|&i| has_bit(&self.known_bits, i)).collect(),
+            known_hash: self.known_hash,
+            unknown: self.unknown_bits.clone().into_boxed_slice(),
+            value: self.value,
+            after_unknown,
+        }
+    }
+
+    fn restore(&mut self, saved: &Saved) {
+        self.known_bits.fill(0);
+        for i in 0..saved.lo / 64 {
+            self.known_bits[i] = u64::MAX;
+        }
+        for i in (saved.lo / 64 * 64..saved.lo).chain(saved.extra.iter().copied()) {
+            flip_bit(&mut self.known_bits, i);
+        }
+        self.known_hash = saved.known_hash;
+        self.unknown_bits.copy_from_slice(&saved.unknown);
+        self.value = saved.value;
+        self.known_done = saved.lo + saved.extra.len();
     }
 }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses its own part of the scaffolding
 
 pub mod cluster;
+pub mod kubernetes;
 pub mod linearizability;
 pub mod local;
 pub mod workload;

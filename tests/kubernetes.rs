@@ -1,0 +1,310 @@
+//! End-to-end tests on a real Kubernetes: what a user does, with real binaries in real
+//! pods. They need the test cluster (tests/cluster/cluster.sh up) and the image
+//! `tandem:e2e`; `.ci/run` provides both and runs them with
+//! `cargo test --test kubernetes -- --ignored --test-threads=1`.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::kubernetes::{self as k8s, healthy, kubectl, kubectl_apply, manifest};
+use support::workload::{self, Recorder, Workload};
+use tokio::time::sleep;
+use tokio_util::sync::CancellationToken;
+
+const UP: Duration = Duration::from_secs(90);
+const HEAL: Duration = Duration::from_secs(90);
+
+async fn verify(
+    namespace: &str,
+    rsvc: &tandem_operator::crd::ReplicatedService,
+    recorder: &Arc<Recorder>,
+    stop: CancellationToken,
+    writers: tokio::task::JoinSet<()>,
+) {
+    let live = k8s::member_addresses(rsvc);
+    if let Err(failure) = workload::stop_and_verify(&live, recorder, stop, writers).await {
+        k8s::dump(namespace);
+        panic!("{failure}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn helm_install_and_a_passive_service_comes_up_with_its_status_and_columns() {
+    let client = k8s::installed().await;
+    let (lint_ok, lint, lint_err) =
+        k8s::run("helm", &["lint", &format!("{}/charts/tandem", env!("CARGO_MANIFEST_DIR"))], None);
+    assert!(lint_ok && lint.contains("1 chart(s) linted, 0 failed"), "helm lint: {lint}{lint_err}");
+    let ns = k8s::namespace(&client, "e2e-up").await;
+    let example = std::fs::read_to_string(format!("{}/examples/passive.yaml", env!("CARGO_MANIFEST_DIR")))
+        .expect("example");
+    kubectl_apply(&ns, &example.replace("spec:\n", &format!("spec:\n  image: {}\n", k8s::IMAGE)))
+        .expect("apply the example");
+    let up = k8s::wait_for(&client, &ns, "demo", UP, "up", healthy(3, 0)).await;
+    let status = up.status.clone().expect("status");
+    assert_eq!(
+        (status.epoch, status.mode.as_deref(), status.ready.as_deref()),
+        (1, Some("passive"), Some("3/3"))
+    );
+    assert!(status.primary.as_deref().is_some_and(|p| p.starts_with("demo-r")), "{status:?}");
+    assert_eq!(status.members.len(), 3);
+    assert!(
+        status.members.iter().all(|m| m.ready && m.address.is_some() && m.last_heartbeat.is_some()),
+        "{:?}",
+        status.members
+    );
+    let available = status.conditions.iter().find(|c| c.type_ == "Available").expect("Available condition");
+    assert_eq!(available.status, "True");
+
+    let columns = kubectl(&["get", "rsvc", "-n", &ns]);
+    let header: Vec<&str> = columns.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, vec!["NAME", "MODE", "READY", "PRIMARY", "EPOCH", "AGE"], "{columns}");
+    let row = columns.lines().nth(1).unwrap_or_default();
+    assert!(
+        row.contains("passive")
+            && row.contains("3/3")
+            && row.contains(status.primary.as_deref().unwrap_or("?")),
+        "{columns}"
+    );
+    let short = kubectl(&["get", "rsvc", "demo", "-n", &ns, "-o", "jsonpath={.status.epoch}"]);
+    assert_eq!(short, "1");
+
+    // The pods carry the replica and its LFD, labelled by role; the Services exist.
+    let pods = k8s::pods(&client, &ns).await;
+    assert_eq!(pods.len(), 3);
+    let roles: Vec<String> =
+        pods.iter().filter_map(|p| p.metadata.labels.as_ref()?.get("tandem.dev/role").cloned()).collect();
+    assert_eq!(roles.iter().filter(|r| *r == "primary").count(), 1, "{roles:?}");
+    let services = kubectl(&["get", "svc,pdb", "-n", &ns, "-o", "name"]);
+    for expected in ["service/demo", "service/demo-peers", "poddisruptionbudget.policy/demo"] {
+        assert!(services.contains(expected), "{expected} missing: {services}");
+    }
+    // And it serves: a client writes and reads through the pod IPs.
+    let mut client_lib =
+        tandem_replica::client::Client::new(tandem_replica::client::ClientSettings::new(k8s::endpoints(&up)))
+            .expect("client");
+    client_lib.put("hello", "kubernetes").await.expect("put");
+    assert_eq!(client_lib.get("hello").await.expect("get").as_deref(), Some(&b"kubernetes"[..]));
+}
+
+async fn kill_pod_and_heal(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    pod: &str,
+    replicas: usize,
+) -> tandem_operator::crd::ReplicatedService {
+    let before = k8s::rsvc(client, ns, name).await;
+    let epoch = before.status.as_ref().map_or(0, |s| s.epoch);
+    let old_uid = k8s::pods(client, ns)
+        .await
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some(pod))
+        .and_then(|p| p.metadata.uid);
+    k8s::delete_pod(client, ns, pod).await;
+    let wanted = pod.to_owned();
+    let healed = k8s::wait_for(client, ns, name, HEAL, &format!("healed after deleting {pod}"), move |r| {
+        healthy(replicas, epoch + 1)(r)
+            && r.status.as_ref().is_some_and(|s| s.members.iter().any(|m| m.name == wanted && m.ready))
+    })
+    .await;
+    let new_uid = k8s::pods(client, ns)
+        .await
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some(pod))
+        .and_then(|p| p.metadata.uid);
+    assert_ne!(old_uid, new_uid, "{pod} was recreated");
+    healed
+}
+
+async fn failover_story(mode: &str, ns_name: &str) -> Arc<Recorder> {
+    let client = k8s::installed().await;
+    let ns = k8s::namespace(&client, ns_name).await;
+    kubectl_apply(&ns, &manifest("svc", mode, 3, "")).expect("apply");
+    let up = k8s::wait_for(&client, &ns, "svc", UP, "up", healthy(3, 0)).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), k8s::endpoints(&up), Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_secs(1)).await;
+
+    // The primary's pod is deleted: a new primary, a replacement pod that rejoins.
+    let primary = up.status.as_ref().and_then(|s| s.primary.clone()).expect("primary");
+    let after_primary = kill_pod_and_heal(&client, &ns, "svc", &primary, 3).await;
+    let new_primary = after_primary.status.as_ref().and_then(|s| s.primary.clone()).expect("primary");
+    assert_ne!(new_primary, primary, "a new primary was elected");
+    assert!(
+        after_primary.status.as_ref().is_some_and(|s| s.failovers >= 1 && s.last_failover_time.is_some())
+    );
+    sleep(Duration::from_secs(1)).await;
+
+    // Then a backup's pod.
+    let backup = after_primary
+        .status
+        .as_ref()
+        .and_then(|s| s.members.iter().find(|m| Some(&m.name) != s.primary.as_ref()))
+        .expect("a backup")
+        .name
+        .clone();
+    let healed = kill_pod_and_heal(&client, &ns, "svc", &backup, 3).await;
+    assert_eq!(
+        healed.status.as_ref().and_then(|s| s.primary.clone()),
+        Some(new_primary),
+        "a backup died: the primary stays"
+    );
+    sleep(Duration::from_secs(1)).await;
+
+    verify(&ns, &healed, &recorder, stop, writers).await;
+    let reasons = k8s::event_reasons(&client, &ns, "svc").await;
+    for expected in ["Failover", "Recreated", "Reconfigured"] {
+        assert!(reasons.iter().any(|r| r == expected), "no {expected} event: {reasons:?}");
+    }
+    recorder
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn deleting_the_primary_then_a_backup_pod_heals_without_losing_a_write() {
+    failover_story("passive", "e2e-passive").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn active_mode_survives_pod_deletions_with_no_failed_request() {
+    let recorder = failover_story("active", "e2e-active").await;
+    assert_eq!(recorder.failures(), Vec::<String>::new(), "active mode: no client request may fail");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn scaling_switching_mode_and_changing_heartbeat_on_a_live_service_lose_nothing() {
+    let client = k8s::installed().await;
+    let ns = k8s::namespace(&client, "e2e-live").await;
+    kubectl_apply(&ns, &manifest("live", "passive", 3, "")).expect("apply");
+    let up = k8s::wait_for(&client, &ns, "live", UP, "up", healthy(3, 0)).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), k8s::endpoints(&up), Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_secs(1)).await;
+
+    let epoch = |r: &tandem_operator::crd::ReplicatedService| r.status.as_ref().map_or(0, |s| s.epoch);
+    kubectl_apply(&ns, &manifest("live", "passive", 5, "")).expect("scale to 5");
+    let five = k8s::wait_for(&client, &ns, "live", HEAL, "at 5", healthy(5, epoch(&up))).await;
+    kubectl_apply(&ns, &manifest("live", "active", 5, "")).expect("switch to active");
+    let active = k8s::wait_for(&client, &ns, "live", HEAL, "active", |r| {
+        r.status.as_ref().is_some_and(|s| s.mode.as_deref() == Some("active")) && healthy(5, 0)(r)
+    })
+    .await;
+    assert!(epoch(&active) > epoch(&five));
+    kubectl_apply(&ns, &manifest("live", "active", 3, "  heartbeatIntervalMs: 200\n"))
+        .expect("scale to 3, slower heartbeat");
+    let three = k8s::wait_for(&client, &ns, "live", HEAL, "at 3", healthy(3, epoch(&active))).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while k8s::pods(&client, &ns).await.len() != 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the removed replicas' pods were not deleted");
+        sleep(Duration::from_millis(500)).await;
+    }
+    let gfd = kubectl(&["logs", "-n", k8s::OPERATOR_NAMESPACE, "deploy/tandem-operator", "-c", "gfd"]);
+    assert!(
+        gfd.contains("heartbeat_interval_ms: Some(200)"),
+        "the new heartbeat reached the GFD (and from it the LFDs)"
+    );
+    verify(&ns, &three, &recorder, stop, writers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn invalid_manifests_are_refused_and_a_wrong_spec_is_a_false_condition() {
+    let client = k8s::installed().await;
+    let ns = k8s::namespace(&client, "e2e-invalid").await;
+    let refused = kubectl_apply(&ns, &manifest("bad", "passive", -1, "")).expect_err("replicas -1 accepted");
+    assert!(refused.contains("spec.replicas"), "{refused}");
+    let refused = kubectl_apply(&ns, &manifest("bad", "sideways", 3, "")).expect_err("unknown mode accepted");
+    assert!(refused.contains("spec.mode"), "{refused}");
+    assert!(kubectl(&["get", "rsvc", "-n", &ns, "-o", "name"]).trim().is_empty(), "nothing was created");
+
+    // Valid for the schema, wrong in substance (checkpoints more often than heartbeats).
+    kubectl_apply(
+        &ns,
+        &manifest("odd", "passive", 3, "  heartbeatIntervalMs: 500\n  checkpointIntervalMs: 100\n"),
+    )
+    .expect("a 1.20 API server has no CEL: the operator must catch this");
+    let reported = k8s::wait_for(&client, &ns, "odd", UP, "reported invalid", |r| {
+        r.status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "SpecValid" && c.status == "False"))
+    })
+    .await;
+    let condition = reported
+        .status
+        .expect("status")
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "SpecValid")
+        .expect("condition");
+    assert!(condition.message.contains("checkpoint interval"), "{condition:?}");
+    assert!(k8s::pods(&client, &ns).await.is_empty(), "no replica started for an invalid spec");
+    // Fixing the spec brings the service up.
+    kubectl_apply(
+        &ns,
+        &manifest("odd", "passive", 3, "  heartbeatIntervalMs: 500\n  checkpointIntervalMs: 1000\n"),
+    )
+    .expect("fix");
+    k8s::wait_for(&client, &ns, "odd", UP, "up once fixed", healthy(3, 0)).await;
+    let reasons = k8s::event_reasons(&client, &ns, "odd").await;
+    assert!(reasons.iter().any(|r| r == "InvalidSpec"), "{reasons:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn operator_restart_disturbs_nothing_and_a_failover_across_it_completes() {
+    let client = k8s::installed().await;
+    let ns = k8s::namespace(&client, "e2e-operator").await;
+    kubectl_apply(&ns, &manifest("steady", "passive", 3, "")).expect("apply");
+    let up = k8s::wait_for(&client, &ns, "steady", UP, "up", healthy(3, 0)).await;
+    let epoch = up.status.as_ref().map_or(0, |s| s.epoch);
+    let uids = k8s::pod_uids(&k8s::pods(&client, &ns).await);
+
+    // Steady state: the operator pod is deleted and replaced.
+    kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        k8s::OPERATOR_NAMESPACE,
+        "-l",
+        "app.kubernetes.io/name=tandem-operator",
+        "--wait=true",
+    ]);
+    kubectl(&[
+        "-n",
+        k8s::OPERATOR_NAMESPACE,
+        "rollout",
+        "status",
+        "deploy/tandem-operator",
+        "--timeout=120s",
+    ]);
+    sleep(Duration::from_secs(8)).await;
+    let after = k8s::rsvc(&client, &ns, "steady").await;
+    assert_eq!(after.status.as_ref().map(|s| s.epoch), Some(epoch), "no epoch wasted");
+    assert_eq!(k8s::pod_uids(&k8s::pods(&client, &ns).await), uids, "no replica disturbed");
+
+    // During a failover: the primary's pod and the operator pod go at once.
+    let primary = after.status.as_ref().and_then(|s| s.primary.clone()).expect("primary");
+    k8s::delete_pod(&client, &ns, &primary).await;
+    kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        k8s::OPERATOR_NAMESPACE,
+        "-l",
+        "app.kubernetes.io/name=tandem-operator",
+        "--wait=false",
+    ]);
+    let healed =
+        k8s::wait_for(&client, &ns, "steady", HEAL, "failed over across the restart", healthy(3, epoch + 1))
+            .await;
+    assert_ne!(healed.status.as_ref().and_then(|s| s.primary.clone()), Some(primary));
+}

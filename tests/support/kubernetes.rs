@@ -1,0 +1,232 @@
+//! Scaffolding for the end-to-end tests on a real Kubernetes (tests/cluster/): the chart
+//! installed once per run, a namespace per test, and helpers that do what a user does
+//! (`helm`, `kubectl apply`, `kubectl delete pod`) and read what a user reads (the
+//! resource's status and events).
+
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use tandem_operator::crd::ReplicatedService;
+use tokio::time::{Instant, sleep};
+
+/// The image the suite runs, made by .ci/run from the built binary
+/// (`tests/cluster/cluster.sh image tandem:e2e target/debug/tandem`).
+pub const IMAGE: &str = "tandem:e2e";
+pub const OPERATOR_NAMESPACE: &str = "tandem-system";
+/// The GFD port on the node (the operator runs on the host network in this cluster).
+pub const GFD_PORT: u16 = 7190;
+
+/// Runs a command; returns (success, stdout, stderr).
+pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e} (is the test cluster's PATH set? eval \"$(tests/cluster/cluster.sh env)\")"));
+    if let Some(input) = stdin {
+        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn kubectl(args: &[&str]) -> String {
+    let (ok, out, err) = run("kubectl", args, None);
+    assert!(ok, "kubectl {args:?} failed: {err}");
+    out
+}
+
+pub fn kubectl_apply(namespace: &str, manifest: &str) -> Result<String, String> {
+    let (ok, out, err) = run("kubectl", &["apply", "-n", namespace, "-f", "-"], Some(manifest));
+    if ok { Ok(out) } else { Err(err) }
+}
+
+fn chart_dir() -> String {
+    format!("{}/charts/tandem", env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn helm_install_args() -> Vec<String> {
+    [
+        "upgrade",
+        "--install",
+        "tandem",
+        &chart_dir(),
+        "-n",
+        OPERATOR_NAMESPACE,
+        "--create-namespace",
+        "--set",
+        "image.repository=tandem",
+        "--set",
+        "image.tag=e2e",
+        "--set",
+        "hostNetwork=true",
+        "--set",
+        "kubernetesServiceHost=127.0.0.1",
+        "--set-string",
+        "kubernetesServicePort=6443",
+        "--set",
+        &format!("gfd.port={GFD_PORT}"),
+        "--set",
+        "replicaLogLevel=info\\,tandem_replica=debug",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+
+/// A client, after `helm install` of the chart (once per test binary) has the operator
+/// running. (Each test makes its own client: a client lives on its test's runtime.)
+pub async fn installed() -> Client {
+    tokio::task::spawn_blocking(|| {
+        INSTALLED.get_or_init(|| {
+            // A clean install, even on a cluster left over from an earlier run.
+            let _ = run("helm", &["uninstall", "tandem", "-n", OPERATOR_NAMESPACE, "--wait"], None);
+            let args = helm_install_args();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (ok, out, err) = run("helm", &args, None);
+            assert!(ok, "helm install failed: {out}{err}");
+            assert!(out.contains("kubectl get rsvc"), "NOTES.txt tells the user what to run next: {out}");
+            kubectl(&[
+                "-n",
+                OPERATOR_NAMESPACE,
+                "rollout",
+                "status",
+                "deploy/tandem-operator",
+                "--timeout=120s",
+            ]);
+        });
+    })
+    .await
+    .expect("install task");
+    Client::try_default().await.expect("KUBECONFIG points at the test cluster")
+}
+
+/// A fresh namespace for one test (a new name each run: deleting an old namespace can
+/// take a while, and nothing needs to wait for it).
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let name = format!("{prefix}-{:04x}", rand::random::<u16>());
+    let namespace: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("namespace");
+    api.create(&PostParams::default(), &namespace).await.expect("create namespace");
+    name
+}
+
+pub fn manifest(name: &str, mode: &str, replicas: i32, extra: &str) -> String {
+    format!(
+        "apiVersion: tandem.dev/v1alpha1\nkind: ReplicatedService\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  mode: {mode}\n  image: {IMAGE}\n{extra}"
+    )
+}
+
+pub async fn rsvc(client: &Client, namespace: &str, name: &str) -> ReplicatedService {
+    Api::<ReplicatedService>::namespaced(client.clone(), namespace).get(name).await.expect("get rsvc")
+}
+
+/// Waits until `done` holds for the resource; panics with its last status otherwise.
+pub async fn wait_for(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&ReplicatedService) -> bool,
+) -> ReplicatedService {
+    let api: Api<ReplicatedService> = Api::namespaced(client.clone(), namespace);
+    let deadline = Instant::now() + limit;
+    let mut last = None;
+    loop {
+        if let Ok(current) = api.get(name).await {
+            if done(&current) {
+                return current;
+            }
+            last = Some(current);
+        }
+        if Instant::now() > deadline {
+            dump(namespace);
+            panic!(
+                "{namespace}/{name} not {what} within {limit:?}; status: {:#?}",
+                last.and_then(|r| r.status)
+            );
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Healthy: the configuration has `replicas` members, all ready, at least epoch `after`.
+pub fn healthy(replicas: usize, after_epoch: i64) -> impl Fn(&ReplicatedService) -> bool {
+    move |r| {
+        let Some(status) = &r.status else { return false };
+        let members = status.configuration.as_ref().map(|c| c.members.len()).unwrap_or_default();
+        status.epoch > after_epoch && members == replicas && status.ready_replicas as usize == replicas
+    }
+}
+
+/// Client endpoints: the members' pod IPs, as published in the status.
+pub fn endpoints(rsvc: &ReplicatedService) -> Vec<String> {
+    rsvc.status.iter().flat_map(|s| &s.members).filter_map(|m| m.address.clone()).collect()
+}
+
+pub fn member_addresses(rsvc: &ReplicatedService) -> Vec<String> {
+    rsvc.status
+        .iter()
+        .flat_map(|s| s.configuration.iter())
+        .flat_map(|c| &c.members)
+        .map(|m| m.address.clone())
+        .collect()
+}
+
+pub async fn pods(client: &Client, namespace: &str) -> Vec<Pod> {
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await
+        .expect("list pods")
+        .items
+}
+
+pub async fn delete_pod(client: &Client, namespace: &str, name: &str) {
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .delete(name, &DeleteParams::default())
+        .await
+        .expect("delete pod");
+}
+
+/// Reasons of the events about `name`.
+pub async fn event_reasons(client: &Client, namespace: &str, name: &str) -> Vec<String> {
+    let events: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let list = events.list(&ListParams::default()).await.expect("list events").items;
+    list.iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(name))
+        .filter_map(|e| e.reason.clone())
+        .collect()
+}
+
+pub fn pod_uids(pods: &[Pod]) -> Vec<String> {
+    let mut uids: Vec<String> = pods.iter().filter_map(|p| p.uid()).collect();
+    uids.sort();
+    uids
+}
+
+/// What a user would look at when something goes wrong.
+pub fn dump(namespace: &str) {
+    for args in [
+        vec!["get", "rsvc,pods", "-n", namespace, "-o", "wide"],
+        vec!["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"],
+        vec!["logs", "-n", OPERATOR_NAMESPACE, "deploy/tandem-operator", "-c", "operator", "--tail=60"],
+        vec!["logs", "-n", OPERATOR_NAMESPACE, "deploy/tandem-operator", "-c", "gfd", "--tail=30"],
+    ] {
+        let (_, out, err) = run("kubectl", &args, None);
+        eprintln!("===== kubectl {} =====\n{out}{err}", args.join(" "));
+    }
+}
