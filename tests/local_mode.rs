@@ -18,11 +18,6 @@ use tokio_util::sync::CancellationToken;
 
 const HEAL: Duration = Duration::from_secs(30);
 
-/// Member addresses of the current configuration.
-async fn member_addresses(system: &LocalSystem) -> Vec<String> {
-    system.configuration().await.members.into_iter().map(|m| m.address).collect()
-}
-
 /// kill -9 `id`, then wait until the RM has replaced it, it is back as a member, and the
 /// group is whole again at a higher epoch.
 async fn kill_and_heal(system: &LocalSystem, id: &str) -> pb::Configuration {
@@ -77,11 +72,7 @@ async fn final_demo(mode: Mode) -> (Arc<Recorder>, LocalSystem) {
         3,
         "exactly 3 ready replicas"
     );
-    let live = member_addresses(&system).await;
-    if let Err(failure) = workload::stop_and_verify(&live, &recorder, stop, writers).await {
-        system.dump();
-        panic!("{failure}");
-    }
+    system.verify(&recorder, stop, writers).await;
     let output = system.output();
     for line in ["failed", "promoted", "restarting", "recovered", "GFD: 3 members"] {
         assert!(output.contains(line), "tandem up never printed {line:?}:\n{output}");
@@ -141,11 +132,7 @@ async fn paused_primary_is_replaced_then_rejoins_as_a_fenced_backup() {
         .into_inner();
     assert_eq!(status.role(), pb::Role::Backup, "{status:?}");
 
-    let live = member_addresses(&system).await;
-    if let Err(failure) = workload::stop_and_verify(&live, &recorder, stop, writers).await {
-        system.dump();
-        panic!("{failure}");
-    }
+    system.verify(&recorder, stop, writers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -185,11 +172,7 @@ async fn killed_lfd_and_gfd_are_survived_without_recreating_any_replica() {
     assert_eq!(pids_before, pids_after, "no replica was recreated");
     let output = system.output();
     assert!(!output.contains("restarting r"), "a replica was restarted:\n{output}");
-    let live = member_addresses(&system).await;
-    if let Err(failure) = workload::stop_and_verify(&live, &recorder, stop, writers).await {
-        system.dump();
-        panic!("{failure}");
-    }
+    system.verify(&recorder, stop, writers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -224,11 +207,7 @@ async fn tandem_set_changes_a_running_system_without_losing_a_write() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("replicas must be at least 1"));
 
-    let live = member_addresses(&system).await;
-    if let Err(failure) = workload::stop_and_verify(&live, &recorder, stop, writers).await {
-        system.dump();
-        panic!("{failure}");
-    }
+    system.verify(&recorder, stop, writers).await;
     assert!(
         system.output().contains("LFD") || system.output().contains("spec now"),
         "the change was announced"

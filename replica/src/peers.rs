@@ -265,37 +265,28 @@ pub async fn forward_to_leader(node: Arc<Node>, request: pb::ExecuteRequest, don
             (inner.core.leader().cloned(), inner.core.epoch())
         };
         epochs.borrow_and_update();
+        let order = pb::OrderRequest {
+            epoch,
+            from_replica: node.id().to_owned(),
+            client_id: request.client_id.clone(),
+            request_id: request.request_id,
+            op: request.op.clone(),
+        };
         let delivered = match leader {
-            Some(leader) if leader.id != node.id() => {
-                let order = pb::OrderRequest {
-                    epoch,
-                    from_replica: node.id().to_owned(),
-                    client_id: request.client_id.clone(),
-                    request_id: request.request_id,
-                    op: request.op.clone(),
-                };
-                match node.peers.peer(&leader.address) {
-                    Ok(mut client) => match with_timeout(node.peers.timeout(), client.order(order)).await {
-                        Ok(_) => true,
-                        Err(status) => {
-                            debug!(req = %tag, leader = %leader.id, error = %status.message(), "forwarding failed");
-                            learn_newer_configuration(&node, &status);
-                            false
-                        }
-                    },
-                    Err(_) => false,
-                }
-            }
+            Some(leader) if leader.id != node.id() => match node.peers.peer(&leader.address) {
+                Ok(mut client) => match with_timeout(node.peers.timeout(), client.order(order)).await {
+                    Ok(_) => true,
+                    Err(status) => {
+                        debug!(req = %tag, leader = %leader.id, error = %status.message(), "forwarding failed");
+                        learn_newer_configuration(&node, &status);
+                        false
+                    }
+                },
+                Err(_) => false,
+            },
             // This replica leads now: order the request here.
             Some(_) => {
                 let mut inner = node.lock();
-                let order = pb::OrderRequest {
-                    epoch,
-                    from_replica: node.id().to_owned(),
-                    client_id: request.client_id.clone(),
-                    request_id: request.request_id,
-                    op: request.op.clone(),
-                };
                 let ordered = inner.core.on_order(&order).is_ok();
                 let executed = inner.core.advance();
                 inner.resolve(executed);

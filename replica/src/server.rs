@@ -394,14 +394,7 @@ impl pb::replica_server::Replica for Service {
         let replica_id = self.0.id().to_owned();
         // Hashing a large state takes a while: off the async workers, outside the lock.
         let reply = tokio::task::spawn_blocking(move || {
-            for entry in &replay {
-                state.apply(
-                    entry.seq,
-                    &entry.client_id,
-                    entry.request_id,
-                    &entry.op.clone().unwrap_or_default(),
-                );
-            }
+            state.replay(&replay);
             pb::DigestReply { digest: state.digest(), seq, keys: state.keys() as u64, replica_id }
         })
         .await

@@ -167,6 +167,14 @@ impl StateMachine {
         Ok(value)
     }
 
+    /// Applies log entries in order (a passive backup's log replayed on its checkpoint).
+    pub fn replay(&mut self, entries: &[pb::Entry]) {
+        for entry in entries {
+            let op = entry.op.clone().unwrap_or_default();
+            self.apply(entry.seq, &entry.client_id, entry.request_id, &op);
+        }
+    }
+
     pub fn get(&self, key: &str) -> Option<&Bytes> {
         self.kv.get(key)
     }

@@ -453,14 +453,7 @@ impl Sim {
         for id in &members {
             let Some(core) = self.core(id) else { continue };
             let (mut state, replay, seq) = core.committed_state();
-            for entry in &replay {
-                state.apply(
-                    entry.seq,
-                    &entry.client_id,
-                    entry.request_id,
-                    &entry.op.clone().unwrap_or_default(),
-                );
-            }
+            state.replay(&replay);
             for (client, expected) in self.clients.iter().enumerate() {
                 let counter = state
                     .get(&format!("ctr/c{client}"))

@@ -128,6 +128,21 @@ impl LocalSystem {
         self.describe().await.and_then(|d| d.configuration).expect("a configuration")
     }
 
+    /// Stops the writers and checks the run against the current members: nothing
+    /// acknowledged lost, linearizable, equal digests. Panics (with the logs) otherwise.
+    pub async fn verify(
+        &self,
+        recorder: &std::sync::Arc<super::workload::Recorder>,
+        stop: tokio_util::sync::CancellationToken,
+        writers: tokio::task::JoinSet<()>,
+    ) {
+        let live: Vec<String> = self.configuration().await.members.into_iter().map(|m| m.address).collect();
+        if let Err(failure) = super::workload::stop_and_verify(&live, recorder, stop, writers).await {
+            self.dump();
+            panic!("{failure}");
+        }
+    }
+
     /// Runs a `tandem` command against this system; returns its stdout.
     pub fn tandem(&self, args: &[&str]) -> String {
         let out =
