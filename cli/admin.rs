@@ -4,12 +4,13 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use futures::future::join_all;
 use tandem_replica::pb::{self, Mode};
 use tonic::transport::Endpoint;
 
 use crate::endpoints::EndpointArgs;
+use crate::up::ModeArg;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -23,12 +24,6 @@ pub struct StatusArgs {
 pub struct DigestArgs {
     #[command(flatten)]
     pub endpoints: EndpointArgs,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ModeArg {
-    Passive,
-    Active,
 }
 
 #[derive(Debug, Args)]
@@ -96,13 +91,7 @@ fn role_name(role: i32) -> &'static str {
     }
 }
 
-pub fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Passive => "passive",
-        Mode::Active => "active",
-        Mode::Unspecified => "-",
-    }
-}
+pub use tandem_operator::rm::mode_name;
 
 /// Last heartbeat per replica, from the GFD of a running `tandem up` (if any).
 async fn heartbeats(target: &EndpointArgs) -> std::collections::BTreeMap<String, u64> {
@@ -160,7 +149,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
                     role_name(s.role),
                     if s.ready { "yes" } else { "no" },
                     config.epoch,
-                    mode_name(config.mode()),
+                    if config.epoch == 0 { "-" } else { mode_name(config.mode()) },
                     if config.primary.is_empty() { "-" } else { &config.primary },
                     s.last_seq,
                     s.commit_seq,
@@ -216,10 +205,7 @@ fn parse_member(text: &str) -> anyhow::Result<pb::Member> {
 
 pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
     let members = args.members.iter().map(|m| parse_member(m)).collect::<anyhow::Result<Vec<_>>>()?;
-    let mode = match args.mode {
-        ModeArg::Passive => Mode::Passive,
-        ModeArg::Active => Mode::Active,
-    };
+    let mode = Mode::from(args.mode);
     let config = pb::Configuration { epoch: args.epoch, mode: mode.into(), primary: args.primary, members };
     tandem_replica::replication::check_configuration(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut targets: Vec<String> = config.members.iter().map(|m| m.address.clone()).collect();
@@ -288,12 +274,7 @@ pub async fn set(args: SetArgs) -> anyhow::Result<()> {
         Setting::HeartbeatInterval { ms } => update.heartbeat_interval_ms = Some(ms),
         Setting::FailureThreshold { value } => update.failure_threshold = Some(value),
         Setting::CheckpointInterval { ms } => update.checkpoint_interval_ms = Some(ms),
-        Setting::Mode { mode } => {
-            update.mode = Some(match mode {
-                ModeArg::Passive => Mode::Passive,
-                ModeArg::Active => Mode::Active,
-            } as i32)
-        }
+        Setting::Mode { mode } => update.mode = Some(Mode::from(mode).into()),
     }
     let channel = Endpoint::from_shared(format!("http://{}", state.manager))?
         .connect_timeout(CALL_TIMEOUT)

@@ -59,10 +59,6 @@ impl Log {
         self.get(seq).map(|entry| entry.epoch)
     }
 
-    pub fn last_epoch(&self) -> u64 {
-        self.entries.back().map_or(self.base_epoch, |entry| entry.epoch)
-    }
-
     pub fn get(&self, seq: u64) -> Option<&Entry> {
         let index = seq.checked_sub(self.base_seq + 1)?;
         self.entries.get(usize::try_from(index).ok()?)

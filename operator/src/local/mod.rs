@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use tandem_replica::detector::service::unix_ms;
-use tandem_replica::pb::{self, MembershipChange, Mode};
+use tandem_replica::pb::{self, MembershipChange};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -676,14 +676,5 @@ impl Local {
             let _ = std::fs::write(dir.join("endpoints"), endpoints.join(","));
             self.state_file = state;
         }
-    }
-}
-
-/// The mode named on the command line.
-pub fn parse_mode(text: &str) -> Option<Mode> {
-    match text {
-        "passive" => Some(Mode::Passive),
-        "active" => Some(Mode::Active),
-        _ => None,
     }
 }
