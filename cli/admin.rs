@@ -116,7 +116,7 @@ async fn heartbeats(target: &EndpointArgs) -> std::collections::BTreeMap<String,
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let statuses = all_statuses(args.endpoints.resolve()?).await;
     let heartbeats = heartbeats(&args.endpoints).await;
-    let now = tandem_replica::detector::service::unix_ms();
+    let now = tandem_replica::wire::unix_ms();
     println!(
         "{:<8} {:<21} {:<12} {:<6} {:>5} {:<8} {:<8} {:>9} {:>9} {:>9} {:>10} {:>8} {:>9}",
         "REPLICA",
@@ -266,6 +266,35 @@ pub enum Setting {
     Mode { mode: ModeArg },
 }
 
+#[derive(Debug, Args)]
+pub struct RecreateArgs {
+    /// The epoch of the lost group, as `tandem up` (or `tandem status`) reports it: the
+    /// group is recreated only if that very group is lost.
+    #[arg(long)]
+    pub lost_epoch: u64,
+    #[command(flatten)]
+    pub target: EndpointArgs,
+}
+
+/// `tandem recreate`: after every replica of a group lost its state at once, starts a
+/// new, empty group in its place (the data is gone already; this accepts it).
+pub async fn recreate(args: RecreateArgs) -> anyhow::Result<()> {
+    let state = args.target.local_state()?;
+    let update = pb::SpecUpdate { recreate_lost_epoch: Some(args.lost_epoch), ..pb::SpecUpdate::default() };
+    update_spec(&state.manager, update).await?;
+    println!("recreating: a new, empty group replaces the lost group of epoch {}", args.lost_epoch);
+    Ok(())
+}
+
+async fn update_spec(manager: &str, update: pb::SpecUpdate) -> anyhow::Result<pb::ServiceSpec> {
+    let mut manager = pb::manager_client::ManagerClient::new(tandem_replica::wire::dial(manager, None)?);
+    let spec = tandem_replica::wire::within(CALL_TIMEOUT, manager.update_spec(update))
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))
+        .context("the RM refused")?;
+    Ok(spec.into_inner())
+}
+
 pub async fn set(args: SetArgs) -> anyhow::Result<()> {
     let state = args.target.local_state()?;
     let mut update = pb::SpecUpdate::default();
@@ -276,14 +305,7 @@ pub async fn set(args: SetArgs) -> anyhow::Result<()> {
         Setting::CheckpointInterval { ms } => update.checkpoint_interval_ms = Some(ms),
         Setting::Mode { mode } => update.mode = Some(Mode::from(mode).into()),
     }
-    let channel = Endpoint::from_shared(format!("http://{}", state.manager))?
-        .connect_timeout(CALL_TIMEOUT)
-        .connect_lazy();
-    let mut manager = pb::manager_client::ManagerClient::new(channel);
-    let spec = tokio::time::timeout(CALL_TIMEOUT, manager.update_spec(update))
-        .await
-        .context("the RM did not answer")??
-        .into_inner();
+    let spec = update_spec(&state.manager, update).await?;
     println!(
         "spec: replicas={} mode={} heartbeat_interval={} ms failure_threshold={} checkpoint_interval={} ms",
         spec.replicas,

@@ -15,8 +15,8 @@ use futures::StreamExt;
 use tandem_operator::local::{self, LocalSettings, StateFile};
 use tandem_operator::rm::Spec;
 use tandem_replica::client::{Client, ClientSettings};
-use tandem_replica::detector::service::unix_ms;
 use tandem_replica::pb::{self, MembershipChange, operation};
+use tandem_replica::wire::unix_ms;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -101,6 +101,7 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
                 dir: dir.clone(),
                 binary: std::env::current_exe().context("cannot find the tandem executable")?,
                 log_level: "info".into(),
+                loopback_per_replica: false,
             };
             let (output, mut lines) = tokio::sync::mpsc::unbounded_channel();
             let verbose = args.verbose;

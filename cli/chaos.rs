@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use rand::seq::IndexedRandom;
-use tandem_operator::local::StateFile;
+use tandem_operator::local::{ProcessId, StateFile};
+use tandem_replica::client::newest_configuration;
 use tandem_replica::pb;
+use tandem_replica::wire::Channels;
 
 use crate::endpoints::EndpointArgs;
 
@@ -42,30 +43,20 @@ pub enum Fault {
 
 /// The current configuration, as the replicas report it (highest epoch wins).
 pub async fn current_configuration(state: &StateFile) -> Option<pb::Configuration> {
-    let mut newest: Option<pb::Configuration> = None;
-    for entry in state.replicas.values() {
-        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{}", entry.address))
-        else {
-            continue;
-        };
-        let mut client = pb::replica_client::ReplicaClient::new(
-            endpoint.connect_timeout(Duration::from_millis(300)).connect_lazy(),
-        );
-        if let Ok(Ok(status)) =
-            tokio::time::timeout(Duration::from_millis(500), client.status(pb::StatusRequest {})).await
-            && let Some(config) = status.into_inner().configuration
-            && newest.as_ref().is_none_or(|n| config.epoch > n.epoch)
-        {
-            newest = Some(config);
-        }
-    }
-    newest
+    let addresses: Vec<String> = state.replicas.values().map(|r| r.address.clone()).collect();
+    newest_configuration(&Channels::default(), &addresses, Duration::from_millis(500)).await
 }
 
-fn send(pid: Option<u32>, signal: Signal, what: &str) -> anyhow::Result<()> {
-    let pid = pid.with_context(|| format!("{what} is not running"))?;
-    kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("cannot signal {what} (pid {pid})"))?;
-    println!("{signal:?} -> {what} (pid {pid})");
+/// Signals a process the state file names, only if it is still that very process (a
+/// pid the system may have given to another since is left alone).
+fn send(process: Option<ProcessId>, signal: Signal, what: &str) -> anyhow::Result<()> {
+    let process = process.with_context(|| format!("{what} is not running"))?;
+    anyhow::ensure!(
+        process.signal(signal),
+        "{what} (pid {}) is no longer running; the state file is being updated, try again",
+        process.pid
+    );
+    println!("{signal:?} -> {what} (pid {})", process.pid);
     Ok(())
 }
 
@@ -77,14 +68,14 @@ pub async fn kill_primary(state: &StateFile) -> anyhow::Result<(String, u64, u64
         .replicas
         .get(&config.primary)
         .with_context(|| format!("primary {} is not a local replica", config.primary))?;
-    let killed_at = tandem_replica::detector::service::unix_ms();
-    send(entry.pid, Signal::SIGKILL, &format!("primary {}", config.primary))?;
+    let killed_at = tandem_replica::wire::unix_ms();
+    send(entry.process(), Signal::SIGKILL, &format!("primary {}", config.primary))?;
     Ok((config.primary, config.epoch, killed_at))
 }
 
 pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
     let state = args.target.local_state()?;
-    let replica_pid = |id: &str| state.replicas.get(id).and_then(|r| r.pid);
+    let replica_pid = |id: &str| state.replicas.get(id).and_then(|r| r.process());
     match args.fault {
         Fault::KillPrimary => {
             kill_primary(&state).await?;
@@ -99,7 +90,7 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         }
         Fault::KillRandom => {
             let running: Vec<&String> =
-                state.replicas.iter().filter(|(_, r)| r.pid.is_some()).map(|(id, _)| id).collect();
+                state.replicas.iter().filter(|(_, r)| r.process().is_some()).map(|(id, _)| id).collect();
             let victim = running.choose(&mut rand::rng()).context("no replica is running")?;
             send(replica_pid(victim), Signal::SIGKILL, &format!("replica {victim}"))?;
         }
@@ -107,10 +98,10 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
             send(replica_pid(&replica), Signal::SIGKILL, &format!("replica {replica}"))?
         }
         Fault::KillLfd { replica } => {
-            let pid = state.replicas.get(&replica).and_then(|r| r.lfd_pid);
+            let pid = state.replicas.get(&replica).and_then(|r| r.lfd_process());
             send(pid, Signal::SIGKILL, &format!("the LFD of {replica}"))?;
         }
-        Fault::KillGfd => send(state.gfd_pid, Signal::SIGKILL, "the GFD")?,
+        Fault::KillGfd => send(state.gfd_process(), Signal::SIGKILL, "the GFD")?,
         Fault::Pause { replica, seconds } => {
             anyhow::ensure!(seconds > 0.0 && seconds <= 3600.0, "pause between 0 and 3600 seconds");
             send(replica_pid(&replica), Signal::SIGSTOP, &format!("replica {replica}"))?;

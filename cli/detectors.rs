@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use tandem_replica::detector::gfd::GfdSettings;
 use tandem_replica::detector::lfd::LfdSettings;
+use tandem_replica::detector::limits;
 use tandem_replica::detector::service::{Gfd, LfdConfig, run_lfd, serve_gfd};
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +32,9 @@ pub struct LfdArgs {
     /// Heartbeats without an answer before the replica is reported dead.
     #[arg(long, env = "TANDEM_FAILURE_THRESHOLD", default_value_t = 3)]
     pub failure_threshold: u32,
+    /// Local address to dial the replica and the GFD from (default: the system's choice).
+    #[arg(long, env = "TANDEM_LFD_DIAL_FROM")]
+    pub dial_from: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -50,25 +54,24 @@ pub struct GfdArgs {
 }
 
 pub async fn lfd(args: LfdArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.heartbeat_interval_ms > 0, "--heartbeat-interval-ms must be at least 1");
-    anyhow::ensure!(args.failure_threshold > 0, "--failure-threshold must be at least 1");
+    limits::check(args.heartbeat_interval_ms, args.failure_threshold).map_err(anyhow::Error::msg)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let config = LfdConfig {
         replica_id: args.replica_id,
         replica_address: args.replica,
         gfd_address: args.gfd,
+        dial_from: args.dial_from,
         settings: LfdSettings {
             heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
             failure_threshold: args.failure_threshold,
         },
     };
-    run_lfd(config, shutdown).await.map_err(|e| anyhow::anyhow!(e))
+    run_lfd(config, shutdown).await.context("the LFD cannot start")
 }
 
 pub async fn gfd(args: GfdArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.heartbeat_interval_ms > 0, "--heartbeat-interval-ms must be at least 1");
-    anyhow::ensure!(args.failure_threshold > 0, "--failure-threshold must be at least 1");
+    limits::check(args.heartbeat_interval_ms, args.failure_threshold).map_err(anyhow::Error::msg)?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -57,6 +57,8 @@ enum Command {
     Digest(admin::DigestArgs),
     /// Change a running `tandem up` without restarting it.
     Set(admin::SetArgs),
+    /// After every replica lost its state at once: start a new, empty group in its place.
+    Recreate(admin::RecreateArgs),
     /// Inject a fault into a running `tandem up`.
     Chaos(chaos::ChaosArgs),
     /// Measure: `tandem bench failover`.
@@ -87,6 +89,7 @@ async fn main() -> std::process::ExitCode {
         Command::Configure(args) => admin::configure(args).await,
         Command::Digest(args) => admin::digest(args).await,
         Command::Set(args) => admin::set(args).await,
+        Command::Recreate(args) => admin::recreate(args).await,
         Command::Chaos(args) => chaos::chaos(args).await,
         Command::Bench(args) => bench::bench(args).await,
         Command::Health(args) => replica::health(args).await,

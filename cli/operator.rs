@@ -62,6 +62,7 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
             heartbeat_interval_ms: args.default_heartbeat_interval_ms,
             failure_threshold: args.default_failure_threshold,
             checkpoint_interval_ms: args.default_checkpoint_interval_ms,
+            recreate_lost_epoch: None,
         },
     };
     let problems = defaults.spec.problems();

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use tandem_replica::server::{Node, ReplicaSettings};
+use tandem_replica::node::{Node, ReplicaSettings};
+use tandem_replica::server;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info};
 
@@ -78,7 +79,7 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let node = Node::new(settings, shutdown);
     let span = node.span();
-    node.serve(listener).instrument(span).await.context("gRPC server failed")?;
+    server::serve(node, listener).instrument(span).await.context("gRPC server failed")?;
     info!("replica stopped");
     Ok(())
 }

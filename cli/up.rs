@@ -54,6 +54,11 @@ pub struct UpArgs {
     /// Log filter of the child processes (their logs are in DIR/logs).
     #[arg(long, env = "TANDEM_CHILD_LOG", default_value = "info")]
     pub child_log_level: String,
+    /// Give each replica its own loopback address (127.0.10.N; its LFD dials from
+    /// 127.0.11.N), so that links between processes can be cut one by one with firewall
+    /// rules (what `tandem nemesis` does).
+    #[arg(long, env = "TANDEM_LOOPBACK_PER_REPLICA")]
+    pub loopback_per_replica: bool,
 }
 
 impl UpArgs {
@@ -64,11 +69,12 @@ impl UpArgs {
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             failure_threshold: self.failure_threshold,
             checkpoint_interval_ms: self.checkpoint_interval_ms,
+            recreate_lost_epoch: None,
         };
         let problems = spec.problems();
         anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
         anyhow::ensure!(
-            u32::from(self.base_port) + 10 + self.replicas * 4 < 65_535,
+            u32::from(self.base_port) + 10 + 4 * tandem_operator::rm::MAX_REPLICAS < 65_535,
             "--port {} leaves no room for the replicas",
             self.base_port
         );
@@ -78,6 +84,7 @@ impl UpArgs {
             dir: self.dir.clone(),
             binary: std::env::current_exe().context("cannot find the tandem executable")?,
             log_level: self.child_log_level.clone(),
+            loopback_per_replica: self.loopback_per_replica,
         })
     }
 }

@@ -205,7 +205,24 @@ async fn tandem_set_changes_a_running_system_without_losing_a_write() {
         .output()
         .expect("run tandem set");
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("replicas must be at least 1"));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("replicas must be 1..9"));
+    // Issue 7, seen 8: 100 replicas were accepted locally, their ports ran into others.
+    let refused = std::process::Command::new(support::cluster::TANDEM)
+        .args(["set", "replicas", "100", "--dir"])
+        .arg(system.dir())
+        .output()
+        .expect("run tandem set");
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("replicas must be 1..9")
+    );
+    // And a heartbeat the machine cannot keep is refused, not obeyed into collapse.
+    let refused = std::process::Command::new(support::cluster::TANDEM)
+        .args(["set", "heartbeat-interval", "5", "--dir"])
+        .arg(system.dir())
+        .output()
+        .expect("run tandem set");
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("20..60000"));
 
     system.verify(&recorder, stop, writers).await;
     assert!(

@@ -182,7 +182,10 @@ async fn stale_epoch_primary_cannot_complete_a_write() {
             .collect(),
     };
     group.install(&epoch2, &["r2".into(), "r3".into()]).await;
-    assert_eq!(group.status("r1").await.expect("r1").role(), pb::Role::Primary, "r1 still believes it leads");
+    // Usually r1 still believes it leads here; its next keepalive (every 200 ms) may
+    // already have taught it otherwise. Either way, the write below must be refused.
+    let believes_it_leads = group.status("r1").await.expect("r1").role() == pb::Role::Primary;
+    eprintln!("r1 still believes it leads: {believes_it_leads}");
 
     // A client that still talks to r1 cannot get a write through.
     let request = pb::ExecuteRequest {

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use futures::future::join_all;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -20,23 +19,25 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Client, Resource, ResourceExt};
-use tandem_replica::detector::service::unix_ms;
 use tandem_replica::pb;
+use tandem_replica::wire::{Channels, unix_ms, within};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
-use crate::crd::{Defaults, ReplicatedService};
+use crate::crd::{Defaults, RECREATE_ANNOTATION, ReplicatedService};
 use crate::membership::{self, MembershipView};
 use crate::pods::{self, MEMBER_LABEL, PodSettings, REPLICA_LABEL, ROLE_LABEL, SERVICE_LABEL};
-use crate::rm::{self, Action, Restarts};
+use crate::replicas::{self, CALL_TIMEOUT};
+use crate::rm::{self, Action, Record, Restarts, Trouble};
 use crate::status;
 
 pub const FIELD_MANAGER: &str = "tandem-operator";
 /// Reconcile this often even without events (statuses, heartbeats, back-off timers).
 const RESYNC: Duration = Duration::from_secs(2);
-const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// While the group is not whole, reconcile this often: replacements, joins and
+/// failovers are paced by it.
+const RESYNC_WHILE_HEALING: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,13 +56,40 @@ pub struct Context {
     /// Where this operator reaches its own GFD sidecar.
     pub gfd_local: String,
     pub membership: Arc<Mutex<MembershipView>>,
-    /// Restart back-off per service (in memory: an operator restart resets it).
-    restarts: Mutex<HashMap<String, BTreeMap<String, Restarts>>>,
+    /// The record's parts that live in memory, per service (an operator restart
+    /// starts them afresh): restart back-off, hung and terminating clocks, trouble.
+    volatile: Mutex<HashMap<String, Volatile>>,
     /// Settings last pushed per service, so a change is pushed once.
     pushed: Mutex<HashMap<String, rm::Spec>>,
     /// Whether the API server serves policy/v1 PodDisruptionBudgets (1.21+).
     pdb_v1: bool,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Channels,
+}
+
+/// The in-memory part of one service's record.
+#[derive(Debug, Clone, Default)]
+struct Volatile {
+    restarts: BTreeMap<String, Restarts>,
+    dead_since: BTreeMap<String, u64>,
+    terminating_since: BTreeMap<String, u64>,
+    trouble: Option<Trouble>,
+}
+
+impl Volatile {
+    fn of(record: &Record) -> Self {
+        Self {
+            restarts: record.restarts.clone(),
+            dead_since: record.dead_since.clone(),
+            terminating_since: record.terminating_since.clone(),
+            trouble: record.trouble.clone(),
+        }
+    }
+
+    fn restore(self, record: &mut Record) {
+        record.restarts = self.restarts;
+        record.dead_since = self.dead_since;
+        record.terminating_since = self.terminating_since;
+    }
 }
 
 impl Context {
@@ -81,24 +109,11 @@ impl Context {
             pod_settings,
             gfd_local,
             membership: Arc::default(),
-            restarts: Mutex::default(),
+            volatile: Mutex::default(),
             pushed: Mutex::default(),
             pdb_v1,
-            channels: Mutex::default(),
+            channels: Channels::default(),
         }
-    }
-
-    fn channel(&self, address: &str) -> Option<Channel> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(channel) = channels.get(address) {
-            return Some(channel.clone());
-        }
-        let channel = Endpoint::from_shared(format!("http://{address}"))
-            .ok()?
-            .connect_timeout(CALL_TIMEOUT)
-            .connect_lazy();
-        channels.insert(address.to_owned(), channel.clone());
-        Some(channel)
     }
 
     async fn event(&self, rsvc: &ReplicatedService, type_: EventType, reason: &str, note: String) {
@@ -115,34 +130,42 @@ impl Context {
     }
 }
 
-/// Asks each pod's replica for its Status, concurrently.
-async fn replica_statuses(ctx: &Context, pods: &[Pod]) -> BTreeMap<String, pb::ReplicaStatus> {
-    let calls = pods.iter().filter(|p| status::pod_running(p)).filter_map(|pod| {
-        let id = pod.labels().get(REPLICA_LABEL)?.clone();
-        let channel = ctx.channel(&status::pod_address(pod)?)?;
-        Some(async move {
-            let mut client = pb::replica_client::ReplicaClient::new(channel);
-            let answer = tokio::time::timeout(CALL_TIMEOUT, client.status(pb::StatusRequest {})).await;
-            (id, answer.ok().and_then(Result::ok).map(tonic::Response::into_inner))
-        })
-    });
-    join_all(calls).await.into_iter().filter_map(|(id, status)| Some((id, status?))).collect()
+/// Each running pod's replica: (id, address).
+fn targets(pods: &[Pod]) -> Vec<(String, String)> {
+    pods.iter()
+        .filter(|p| status::pod_running(p))
+        .filter_map(|pod| Some((pod.labels().get(REPLICA_LABEL)?.clone(), status::pod_address(pod)?)))
+        .collect()
 }
 
+/// One reconciliation of one ReplicatedService, in a span named after it.
 pub async fn reconcile(rsvc: Arc<ReplicatedService>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let namespace = rsvc.namespace().ok_or_else(|| Error::NoNamespace(rsvc.name_any()))?;
+    let span = tracing::info_span!("reconcile", service = %format!("{namespace}/{}", rsvc.name_any()));
+    reconcile_service(rsvc, ctx, namespace).instrument(span).await
+}
+
+async fn reconcile_service(
+    rsvc: Arc<ReplicatedService>,
+    ctx: Arc<Context>,
+    namespace: String,
+) -> Result<Requeue, Error> {
     let name = rsvc.name_any();
     let key = format!("{namespace}/{name}");
-    let spec = rsvc.spec.effective(&ctx.defaults);
+    let mut spec = rsvc.spec.effective(&ctx.defaults);
+    spec.recreate_lost_epoch =
+        rsvc.annotations().get(RECREATE_ANNOTATION).and_then(|epoch| epoch.trim().parse().ok());
     let problems = spec.problems();
 
     let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let pods = pod_api.list(&ListParams::default().labels(&format!("{SERVICE_LABEL}={name}"))).await?.items;
-    let statuses = replica_statuses(&ctx, &pods).await;
+    let statuses = replicas::statuses(&ctx.channels, &targets(&pods)).await;
     let membership = ctx.membership.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let restarts =
-        ctx.restarts.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned().unwrap_or_default();
-    let mut record = status::record_from_status(rsvc.status.as_ref(), restarts);
+    let volatile =
+        ctx.volatile.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned().unwrap_or_default();
+    let previous_trouble = volatile.trouble.clone();
+    let mut record = status::record_from_status(rsvc.status.as_ref(), BTreeMap::new());
+    volatile.restore(&mut record);
     let observed = status::observe(&rsvc, &pods, &membership, &statuses, &record);
 
     let actions = if problems.is_empty() {
@@ -150,7 +173,7 @@ pub async fn reconcile(rsvc: Arc<ReplicatedService>, ctx: Arc<Context>) -> Resul
     } else {
         Vec::new()
     };
-    ctx.restarts.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), record.restarts.clone());
+    ctx.volatile.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), Volatile::of(&record));
 
     // Record first: the status write is the commit point of a new configuration.
     let new_status =
@@ -175,14 +198,29 @@ pub async fn reconcile(rsvc: Arc<ReplicatedService>, ctx: Arc<Context>) -> Resul
         ctx.event(&rsvc, EventType::Warning, "InvalidSpec", problems.join("; ")).await;
     }
 
+    if record.trouble != previous_trouble
+        && let Some(trouble) = &record.trouble
+    {
+        warn!(service = %name, "{trouble}");
+        ctx.event(&rsvc, EventType::Warning, trouble.reason(), status::trouble_message(trouble, &rsvc)).await;
+    }
+
     for action in actions {
         act(&rsvc, &ctx, &spec, &pods, action).await?;
     }
-    push_configuration(&ctx, &record, &statuses, &pods).await;
+    delete_finished_pods(&pod_api, &pods).await;
+    if let Some(config) = &record.config {
+        let behind: Vec<(String, String)> =
+            targets(&pods).into_iter().filter(|(id, _)| replicas::lacks(statuses.get(id), config)).collect();
+        replicas::push_configuration(&ctx.channels, config, &behind).await;
+    }
     push_settings(&ctx, &key, &spec, &statuses, &pods).await;
     label_roles(&pod_api, &record, &pods).await;
     ensure_services(&rsvc, &ctx, &namespace, &spec).await?;
-    Ok(Requeue::requeue(RESYNC))
+    let running = observed.iter().filter(|o| o.instance == rm::Instance::Running).count();
+    let whole = running == spec.replicas as usize
+        && record.config.as_ref().is_some_and(|c| c.members.len() == spec.replicas as usize);
+    Ok(Requeue::requeue(if whole { RESYNC } else { RESYNC_WHILE_HEALING }))
 }
 
 async fn act(
@@ -197,23 +235,15 @@ async fn act(
     let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     match action {
         Action::Install { config, reason } => {
-            let members: Vec<&str> = config.members.iter().map(|m| m.id.as_str()).collect();
-            let note = format!(
-                "epoch {} ({}): primary {}, members {} — {reason}",
-                config.epoch,
-                rm::mode_name(config.mode()),
-                pods::pod_name(&name, &config.primary),
-                members.join(", ")
-            );
+            let note = replicas::describe_configuration(&config, &reason, |id| pods::pod_name(&name, id));
             info!(service = %name, "{note}");
-            let failover = reason.contains("promoted");
-            ctx.event(rsvc, EventType::Normal, if failover { "Failover" } else { "Reconfigured" }, note)
-                .await;
+            let kind = if reason.is_failover() { "Failover" } else { "Reconfigured" };
+            ctx.event(rsvc, EventType::Normal, kind, note).await;
         }
         Action::Start { id, bootstrap, attempt } => {
             let pod_name = pods::pod_name(&name, &id);
             if pods.iter().any(|p| p.name_any() == pod_name) {
-                // The old pod is still terminating; create the new one once it is gone.
+                // The old pod is still on its way out; the RM asks again once it is gone.
                 return Ok(());
             }
             let peers: Vec<String> =
@@ -253,34 +283,19 @@ async fn act(
             }
             ctx.event(rsvc, EventType::Normal, "Removed", format!("deleted {pod_name}: {reason}")).await;
         }
-        Action::Warn(warning) => {
-            warn!(service = %name, "{warning}");
-            ctx.event(rsvc, EventType::Warning, "Stuck", warning).await;
-        }
+        Action::Forget { .. } => {}
     }
     Ok(())
 }
 
-/// Gives the configuration to every running replica that lacks it.
-async fn push_configuration(
-    ctx: &Context,
-    record: &rm::Record,
-    statuses: &BTreeMap<String, pb::ReplicaStatus>,
-    pods: &[Pod],
-) {
-    let Some(config) = record.config.clone() else { return };
-    let calls = pods.iter().filter(|p| status::pod_running(p)).filter_map(|pod| {
-        let id = pod.labels().get(REPLICA_LABEL)?;
-        let behind =
-            statuses.get(id).is_none_or(|s| s.configuration.as_ref().is_none_or(|c| c.epoch < config.epoch));
-        if !behind {
-            return None;
+/// Deletes pods that finished (evicted, failed): they hold their name, so the replica
+/// cannot be recreated under it until they are gone.
+async fn delete_finished_pods(pod_api: &Api<Pod>, pods: &[Pod]) {
+    for pod in pods.iter().filter(|p| status::pod_finished(p)) {
+        if let Err(error) = pod_api.delete(&pod.name_any(), &DeleteParams::default()).await {
+            warn!(pod = %pod.name_any(), %error, "could not delete a finished pod; retrying later");
         }
-        let mut control = pb::control_client::ControlClient::new(ctx.channel(&status::pod_address(pod)?)?);
-        let config = config.clone();
-        Some(async move { tokio::time::timeout(CALL_TIMEOUT, control.install_configuration(config)).await })
-    });
-    join_all(calls).await;
+    }
 }
 
 /// Pushes what the spec changed (intervals) and where the GFD is: the LFDs' heartbeat
@@ -296,7 +311,7 @@ async fn push_settings(
     let last = ctx.pushed.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
     if last.as_ref().is_none_or(|l| {
         (l.heartbeat_interval_ms, l.failure_threshold) != (spec.heartbeat_interval_ms, spec.failure_threshold)
-    }) && let Some(channel) = ctx.channel(&ctx.gfd_local)
+    }) && let Ok(channel) = ctx.channels.get(&ctx.gfd_local)
     {
         let (namespace, name) = key.split_once('/').unwrap_or_default();
         let settings = pb::DetectorSettings {
@@ -306,29 +321,29 @@ async fn push_settings(
             replica_prefix: format!("{}-", pods::detector_id(namespace, name)),
         };
         let mut gfd = pb::fault_detector_client::FaultDetectorClient::new(channel);
-        if let Err(error) = tokio::time::timeout(CALL_TIMEOUT, gfd.update_detector_settings(settings)).await {
-            warn!(service = key, %error, "could not push the heartbeat settings to the GFD");
+        if let Err(error) = within(CALL_TIMEOUT, gfd.update_detector_settings(settings)).await {
+            warn!(service = key, error = %error.message(), "could not push the heartbeat settings to the GFD; retrying");
+            // Not recorded as pushed: the next reconciliation tries again.
+            return;
         }
     }
     let checkpoint_changed =
         last.as_ref().is_some_and(|l| l.checkpoint_interval_ms != spec.checkpoint_interval_ms);
-    let calls = pods.iter().filter(|p| status::pod_running(p)).filter_map(|pod| {
-        let id = pod.labels().get(REPLICA_LABEL)?;
-        let replica = statuses.get(id)?;
-        let stale_gfd = replica.gfd_address != ctx.pod_settings.gfd_address;
-        let stale_interval =
-            checkpoint_changed || replica.checkpoint_interval_ms != spec.checkpoint_interval_ms;
-        if !stale_gfd && !stale_interval {
-            return None;
-        }
-        let mut control = pb::control_client::ControlClient::new(ctx.channel(&status::pod_address(pod)?)?);
-        let update = pb::Settings {
-            checkpoint_interval_ms: Some(spec.checkpoint_interval_ms),
-            gfd_address: Some(ctx.pod_settings.gfd_address.clone()),
-        };
-        Some(async move { tokio::time::timeout(CALL_TIMEOUT, control.update_settings(update)).await })
-    });
-    join_all(calls).await;
+    let stale: Vec<(String, String)> = targets(pods)
+        .into_iter()
+        .filter(|(id, _)| {
+            statuses.get(id).is_some_and(|replica| {
+                replica.gfd_address != ctx.pod_settings.gfd_address
+                    || checkpoint_changed
+                    || replica.checkpoint_interval_ms != spec.checkpoint_interval_ms
+            })
+        })
+        .collect();
+    let update = pb::Settings {
+        checkpoint_interval_ms: Some(spec.checkpoint_interval_ms),
+        gfd_address: Some(ctx.pod_settings.gfd_address.clone()),
+    };
+    replicas::push_settings(&ctx.channels, &update, &stale).await;
     ctx.pushed.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_owned(), spec.clone());
 }
 

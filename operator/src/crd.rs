@@ -73,7 +73,7 @@ pub struct ReplicatedServiceSpec {
     pub image: Option<String>,
     /// How often each LFD heartbeats its replica, in milliseconds (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 10, max = 60000))]
+    #[schemars(range(min = 20, max = 60000))]
     pub heartbeat_interval_ms: Option<i64>,
     /// Missed heartbeats before a replica is declared dead (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -206,7 +206,16 @@ pub struct ConfiguredMember {
     /// Member without a break since this epoch (the RM promotes only members that
     /// synced with their leader since).
     pub joined_epoch: i64,
+    /// The replica instance that is the member (random per start): a restarted replica
+    /// is a new instance and must rejoin.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub incarnation: String,
 }
+
+/// An annotation on a ReplicatedService whose group was lost (every replica's state gone
+/// at once): its value, the lost epoch, tells the operator to start over with an empty
+/// group. Naming the epoch keeps a stale annotation from wiping a later group.
+pub const RECREATE_ANNOTATION: &str = "tandem.dev/recreate-lost-group";
 
 /// Operator-wide defaults for what a spec leaves out (set through the helm chart).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,6 +235,7 @@ impl ReplicatedServiceSpec {
             heartbeat_interval_ms: positive(self.heartbeat_interval_ms, base.heartbeat_interval_ms),
             failure_threshold: self.failure_threshold.map_or(base.failure_threshold, |t| t.max(0) as u32),
             checkpoint_interval_ms: positive(self.checkpoint_interval_ms, base.checkpoint_interval_ms),
+            recreate_lost_epoch: None,
         }
     }
 

@@ -8,5 +8,6 @@ pub mod leader;
 pub mod local;
 pub mod membership;
 pub mod pods;
+pub mod replicas;
 pub mod rm;
 pub mod status;

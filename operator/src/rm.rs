@@ -8,14 +8,28 @@
 //! The rules that keep acknowledged writes safe:
 //! - every new configuration has the next epoch and exactly one primary among its
 //!   members;
+//! - a member is the instance that joined: a restarted instance (a new incarnation) is
+//!   a new replica with none of the member's state, and must join through a checkpoint
+//!   before it counts;
 //! - a failed primary is replaced only by a *safe* survivor: a member that synced with
 //!   its leader during its current membership (`synced_epoch >= joined_epoch`), so it
 //!   holds every committed entry; among those, the longest log wins;
 //! - with no safe survivor the RM waits rather than promote a replica that may lack
-//!   acknowledged writes.
+//!   acknowledged writes, and says so (`Trouble`).
+//!
+//! The rules that bring the group back to full strength (DESIGN.md invariant 5):
+//! - failures are counted per instance that failed, never per reconciliation; restarts
+//!   back off up to a cap and never stop; a replica that became ready starts afresh;
+//! - an instance that is being stopped (a pod terminating) is waited for a while, then
+//!   replaced under a new id rather than waited for forever;
+//! - a member that cannot be replicated to, or a leader that can replicate to none of
+//!   its followers, is failed like a dead one, so a partition is not an outage;
+//! - a replica whose detector comes back, or that resumes from a pause, rejoins.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
+use tandem_replica::detector::limits;
 use tandem_replica::pb::{self, Mode};
 
 /// How long a replica whose LFD vanished may stay silent before it counts as failed
@@ -23,15 +37,26 @@ use tandem_replica::pb::{self, Mode};
 /// its LFD or by its process exiting).
 pub const DETECTOR_GRACE_MS: u64 = 2_000;
 /// A replica the GFD reports dead whose process still runs (hung, paused) is killed and
-/// replaced after this long.
-pub const REPLACE_HUNG_AFTER_MS: u64 = 15_000;
+/// replaced after this long (it is out of the configuration already; this bounds how
+/// long the group runs short).
+pub const REPLACE_HUNG_AFTER_MS: u64 = 5_000;
 /// A joiner is added once its log is this close to the primary's.
 pub const JOIN_LAG: u64 = 1_000;
-/// Restart back-off: first delay, cap, and how many consecutive restarts before the RM
-/// gives up on an instance.
+/// Restart back-off: first delay and cap. Restarts never stop: a replica that keeps
+/// failing is reported (`Trouble::CrashLooping`) and retried at the cap.
 pub const RESTART_BACKOFF_MS: u64 = 100;
-pub const RESTART_BACKOFF_MAX_MS: u64 = 5_000;
-pub const MAX_RESTARTS: u32 = 10;
+pub const RESTART_BACKOFF_MAX_MS: u64 = 10_000;
+/// Restarts in a row, without the replica becoming ready, that count as a crash loop.
+pub const CRASH_LOOP_RESTARTS: u32 = 5;
+/// How long an instance being stopped (a terminating pod) is waited for before its
+/// replacement starts under a new id.
+pub const TERMINATING_PATIENCE_MS: u64 = 5_000;
+/// A follower the leader could not replicate to for this long (at least; longer when
+/// the detection window is) fails like a dead member: three keepalives.
+pub const UNREACHABLE_MS: u64 = 3 * tandem_replica::peers::KEEPALIVE.as_millis() as u64;
+
+/// The most replicas a group may have (the CRD's schema says the same).
+pub const MAX_REPLICAS: u32 = 9;
 
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +66,9 @@ pub struct Spec {
     pub heartbeat_interval_ms: u64,
     pub failure_threshold: u32,
     pub checkpoint_interval_ms: u64,
+    /// The user accepts that the group of this epoch is lost (every replica's state
+    /// gone at once) and asks for a new, empty group in its place.
+    pub recreate_lost_epoch: Option<u64>,
 }
 
 impl Default for Spec {
@@ -48,28 +76,28 @@ impl Default for Spec {
         Self {
             replicas: 3,
             mode: Mode::Passive,
-            heartbeat_interval_ms: 100,
-            failure_threshold: 3,
+            heartbeat_interval_ms: limits::DEFAULT_HEARTBEAT_INTERVAL_MS,
+            failure_threshold: limits::DEFAULT_FAILURE_THRESHOLD,
             checkpoint_interval_ms: 2_000,
+            recreate_lost_epoch: None,
         }
     }
 }
 
 impl Spec {
-    /// A spec the schema allows but that cannot work, explained.
+    /// A spec that cannot work, explained (the CRD's schema and `tandem up`'s flags
+    /// check the same rules; a spec reaches the RM only through one of them or through
+    /// `tandem set`, which asks this).
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        if self.replicas == 0 {
-            problems.push("replicas must be at least 1".into());
+        if !(1..=MAX_REPLICAS).contains(&self.replicas) {
+            problems.push(format!("replicas must be 1..{MAX_REPLICAS}, got {}", self.replicas));
         }
         if !matches!(self.mode, Mode::Passive | Mode::Active) {
             problems.push("mode must be passive or active".into());
         }
-        if self.heartbeat_interval_ms == 0 {
-            problems.push("heartbeat interval must be at least 1 ms".into());
-        }
-        if self.failure_threshold == 0 {
-            problems.push("failure threshold must be at least 1".into());
+        if let Err(problem) = limits::check(self.heartbeat_interval_ms, self.failure_threshold) {
+            problems.push(problem);
         }
         if self.checkpoint_interval_ms != 0 && self.checkpoint_interval_ms < self.heartbeat_interval_ms {
             problems.push(format!(
@@ -79,6 +107,11 @@ impl Spec {
         }
         problems
     }
+
+    /// How long a follower may leave its leader unanswered before it counts as cut off.
+    fn unreachable_ms(&self) -> u64 {
+        UNREACHABLE_MS.max(self.heartbeat_interval_ms * u64::from(self.failure_threshold))
+    }
 }
 
 /// The platform's view of one replica instance.
@@ -86,6 +119,9 @@ impl Spec {
 pub enum Instance {
     /// Started, or running.
     Running,
+    /// Being stopped or deleted, but still there (a terminating pod, a process that has
+    /// not exited yet).
+    Terminating,
     /// Exited, deleted, or never started.
     Gone,
 }
@@ -107,11 +143,18 @@ pub enum Liveness {
 }
 
 /// What the replica says of itself (its Status).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Facts {
     pub epoch: u64,
     pub last_seq: u64,
     pub synced_epoch: u64,
+    /// Holds a consistent state (bootstrapped, or joined through a checkpoint).
+    pub has_state: bool,
+    /// Which start of the replica answered (random per process).
+    pub incarnation: String,
+    /// Leader only: each member follower and how long it has left the leader
+    /// unanswered (ms).
+    pub follower_silence: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,35 +166,174 @@ pub struct Observed {
     pub facts: Option<Facts>,
 }
 
-/// The RM's own record. On Kubernetes it lives in the resource's status; locally, in
-/// memory.
+/// The RM's own record. On Kubernetes it lives in the resource's status (the parts that
+/// must survive the operator's restart); locally, in a file beside the replicas.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Record {
     pub config: Option<pb::Configuration>,
     /// Since which epoch each member has been one without a break.
     pub joined_epoch: BTreeMap<String, u64>,
+    /// The instance (incarnation) each member was when it became one.
+    pub incarnations: BTreeMap<String, String>,
+    /// The epoch of a group that was lost and recreated: the new group starts after it.
+    pub epoch_floor: u64,
     pub failovers: u64,
     pub restarts: BTreeMap<String, Restarts>,
     /// Since when the GFD has reported each running instance dead (hung replicas).
     pub dead_since: BTreeMap<String, u64>,
+    /// Since when each instance has been terminating.
+    pub terminating_since: BTreeMap<String, u64>,
+    /// What keeps the group from its spec right now, if the RM cannot fix it alone.
+    pub trouble: Option<Trouble>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Restarts {
+    /// Restarts in a row without the replica becoming ready.
     pub count: u32,
     pub not_before: u64,
+}
+
+/// Why a member no longer counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// No instance of it exists (never started, or deleted).
+    NoInstance,
+    /// Its instance exited, or is being deleted.
+    InstanceGone,
+    /// A new instance runs in its place: it holds none of the member's state.
+    Restarted,
+    /// Its LFD reported it dead (crashed, or hung past the detection window).
+    ReportedDead,
+    /// Its LFD has been silent this long.
+    DetectorSilent { ms: u64 },
+    /// Its leader could not replicate to it for this long.
+    Unreachable { ms: u64 },
+    /// As leader, it could replicate to none of its followers for this long.
+    Isolated { ms: u64 },
+}
+
+impl Failure {
+    /// Whether the member's state is certainly gone (not merely out of reach).
+    pub fn state_gone(&self) -> bool {
+        matches!(self, Self::NoInstance | Self::InstanceGone | Self::Restarted)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoInstance => write!(f, "no instance"),
+            Self::InstanceGone => write!(f, "instance gone"),
+            Self::Restarted => write!(f, "restarted: a new instance without its state"),
+            Self::ReportedDead => write!(f, "reported dead by its LFD"),
+            Self::DetectorSilent { ms } => write!(f, "its LFD has been silent for {ms} ms"),
+            Self::Unreachable { ms } => write!(f, "its leader could not replicate to it for {ms} ms"),
+            Self::Isolated { ms } => write!(f, "it could replicate to none of its followers for {ms} ms"),
+        }
+    }
+}
+
+/// Why a new configuration: what changed, typed (the platforms word it and pick the
+/// event kind from it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reason {
+    /// The first configuration of a new group.
+    pub new_group: bool,
+    pub failed: Vec<(String, Failure)>,
+    /// The member promoted to primary, and its log's length.
+    pub promoted: Option<(String, u64)>,
+    pub joined: Vec<String>,
+    /// Removed to scale down to this many replicas.
+    pub removed: Vec<String>,
+    pub scaled_to: u32,
+    pub mode_change: Option<(Mode, Mode)>,
+}
+
+impl Reason {
+    /// A failover: a new primary replaced a failed one.
+    pub fn is_failover(&self) -> bool {
+        self.promoted.is_some()
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts: Vec<String> = Vec::new();
+        if self.new_group {
+            parts.push("new group".into());
+        }
+        parts.extend(self.failed.iter().map(|(id, why)| format!("{id} failed ({why})")));
+        if let Some((id, last_seq)) = &self.promoted {
+            parts.push(format!("{id} promoted (longest log: {last_seq})"));
+        }
+        parts.extend(self.joined.iter().map(|id| format!("{id} joined")));
+        parts
+            .extend(self.removed.iter().map(|id| format!("{id} removed (scale down to {})", self.scaled_to)));
+        if let Some((from, to)) = self.mode_change {
+            parts.push(format!("mode {} -> {}", mode_name(from), mode_name(to)));
+        }
+        write!(f, "{}", parts.join("; "))
+    }
+}
+
+/// Something the RM cannot fix alone: the platforms show it (a condition and an event
+/// on Kubernetes, a line of `tandem up`) with what the user can do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trouble {
+    /// The primary failed, and no surviving member is known to hold every acknowledged
+    /// write: the RM waits (for the primary to come back, or a member to prove itself).
+    NoSafePrimary { epoch: u64, primary: String },
+    /// Every member of the configuration lost its state at once (processes gone or
+    /// restarted): the data of epoch `epoch`, up to `last_seq`, is gone. Only the user
+    /// can accept that and recreate the group (`Spec::recreate_lost_epoch`).
+    GroupLost { epoch: u64, members: Vec<String>, last_seq: u64 },
+    /// A replica keeps failing soon after it starts.
+    CrashLooping { id: String, restarts: u32 },
+}
+
+impl Trouble {
+    /// A short CamelCase name (condition reason, event reason).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoSafePrimary { .. } => "NoSafePrimary",
+            Self::GroupLost { .. } => "GroupLost",
+            Self::CrashLooping { .. } => "CrashLooping",
+        }
+    }
+}
+
+impl fmt::Display for Trouble {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoSafePrimary { epoch, primary } => write!(
+                f,
+                "primary {primary} of epoch {epoch} failed and no surviving member is known to hold every acknowledged write; waiting for {primary} to come back or a member to catch up"
+            ),
+            Self::GroupLost { epoch, members, last_seq } => write!(
+                f,
+                "every replica of epoch {epoch} ({}) lost its state at once; the data they held (requests up to seq {last_seq}) is gone, and the group cannot serve until it is recreated empty",
+                members.join(", ")
+            ),
+            Self::CrashLooping { id, restarts } => write!(
+                f,
+                "{id} failed {restarts} times in a row soon after starting; still restarting it every {} s at most (see its log)",
+                RESTART_BACKOFF_MAX_MS / 1000
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Record this configuration (the next epoch), then push it to every replica.
-    Install { config: pb::Configuration, reason: String },
+    Install { config: pb::Configuration, reason: Reason },
     /// Start an instance of replica `id` (a new group member when `bootstrap`).
     Start { id: String, bootstrap: bool, attempt: u32 },
     /// Stop the instance of replica `id`.
     Stop { id: String, reason: String },
-    /// Something the user should know: the RM cannot do what the spec asks.
-    Warn(String),
+    /// Replica `id` is neither a member nor needed: forget it (its entry, its address).
+    Forget { id: String },
 }
 
 /// Replica ids are r1, r2, ...; their order is their number's.
@@ -159,12 +341,17 @@ pub fn replica_id(n: u32) -> String {
     format!("r{n}")
 }
 
-fn id_number(id: &str) -> u32 {
-    id.trim_start_matches('r').parse().unwrap_or(u32::MAX)
+/// The number of a replica id (`r12` -> 12), if it is one.
+pub fn id_number(id: &str) -> Option<u32> {
+    id.strip_prefix('r')?.parse().ok()
+}
+
+fn order(id: &str) -> u32 {
+    id_number(id).unwrap_or(u32::MAX)
 }
 
 /// One reconciliation: what to do now. `membership_known`: the GFD's view is current
-/// and settled (else only instances that are gone count as failed).
+/// and settled (else only what the platform and the replicas report counts).
 pub fn reconcile(
     spec: &Spec,
     record: &mut Record,
@@ -174,14 +361,21 @@ pub fn reconcile(
 ) -> Vec<Action> {
     let mut actions = Vec::new();
     let by_id: BTreeMap<&str, &Observed> = observed.iter().map(|o| (o.id.as_str(), o)).collect();
-    track_dead_since(record, observed, membership_known, now);
+    track_since(record, observed, membership_known, now);
+    adopt_incarnations(record, &by_id);
+    record.trouble = None;
 
     match record.config.clone() {
         None => bootstrap(spec, record, &by_id, membership_known, &mut actions),
         Some(config) => {
-            if let Some(next) =
-                next_configuration(spec, record, &config, &by_id, membership_known, now, &mut actions)
-            {
+            let failures = failures(spec, record, &config, &by_id, membership_known, now);
+            if let Some(lost) = group_lost(&config, &failures, &by_id) {
+                if spec.recreate_lost_epoch == Some(config.epoch) {
+                    recreate(record, &config);
+                    return actions;
+                }
+                record.trouble = Some(lost);
+            } else if let Some(next) = next_configuration(spec, record, &config, &by_id, failures) {
                 install(record, next, &mut actions);
             }
             replace_instances(spec, record, &by_id, now, &mut actions);
@@ -190,7 +384,7 @@ pub fn reconcile(
     actions
 }
 
-fn track_dead_since(record: &mut Record, observed: &[Observed], membership_known: bool, now: u64) {
+fn track_since(record: &mut Record, observed: &[Observed], membership_known: bool, now: u64) {
     for o in observed {
         let dead =
             membership_known && o.instance == Instance::Running && matches!(o.liveness, Liveness::Failed);
@@ -199,10 +393,34 @@ fn track_dead_since(record: &mut Record, observed: &[Observed], membership_known
         } else {
             record.dead_since.remove(&o.id);
         }
+        if o.instance == Instance::Terminating {
+            record.terminating_since.entry(o.id.clone()).or_insert(now);
+        } else {
+            record.terminating_since.remove(&o.id);
+        }
     }
 }
 
-/// A new group: start `replicas` fresh instances; once all are alive, epoch 1.
+/// A member recorded without its incarnation (a record from before incarnations, or
+/// rebuilt after the RM's restart) adopts the one that serves as a member with state in
+/// the configuration's epoch: that instance is the member.
+fn adopt_incarnations(record: &mut Record, by_id: &BTreeMap<&str, &Observed>) {
+    let Some(config) = &record.config else { return };
+    for member in &config.members {
+        if record.incarnations.get(&member.id).is_some_and(|i| !i.is_empty()) {
+            continue;
+        }
+        let facts = by_id.get(member.id.as_str()).and_then(|o| o.facts.as_ref());
+        if let Some(facts) =
+            facts.filter(|f| f.has_state && f.epoch == config.epoch && !f.incarnation.is_empty())
+        {
+            record.incarnations.insert(member.id.clone(), facts.incarnation.clone());
+        }
+    }
+}
+
+/// A new group: start `replicas` fresh instances; once all are alive with their empty
+/// state, the first configuration (epoch 1, or the one after a lost group's).
 fn bootstrap(
     spec: &Spec,
     record: &mut Record,
@@ -211,30 +429,63 @@ fn bootstrap(
     actions: &mut Vec<Action>,
 ) {
     let ids: Vec<String> = (1..=spec.replicas).map(replica_id).collect();
+    let mut ready = true;
     for id in &ids {
-        if by_id.get(id.as_str()).is_none_or(|o| o.instance == Instance::Gone) {
-            actions.push(Action::Start { id: id.clone(), bootstrap: true, attempt: 0 });
+        let observed = by_id.get(id.as_str());
+        match observed.map(|o| (o.instance, o.facts.as_ref())) {
+            None | Some((Instance::Gone, _)) => {
+                actions.push(Action::Start { id: id.clone(), bootstrap: true, attempt: 0 });
+                ready = false;
+            }
+            Some((Instance::Terminating, _)) | Some((Instance::Running, None)) => ready = false,
+            // An instance without state (from a lost group) cannot found a new one.
+            Some((Instance::Running, Some(facts))) if !facts.has_state => {
+                actions.push(Action::Stop {
+                    id: id.clone(),
+                    reason: "it cannot found a new group (no state of its own)".into(),
+                });
+                ready = false;
+            }
+            Some((Instance::Running, Some(_))) => {
+                ready &= observed.is_some_and(|o| matches!(o.liveness, Liveness::Alive { .. }));
+            }
         }
     }
-    let all_alive = ids
-        .iter()
-        .all(|id| by_id.get(id.as_str()).is_some_and(|o| matches!(o.liveness, Liveness::Alive { .. })));
-    if membership_known && all_alive {
+    // Instances of other ids (left from a lost group) have no place in the new one.
+    for o in by_id.values().filter(|o| o.instance == Instance::Running && !ids.contains(&o.id)) {
+        actions.push(Action::Stop { id: o.id.clone(), reason: "not one of the new group's replicas".into() });
+    }
+    if membership_known && ready {
         let members = ids
             .iter()
             .map(|id| pb::Member { id: id.clone(), address: by_id[id.as_str()].address.clone() })
             .collect();
-        let config = pb::Configuration { epoch: 1, mode: spec.mode.into(), primary: ids[0].clone(), members };
-        install(record, (config, "new group".into()), actions);
+        let epoch = record.epoch_floor + 1;
+        let config = pb::Configuration { epoch, mode: spec.mode.into(), primary: ids[0].clone(), members };
+        install(record, (config, Reason { new_group: true, ..Reason::default() }), actions);
+        for id in &ids {
+            if let Some(facts) = &by_id[id.as_str()].facts {
+                record.incarnations.insert(id.clone(), facts.incarnation.clone());
+            }
+        }
     }
 }
 
-fn install(record: &mut Record, (config, reason): (pb::Configuration, String), actions: &mut Vec<Action>) {
-    let previous_primary = record.config.as_ref().map(|c| c.primary.clone());
-    if previous_primary.is_some_and(|p| p != config.primary) {
+/// The user accepted the loss of `config`'s group: start over, empty, after its epoch.
+fn recreate(record: &mut Record, config: &pb::Configuration) {
+    record.epoch_floor = config.epoch;
+    record.config = None;
+    record.joined_epoch.clear();
+    record.incarnations.clear();
+    record.restarts.clear();
+}
+
+fn install(record: &mut Record, (config, reason): (pb::Configuration, Reason), actions: &mut Vec<Action>) {
+    if reason.is_failover() {
         record.failovers += 1;
     }
     record.joined_epoch.retain(|id, _| config.members.iter().any(|m| &m.id == id));
+    record.incarnations.retain(|id, _| config.members.iter().any(|m| &m.id == id));
     for member in &config.members {
         record.joined_epoch.entry(member.id.clone()).or_insert(config.epoch);
     }
@@ -242,66 +493,129 @@ fn install(record: &mut Record, (config, reason): (pb::Configuration, String), a
     actions.push(Action::Install { config, reason });
 }
 
-/// Why a member is failed, if it is.
-fn failure(observed: Option<&&Observed>, membership_known: bool, now: u64) -> Option<String> {
-    let Some(o) = observed else { return Some("no instance".into()) };
-    if o.instance == Instance::Gone {
-        return Some("instance gone".into());
-    }
-    if !membership_known {
-        return None;
-    }
-    match o.liveness {
-        Liveness::Failed => Some("reported dead by its LFD".into()),
-        Liveness::DetectorLost { since } if now.saturating_sub(since) >= DETECTOR_GRACE_MS => {
-            Some(format!("its LFD has been silent for {} ms", now.saturating_sub(since)))
-        }
-        _ => None,
-    }
-}
-
-fn safe_to_lead(record: &Record, o: &Observed) -> bool {
-    let joined = record.joined_epoch.get(&o.id).copied().unwrap_or(u64::MAX);
-    o.facts.is_some_and(|f| f.synced_epoch >= joined) && matches!(o.liveness, Liveness::Alive { ready: true })
-}
-
-/// The configuration the group should move to, if it differs from the current one.
-fn next_configuration(
+/// Every member that no longer counts, and why.
+fn failures(
     spec: &Spec,
     record: &Record,
     config: &pb::Configuration,
     by_id: &BTreeMap<&str, &Observed>,
     membership_known: bool,
     now: u64,
-    actions: &mut Vec<Action>,
-) -> Option<(pb::Configuration, String)> {
-    let mut reasons = Vec::new();
-    let mut members: Vec<pb::Member> = Vec::new();
+) -> BTreeMap<String, Failure> {
+    let mut failed = BTreeMap::new();
     for member in &config.members {
-        match failure(by_id.get(member.id.as_str()), membership_known, now) {
-            Some(why) => reasons.push(format!("{} failed ({why})", member.id)),
-            None => members.push(member.clone()),
+        if let Some(why) = failure(record, by_id.get(member.id.as_str()), membership_known, now) {
+            failed.insert(member.id.clone(), why);
         }
     }
+    // The leader says whom it cannot replicate to: those followers, or, when it reaches
+    // none of several, the leader itself, is cut off.
+    let leader = by_id.get(config.primary.as_str()).and_then(|o| o.facts.as_ref());
+    if let Some(leader) = leader.filter(|f| f.epoch == config.epoch && !failed.contains_key(&config.primary))
+    {
+        let limit = spec.unreachable_ms();
+        let followers: Vec<&(String, u64)> = leader
+            .follower_silence
+            .iter()
+            .filter(|(id, _)| config.members.iter().any(|m| &m.id == id) && *id != config.primary)
+            .collect();
+        let silent: Vec<&(String, u64)> = followers.iter().copied().filter(|(_, ms)| *ms >= limit).collect();
+        if followers.len() >= 2 && silent.len() == followers.len() {
+            let ms = silent.iter().map(|(_, ms)| *ms).min().unwrap_or(limit);
+            failed.insert(config.primary.clone(), Failure::Isolated { ms });
+        } else {
+            for (id, ms) in silent {
+                failed.entry(id.clone()).or_insert(Failure::Unreachable { ms: *ms });
+            }
+        }
+    }
+    failed
+}
+
+/// Why a member is failed, by what its platform, its detector and itself report.
+fn failure(
+    record: &Record,
+    observed: Option<&&Observed>,
+    membership_known: bool,
+    now: u64,
+) -> Option<Failure> {
+    let Some(o) = observed else { return Some(Failure::NoInstance) };
+    if o.instance != Instance::Running {
+        return Some(Failure::InstanceGone);
+    }
+    let recorded = record.incarnations.get(&o.id).filter(|i| !i.is_empty());
+    let current = o.facts.as_ref().map(|f| f.incarnation.as_str()).filter(|i| !i.is_empty());
+    if let (Some(recorded), Some(current)) = (recorded, current)
+        && recorded != current
+    {
+        return Some(Failure::Restarted);
+    }
+    if !membership_known {
+        return None;
+    }
+    match o.liveness {
+        Liveness::Failed => Some(Failure::ReportedDead),
+        Liveness::DetectorLost { since } if now.saturating_sub(since) >= DETECTOR_GRACE_MS => {
+            Some(Failure::DetectorSilent { ms: now.saturating_sub(since) })
+        }
+        _ => None,
+    }
+}
+
+/// The group is lost when every member's state is certainly gone.
+fn group_lost(
+    config: &pb::Configuration,
+    failures: &BTreeMap<String, Failure>,
+    by_id: &BTreeMap<&str, &Observed>,
+) -> Option<Trouble> {
+    let all_gone = config.members.iter().all(|m| failures.get(&m.id).is_some_and(Failure::state_gone));
+    if !all_gone {
+        return None;
+    }
+    // What the members last said of their logs (a restarted instance says 0).
+    let last_seq = by_id.values().filter_map(|o| o.facts.as_ref()).map(|f| f.last_seq).max().unwrap_or(0);
+    Some(Trouble::GroupLost {
+        epoch: config.epoch,
+        members: config.members.iter().map(|m| m.id.clone()).collect(),
+        last_seq,
+    })
+}
+
+fn safe_to_lead(record: &Record, o: &Observed) -> bool {
+    let joined = record.joined_epoch.get(&o.id).copied().unwrap_or(u64::MAX);
+    o.facts.as_ref().is_some_and(|f| f.synced_epoch >= joined && f.has_state)
+        && matches!(o.liveness, Liveness::Alive { ready: true })
+}
+
+/// The configuration the group should move to, if it differs from the current one.
+fn next_configuration(
+    spec: &Spec,
+    record: &mut Record,
+    config: &pb::Configuration,
+    by_id: &BTreeMap<&str, &Observed>,
+    failures: BTreeMap<String, Failure>,
+) -> Option<(pb::Configuration, Reason)> {
+    let mut reason = Reason { scaled_to: spec.replicas, ..Reason::default() };
+    let mut members: Vec<pb::Member> =
+        config.members.iter().filter(|m| !failures.contains_key(&m.id)).cloned().collect();
+    reason.failed = failures.into_iter().collect();
     let mut primary = config.primary.clone();
     if !members.iter().any(|m| m.id == primary) {
         let candidates =
             members.iter().filter_map(|m| by_id.get(m.id.as_str())).filter(|o| safe_to_lead(record, o));
-        let Some(best) = candidates
-            .max_by_key(|o| (o.facts.map_or(0, |f| f.last_seq), std::cmp::Reverse(id_number(&o.id))))
-        else {
-            actions.push(Action::Warn(format!(
-                "primary {} failed and no surviving member is known to hold every committed write; waiting for one",
-                config.primary
-            )));
+        let last_seq = |o: &Observed| o.facts.as_ref().map_or(0, |f| f.last_seq);
+        let Some(best) = candidates.max_by_key(|o| (last_seq(o), std::cmp::Reverse(order(&o.id)))) else {
+            record.trouble =
+                Some(Trouble::NoSafePrimary { epoch: config.epoch, primary: config.primary.clone() });
             return None;
         };
-        reasons.push(format!("{} promoted (longest log: {})", best.id, best.facts.map_or(0, |f| f.last_seq)));
+        reason.promoted = Some((best.id.clone(), last_seq(best)));
         primary = best.id.clone();
     }
-    if reasons.is_empty() {
+    if reason.failed.is_empty() {
         // Only without failures: grow by ready joiners, shrink to the spec.
-        let primary_seq = by_id.get(primary.as_str()).and_then(|o| o.facts).map_or(0, |f| f.last_seq);
+        let primary_seq =
+            by_id.get(primary.as_str()).and_then(|o| o.facts.as_ref()).map_or(0, |f| f.last_seq);
         let mut joiners: Vec<&&Observed> = by_id
             .values()
             .filter(|o| !members.iter().any(|m| m.id == o.id))
@@ -309,41 +623,45 @@ fn next_configuration(
                 o.instance == Instance::Running && matches!(o.liveness, Liveness::Alive { ready: true })
             })
             .filter(|o| {
-                o.facts.is_some_and(|f| {
-                    f.epoch == config.epoch && primary_seq.saturating_sub(f.last_seq) <= JOIN_LAG
+                o.facts.as_ref().is_some_and(|f| {
+                    f.has_state
+                        && !f.incarnation.is_empty()
+                        && f.epoch == config.epoch
+                        && primary_seq.saturating_sub(f.last_seq) <= JOIN_LAG
                 })
             })
             .collect();
-        joiners.sort_by_key(|o| id_number(&o.id));
+        joiners.sort_by_key(|o| order(&o.id));
         let room = (spec.replicas as usize).saturating_sub(members.len());
         for joiner in joiners.into_iter().take(room) {
-            reasons.push(format!("{} joined", joiner.id));
+            reason.joined.push(joiner.id.clone());
             members.push(pb::Member { id: joiner.id.clone(), address: joiner.address.clone() });
+            let incarnation = joiner.facts.as_ref().map(|f| f.incarnation.clone()).unwrap_or_default();
+            record.incarnations.insert(joiner.id.clone(), incarnation);
         }
         while members.len() > spec.replicas.max(1) as usize {
             let Some(victim) =
-                members.iter().filter(|m| m.id != primary).max_by_key(|m| id_number(&m.id)).cloned()
+                members.iter().filter(|m| m.id != primary).max_by_key(|m| order(&m.id)).cloned()
             else {
                 break;
             };
-            reasons.push(format!("{} removed (scale down to {})", victim.id, spec.replicas));
+            reason.removed.push(victim.id.clone());
             members.retain(|m| m.id != victim.id);
         }
         if spec.mode != config.mode() && matches!(spec.mode, Mode::Passive | Mode::Active) {
-            reasons.push(format!("mode {} -> {}", mode_name(config.mode()), mode_name(spec.mode)));
+            reason.mode_change = Some((config.mode(), spec.mode));
         }
     }
-    if reasons.is_empty() {
+    if reason == (Reason { scaled_to: spec.replicas, ..Reason::default() }) {
         return None;
     }
     if members.is_empty() {
-        actions.push(Action::Warn("no member of the configuration survives; waiting".into()));
         return None;
     }
-    members.sort_by_key(|m| id_number(&m.id));
+    members.sort_by_key(|m| order(&m.id));
     let mode = if matches!(spec.mode, Mode::Passive | Mode::Active) { spec.mode } else { config.mode() };
     let next = pb::Configuration { epoch: config.epoch + 1, mode: mode.into(), primary, members };
-    Some((next, reasons.join("; ")))
+    Some((next, reason))
 }
 
 pub fn mode_name(mode: Mode) -> &'static str {
@@ -355,8 +673,9 @@ pub fn mode_name(mode: Mode) -> &'static str {
 }
 
 /// Keeps `spec.replicas` instances running: restarts the gone ones (with back-off),
-/// starts new ids when growing, stops instances that are neither members nor needed,
-/// and replaces replicas that hang.
+/// starts new ids when growing or when an old instance takes too long to stop, stops
+/// instances that are neither members nor needed, replaces replicas that hang, and
+/// forgets replicas that are gone for good.
 fn replace_instances(
     spec: &Spec,
     record: &mut Record,
@@ -367,6 +686,18 @@ fn replace_instances(
     let config = record.config.clone().unwrap_or_default();
     let is_member = |id: &str| config.members.iter().any(|m| m.id == id);
     let wanted = spec.replicas.max(1) as usize;
+
+    // A replica that made it back to ready starts its restart count afresh.
+    for o in by_id.values() {
+        if o.instance == Instance::Running && matches!(o.liveness, Liveness::Alive { ready: true }) {
+            record.restarts.remove(&o.id);
+        }
+    }
+    if record.trouble.is_none()
+        && let Some((id, restarts)) = record.restarts.iter().find(|(_, r)| r.count >= CRASH_LOOP_RESTARTS)
+    {
+        record.trouble = Some(Trouble::CrashLooping { id: id.clone(), restarts: restarts.count });
+    }
 
     // Hung: reported dead for long while the process still runs.
     for (id, since) in record.dead_since.clone() {
@@ -379,9 +710,13 @@ fn replace_instances(
         }
     }
 
-    let mut running: Vec<&str> =
-        by_id.values().filter(|o| o.instance == Instance::Running).map(|o| o.id.as_str()).collect();
-    running.sort_by_key(|id| id_number(id));
+    let with = |state: Instance| {
+        let mut ids: Vec<&str> =
+            by_id.values().filter(|o| o.instance == state).map(|o| o.id.as_str()).collect();
+        ids.sort_by_key(|id| order(id));
+        ids
+    };
+    let running = with(Instance::Running);
     // Too many: stop non-members, highest ids first.
     let mut excess = running.len().saturating_sub(wanted);
     for id in running.iter().rev() {
@@ -394,28 +729,32 @@ fn replace_instances(
             excess -= 1;
         }
     }
-    // Too few: restart the gone ones (lowest ids first), then new ids.
+    // Too few: restart the gone ones (lowest ids first), wait a while for the ones still
+    // stopping, then take new ids.
     let mut missing = wanted.saturating_sub(running.len());
-    let mut candidates: Vec<String> =
-        by_id.values().filter(|o| o.instance == Instance::Gone).map(|o| o.id.clone()).collect();
-    candidates.sort_by_key(|id| id_number(id));
-    let mut next_new = by_id.keys().map(|id| id_number(id)).filter(|n| *n != u32::MAX).max().unwrap_or(0) + 1;
+    let mut gone: std::collections::VecDeque<&str> = with(Instance::Gone).into();
+    let mut stopping = with(Instance::Terminating)
+        .into_iter()
+        .filter(|id| {
+            now.saturating_sub(record.terminating_since.get(*id).copied().unwrap_or(now))
+                < TERMINATING_PATIENCE_MS
+        })
+        .count();
+    let mut next_new = by_id.keys().filter_map(|id| id_number(id)).max().unwrap_or(0) + 1;
     while missing > 0 {
-        let id = if candidates.is_empty() {
-            let id = replica_id(next_new);
-            next_new += 1;
-            id
-        } else {
-            candidates.remove(0)
-        };
         missing -= 1;
+        let id = match gone.pop_front() {
+            Some(id) => id.to_owned(),
+            None if stopping > 0 => {
+                stopping -= 1;
+                continue;
+            }
+            None => {
+                next_new += 1;
+                replica_id(next_new - 1)
+            }
+        };
         let restarts = record.restarts.entry(id.clone()).or_default();
-        if restarts.count >= MAX_RESTARTS {
-            actions.push(Action::Warn(format!(
-                "{id} failed {MAX_RESTARTS} restarts in a row; not restarting it"
-            )));
-            continue;
-        }
         if now < restarts.not_before {
             continue;
         }
@@ -424,10 +763,11 @@ fn replace_instances(
         restarts.not_before = now + delay;
         actions.push(Action::Start { id, bootstrap: false, attempt: restarts.count });
     }
-    // A replica that made it back to ready resets its back-off.
-    for o in by_id.values() {
-        if matches!(o.liveness, Liveness::Alive { ready: true }) && is_member(&o.id) {
-            record.restarts.remove(&o.id);
+    // Gone for good: neither a member nor restarting.
+    for id in gone {
+        if !is_member(id) {
+            record.restarts.remove(id);
+            actions.push(Action::Forget { id: id.to_owned() });
         }
     }
 }

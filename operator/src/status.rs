@@ -12,20 +12,34 @@ use kube::ResourceExt;
 use tandem_replica::pb::{self, Mode};
 
 use crate::crd::{
-    ConfigurationStatus, ConfiguredMember, MemberStatus, ReplicatedService, ReplicatedServiceStatus,
+    ConfigurationStatus, ConfiguredMember, MemberStatus, RECREATE_ANNOTATION, ReplicatedService,
+    ReplicatedServiceStatus,
 };
 use crate::membership::MembershipView;
 use crate::pods::{REPLICA_LABEL, REPLICA_PORT, detector_id, pod_name};
-use crate::rm::{self, Facts, Instance, Liveness, Observed, Record, Restarts, Spec};
+use crate::rm::{self, Instance, Liveness, Observed, Record, Restarts, Spec, Trouble};
 
-/// The RM's record: the configuration and join epochs from the status, the back-off
-/// state the operator keeps in memory.
+/// The RM's record: the configuration, join epochs and incarnations from the status,
+/// the back-off state the operator keeps in memory.
 pub fn record_from_status(
     status: Option<&ReplicatedServiceStatus>,
     restarts: BTreeMap<String, Restarts>,
 ) -> Record {
     let Some(status) = status else { return Record { restarts, ..Record::default() } };
-    let config = status.configuration.as_ref().map(|c| pb::Configuration {
+    let mut record = record_from_configuration(status.configuration.as_ref());
+    record.failovers = status.failovers.max(0) as u64;
+    record.restarts = restarts;
+    if record.config.is_none() {
+        // A lost group being recreated: the new one starts after the epoch shown.
+        record.epoch_floor = status.epoch.max(0) as u64;
+    }
+    record
+}
+
+/// The record's durable part from its serialized form (status or local file).
+pub fn record_from_configuration(configuration: Option<&ConfigurationStatus>) -> Record {
+    let Some(c) = configuration else { return Record::default() };
+    let config = pb::Configuration {
         epoch: c.epoch.max(0) as u64,
         mode: match c.mode.as_str() {
             "active" => Mode::Active,
@@ -38,19 +52,17 @@ pub fn record_from_status(
             .iter()
             .map(|m| pb::Member { id: m.id.clone(), address: m.address.clone() })
             .collect(),
-    });
-    let joined_epoch = status
-        .configuration
-        .iter()
-        .flat_map(|c| &c.members)
-        .map(|m| (m.id.clone(), m.joined_epoch.max(0) as u64))
-        .collect();
+    };
     Record {
-        config,
-        joined_epoch,
-        failovers: status.failovers.max(0) as u64,
-        restarts,
-        dead_since: BTreeMap::new(),
+        config: Some(config),
+        joined_epoch: c.members.iter().map(|m| (m.id.clone(), m.joined_epoch.max(0) as u64)).collect(),
+        incarnations: c
+            .members
+            .iter()
+            .filter(|m| !m.incarnation.is_empty())
+            .map(|m| (m.id.clone(), m.incarnation.clone()))
+            .collect(),
+        ..Record::default()
     }
 }
 
@@ -68,6 +80,7 @@ pub fn configuration_status(record: &Record) -> Option<ConfigurationStatus> {
                 id: m.id.clone(),
                 address: m.address.clone(),
                 joined_epoch: record.joined_epoch.get(&m.id).copied().unwrap_or(config.epoch) as i64,
+                incarnation: record.incarnations.get(&m.id).cloned().unwrap_or_default(),
             })
             .collect(),
     })
@@ -75,8 +88,24 @@ pub fn configuration_status(record: &Record) -> Option<ConfigurationStatus> {
 
 /// Whether a pod still counts as a running instance of its replica.
 pub fn pod_running(pod: &Pod) -> bool {
+    pod_instance(pod) == Instance::Running
+}
+
+/// What a pod is to the RM: running; or on its way out (being deleted, or finished and
+/// to be deleted: its name is taken until it is gone).
+pub fn pod_instance(pod: &Pod) -> Instance {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    pod.metadata.deletion_timestamp.is_none() && !matches!(phase, Some("Failed" | "Succeeded"))
+    if pod.metadata.deletion_timestamp.is_some() || matches!(phase, Some("Failed" | "Succeeded")) {
+        Instance::Terminating
+    } else {
+        Instance::Running
+    }
+}
+
+/// A pod that finished (evicted, failed): it keeps its name until deleted.
+pub fn pod_finished(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    pod.metadata.deletion_timestamp.is_none() && matches!(phase, Some("Failed" | "Succeeded"))
 }
 
 pub fn pod_address(pod: &Pod) -> Option<String> {
@@ -98,20 +127,16 @@ pub fn observe(
     let mut observed: BTreeMap<String, Observed> = BTreeMap::new();
     for pod in pods {
         let Some(id) = pod.labels().get(REPLICA_LABEL).cloned() else { continue };
-        let facts = statuses.get(&id).map(|s| Facts {
-            epoch: s.configuration.as_ref().map_or(0, |c| c.epoch),
-            last_seq: s.last_seq,
-            synced_epoch: s.synced_epoch,
-        });
+        let facts = statuses.get(&id).map(crate::replicas::facts);
         let entry = Observed {
             address: pod_address(pod).unwrap_or_default(),
-            instance: if pod_running(pod) { Instance::Running } else { Instance::Gone },
+            instance: pod_instance(pod),
             liveness: membership.liveness(&detector_id(&namespace, &pod.name_any())),
             facts,
             id: id.clone(),
         };
         // Of two pods for one id (one terminating), the running one counts.
-        if observed.get(&id).is_none_or(|o| o.instance == Instance::Gone) {
+        if observed.get(&id).is_none_or(|o| o.instance != Instance::Running) {
             observed.insert(id, entry);
         }
     }
@@ -130,21 +155,15 @@ pub fn observe(
     observed.into_values().collect()
 }
 
-fn condition(
-    type_: &str,
-    ok: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-    now: &Time,
-) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: now.clone(),
+/// What the user reads about a trouble, with what to do about it on Kubernetes.
+pub fn trouble_message(trouble: &Trouble, rsvc: &ReplicatedService) -> String {
+    match trouble {
+        Trouble::GroupLost { epoch, .. } => format!(
+            "{trouble}. To start over with an empty group: kubectl annotate rsvc {} -n {} {RECREATE_ANNOTATION}={epoch}",
+            rsvc.name_any(),
+            rsvc.namespace().unwrap_or_default()
+        ),
+        _ => trouble.to_string(),
     }
 }
 
@@ -174,6 +193,7 @@ pub fn build_status(
             let member = config.is_some_and(|c| c.members.iter().any(|m| m.id == o.id));
             let role = match (o.instance, config) {
                 (Instance::Gone, _) => "gone",
+                (Instance::Terminating, _) => "terminating",
                 (_, Some(c)) if c.primary == o.id => "primary",
                 _ if member => "backup",
                 _ if matches!(o.liveness, Liveness::Alive { ready: true }) => "standby",
@@ -205,62 +225,45 @@ pub fn build_status(
     let wanted = spec.replicas as usize;
     let member_count = config.map_or(0, |c| c.members.len());
 
+    let condition = |type_: &str, status: bool, reason: &str, message: String| Condition {
+        type_: type_.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    };
+    let trouble = record.trouble.as_ref().map(|t| (t.reason(), trouble_message(t, rsvc)));
+    let members_ready = format!("{ready_members}/{wanted} members ready");
     let mut conditions = vec![
-        if problems.is_empty() {
-            condition("SpecValid", true, "Valid", "the spec is valid".into(), generation, &now)
-        } else {
-            condition("SpecValid", false, "InvalidSpec", problems.join("; "), generation, &now)
+        match problems.is_empty() {
+            true => condition("SpecValid", true, "Valid", "the spec is valid".into()),
+            false => condition("SpecValid", false, "InvalidSpec", problems.join("; ")),
         },
-        if primary_ready {
-            let primary = config.map(|c| c.primary.clone()).unwrap_or_default();
-            condition(
-                "Available",
-                true,
-                "PrimaryReady",
-                format!("{} serves clients", pod_name(&service, &primary)),
-                generation,
-                &now,
-            )
-        } else {
-            condition(
-                "Available",
-                false,
-                "NoReadyPrimary",
-                "no ready primary: clients wait".into(),
-                generation,
-                &now,
-            )
+        match (primary_ready, &trouble) {
+            (true, _) => {
+                let primary = config.map(|c| pod_name(&service, &c.primary)).unwrap_or_default();
+                condition("Available", true, "PrimaryReady", format!("{primary} serves clients"))
+            }
+            (false, Some((reason, message))) => condition("Available", false, reason, message.clone()),
+            (false, None) => {
+                condition("Available", false, "NoReadyPrimary", "no ready primary: clients wait".into())
+            }
         },
-        if ready_members >= wanted && member_count == wanted {
-            condition(
-                "Degraded",
-                false,
-                "AllMembersReady",
-                format!("{ready_members}/{wanted} members ready"),
-                generation,
-                &now,
-            )
-        } else {
-            condition(
-                "Degraded",
-                true,
-                "MembersMissing",
-                format!("{ready_members}/{wanted} members ready"),
-                generation,
-                &now,
-            )
+        match &trouble {
+            Some((reason, message)) => {
+                condition("Degraded", true, reason, format!("{members_ready}; {message}"))
+            }
+            None if ready_members >= wanted && member_count == wanted => {
+                condition("Degraded", false, "AllMembersReady", members_ready)
+            }
+            None => condition("Degraded", true, "MembersMissing", members_ready),
         },
         if running == wanted && member_count == wanted && config.is_some_and(|c| c.mode() == spec.mode) {
-            condition("Progressing", false, "Stable", "the group matches the spec".into(), generation, &now)
+            condition("Progressing", false, "Stable", "the group matches the spec".into())
         } else {
-            condition(
-                "Progressing",
-                true,
-                "Reconciling",
-                format!("{running} replicas running, {member_count} members, {wanted} wanted"),
-                generation,
-                &now,
-            )
+            let message = format!("{running} replicas running, {member_count} members, {wanted} wanted");
+            condition("Progressing", true, "Reconciling", message)
         },
     ];
     // A condition keeps its transition time while its status stays the same.
@@ -274,7 +277,7 @@ pub fn build_status(
     let failover_happened = record.failovers as i64 > previous.failovers;
     ReplicatedServiceStatus {
         observed_generation: generation,
-        epoch: config.map_or(0, |c| c.epoch as i64),
+        epoch: config.map_or(record.epoch_floor as i64, |c| c.epoch as i64),
         mode: config.map(|c| rm::mode_name(c.mode()).to_owned()),
         primary: config.map(|c| pod_name(&service, &c.primary)),
         ready: Some(format!("{ready_members}/{wanted}")),
@@ -361,13 +364,13 @@ mod tests {
     }
 
     #[test]
-    fn a_deleted_pod_is_gone_at_once_and_a_member_without_pod_too() {
+    fn a_deleted_pod_is_terminating_at_once_and_a_member_without_pod_is_gone() {
         let pods = vec![pod("r1", Some("10.0.0.1"), false), pod("r2", Some("10.0.0.2"), true)];
         let observed = observe(&rsvc(), &pods, &MembershipView::default(), &BTreeMap::new(), &record());
         let by_id: BTreeMap<&str, &Observed> = observed.iter().map(|o| (o.id.as_str(), o)).collect();
         assert_eq!(by_id["r1"].instance, Instance::Running);
         assert_eq!(by_id["r1"].address, "10.0.0.1:7000");
-        assert_eq!(by_id["r2"].instance, Instance::Gone, "deletion timestamp: a failed member");
+        assert_eq!(by_id["r2"].instance, Instance::Terminating, "deletion timestamp: on its way out");
         assert_eq!(by_id["r3"].instance, Instance::Gone, "member without a pod");
     }
 

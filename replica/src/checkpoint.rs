@@ -41,6 +41,7 @@ impl Checkpoint {
             last_request_id: session.last_request_id,
             last_reply: Some(session.last_reply),
             last_seq: session.last_seq,
+            last_op_digest: session.last_op_digest,
         }))
         .map(|sessions| Part::Sessions(pb::SessionBatch { sessions }));
         let trailer = std::iter::once_with(move || {
@@ -130,6 +131,7 @@ impl Assembler {
                         last_request_id: session.last_request_id,
                         last_reply: session.last_reply.unwrap_or_default(),
                         last_seq: session.last_seq,
+                        last_op_digest: session.last_op_digest,
                     };
                     self.state.restore_session(session.client_id, record);
                 }

@@ -5,21 +5,32 @@
 //! requests to the primary (following redirects) and active-mode requests to every
 //! member (keeping the first reply, discarding the duplicates), and retries a request
 //! with the same id across failovers until its deadline, so that a request is executed
-//! at most once and answered exactly once.
+//! at most once and answered exactly once. When an answer is slow, it asks the other
+//! replicas whether the group moved on (a newer configuration) instead of waiting out
+//! its timeout on a primary that may hang.
+//!
+//! Sessions across processes: a session is a client id. A random id (128 bits) is
+//! never shared. A chosen id (`client_id`) may be used by one process after another:
+//! its request ids then start from the wall clock in microseconds, so a later process
+//! continues above the earlier one's ids. Two processes must not use one client id at
+//! the same time (their requests would be refused as stale); a replica refuses a
+//! request id reused for another operation rather than answer it with the other's
+//! reply.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::debug;
 
 use crate::error::error_detail;
 use crate::pb::{self, Mode, error_detail::Kind as Detail, op_result, operation};
+use crate::wire::{Channels, unix_micros, within};
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -32,6 +43,10 @@ pub struct ClientSettings {
     pub deadline: Duration,
     /// Timeout of one attempt against one replica.
     pub attempt_timeout: Duration,
+    /// An answer slower than this makes the client ask the other replicas, every
+    /// `hedge_after / 2`, whether a newer configuration names another primary (a
+    /// failover under way); it then goes there instead of waiting for the slow one.
+    pub hedge_after: Duration,
 }
 
 impl ClientSettings {
@@ -41,6 +56,7 @@ impl ClientSettings {
             client_id: None,
             deadline: Duration::from_secs(15),
             attempt_timeout: Duration::from_secs(6),
+            hedge_after: Duration::from_millis(50),
         }
     }
 }
@@ -53,6 +69,10 @@ pub enum ClientError {
     Invalid { field: String, reason: String },
     #[error("request {request_id} is stale: the session already executed request {last_request_id}")]
     Stale { request_id: u64, last_request_id: u64 },
+    #[error(
+        "request {request_id} reuses the id of the session's last request for another operation; it was not executed (is another process using client id {client_id}?)"
+    )]
+    RequestIdReused { client_id: String, request_id: u64 },
     #[error("wrong epoch: asked for epoch {got}, the group is at epoch {current}")]
     WrongEpoch { got: u64, current: u64 },
     #[error("the operation failed: {0}")]
@@ -79,14 +99,30 @@ struct View {
     members: Vec<String>,
 }
 
+impl View {
+    fn of(config: &pb::Configuration) -> Self {
+        Self {
+            epoch: config.epoch,
+            mode: config.mode(),
+            primary: config.members.iter().find(|m| m.id == config.primary).map(|m| m.address.clone()),
+            members: config.members.iter().map(|m| m.address.clone()).collect(),
+        }
+    }
+}
+
 pub struct Client {
     settings: ClientSettings,
     client_id: String,
     last_request_id: u64,
-    channels: HashMap<String, Channel>,
+    channels: Arc<Channels>,
     view: View,
     /// Which endpoint to try while the primary is unknown; moves on after a failure.
     rotation: usize,
+}
+
+/// A fresh session id: 128 random bits, so two clients never share one by chance.
+pub fn random_client_id() -> String {
+    format!("c{:032x}", rand::random::<u128>())
 }
 
 impl Client {
@@ -94,13 +130,19 @@ impl Client {
         if settings.endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
-        let client_id =
-            settings.client_id.clone().unwrap_or_else(|| format!("c{:08x}", rand::random::<u32>()));
+        for endpoint in &settings.endpoints {
+            crate::wire::dial(endpoint, None).map_err(|_| ClientError::BadEndpoint(endpoint.clone()))?;
+        }
+        let (client_id, last_request_id) = match &settings.client_id {
+            // A chosen id may have been used by an earlier process: continue above it.
+            Some(id) => (id.clone(), unix_micros()),
+            None => (random_client_id(), 0),
+        };
         Ok(Self {
             settings,
             client_id,
-            last_request_id: 0,
-            channels: HashMap::new(),
+            last_request_id,
+            channels: Arc::default(),
             view: View::default(),
             rotation: 0,
         })
@@ -115,52 +157,47 @@ impl Client {
         self.last_request_id + 1
     }
 
-    fn channel(&mut self, address: &str) -> Result<Channel, ClientError> {
-        if let Some(channel) = self.channels.get(address) {
-            return Ok(channel.clone());
-        }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|_| ClientError::BadEndpoint(address.to_owned()))?
-            .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
-        self.channels.insert(address.to_owned(), channel.clone());
-        Ok(channel)
+    fn channel(&self, address: &str) -> Result<Channel, ClientError> {
+        self.channels.get(address).map_err(|_| ClientError::BadEndpoint(address.to_owned()))
     }
 
-    /// Asks every known replica for its configuration and keeps the newest.
-    async fn refresh_view(&mut self) {
+    /// Every replica the client knows of: its endpoints and the members of its view.
+    fn known_replicas(&self) -> Vec<String> {
         let mut addresses = self.settings.endpoints.clone();
         addresses.extend(self.view.members.iter().cloned());
         addresses.sort();
         addresses.dedup();
-        let mut calls = FuturesUnordered::new();
-        for address in addresses {
-            let Ok(channel) = self.channel(&address) else {
-                continue;
-            };
-            let timeout = self.settings.attempt_timeout.min(Duration::from_secs(1));
-            calls.push(async move {
-                let mut client = pb::replica_client::ReplicaClient::new(channel);
-                tokio::time::timeout(timeout, client.status(pb::StatusRequest {})).await
-            });
+        addresses
+    }
+
+    /// Asks every known replica for its configuration and keeps the newest.
+    async fn refresh_view(&mut self) {
+        let timeout = self.settings.attempt_timeout.min(Duration::from_secs(1));
+        if let Some(config) = newest_configuration(&self.channels, &self.known_replicas(), timeout).await
+            && config.epoch > self.view.epoch
+        {
+            self.view = View::of(&config);
         }
-        while let Some(answer) = calls.next().await {
-            let Ok(Ok(status)) = answer else { continue };
-            let Some(config) = status.into_inner().configuration else {
-                continue;
-            };
-            if config.epoch > self.view.epoch {
-                self.view = View {
-                    epoch: config.epoch,
-                    mode: config.mode(),
-                    primary: config
-                        .members
-                        .iter()
-                        .find(|m| m.id == config.primary)
-                        .map(|m| m.address.clone()),
-                    members: config.members.iter().map(|m| m.address.clone()).collect(),
-                };
+    }
+
+    /// Waits while an attempt is under way; past `hedge_after`, keeps asking the known
+    /// replicas (but `slow`) for a configuration newer than the view. Completes once
+    /// one exists: the group moved on, the attempt is not worth waiting for.
+    fn newer_configuration(&self, slow: &[String]) -> impl Future<Output = View> + 'static {
+        let others: Vec<String> = self.known_replicas().into_iter().filter(|a| !slow.contains(a)).collect();
+        let (channels, epoch, hedge_after) =
+            (Arc::clone(&self.channels), self.view.epoch, self.settings.hedge_after);
+        async move {
+            tokio::time::sleep(hedge_after).await;
+            let period = (hedge_after / 2).max(Duration::from_millis(5));
+            loop {
+                if let Some(config) =
+                    newest_configuration(&channels, &others, Duration::from_millis(200)).await
+                    && config.epoch > epoch
+                {
+                    return View::of(&config);
+                }
+                tokio::time::sleep(period).await;
             }
         }
     }
@@ -187,9 +224,16 @@ impl Client {
             epoch,
         };
         let deadline = Instant::now() + self.settings.deadline;
-        let mut last_error;
+        let mut last_error = String::from("no attempt made");
         let mut pause = Duration::from_millis(10);
         loop {
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout {
+                    request_id,
+                    waited_ms: self.settings.deadline.as_millis() as u64,
+                    last_error,
+                });
+            }
             if self.view.epoch == 0 {
                 self.refresh_view().await;
             }
@@ -203,6 +247,14 @@ impl Client {
                 Err(Attempt::Redirected) => continue,
                 Err(Attempt::Retry(error)) => last_error = error,
             }
+            // Where did the group go? If somewhere new, go now; else pause first.
+            let failed = self.view.clone();
+            self.view = View::default();
+            self.rotation += 1;
+            self.refresh_view().await;
+            if self.view.epoch > failed.epoch {
+                continue;
+            }
             if Instant::now() + pause >= deadline {
                 return Err(ClientError::Timeout {
                     request_id,
@@ -212,8 +264,6 @@ impl Client {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(200));
-            self.view = View::default();
-            self.rotation += 1;
         }
     }
 
@@ -222,7 +272,16 @@ impl Client {
         let endpoints = &self.settings.endpoints;
         let target =
             self.view.primary.clone().unwrap_or_else(|| endpoints[self.rotation % endpoints.len()].clone());
-        match self.send(&target, request.clone()).await {
+        let channel = self.channel(&target).map_err(Attempt::Fatal)?;
+        let answer = tokio::select! {
+            answer = call_execute(channel, request.clone(), self.settings.attempt_timeout) => answer,
+            newer = self.newer_configuration(std::slice::from_ref(&target)) => {
+                debug!(request = request.request_id, slow = %target, epoch = newer.epoch, "a newer configuration exists; leaving the slow primary");
+                self.view = newer;
+                return Err(Attempt::Redirected);
+            }
+        };
+        match answer {
             Ok(reply) => Ok(reply),
             Err(status) => match classify(&status) {
                 Attempt::Redirected => {
@@ -251,7 +310,20 @@ impl Client {
             calls.push(async move { (address, call_execute(channel, request, timeout).await) });
         }
         let mut last = Attempt::Retry("no member answered".into());
-        while let Some((address, answer)) = calls.next().await {
+        let newer = self.newer_configuration(&[]);
+        tokio::pin!(newer);
+        loop {
+            let (address, answer) = tokio::select! {
+                next = calls.next() => match next {
+                    Some(next) => next,
+                    None => break,
+                },
+                newer = &mut newer => {
+                    debug!(request = request.request_id, epoch = newer.epoch, "a newer configuration exists; asking its members");
+                    self.view = newer;
+                    return Err(Attempt::Redirected);
+                }
+            };
             match answer {
                 Ok(reply) => {
                     let request_id = request.request_id;
@@ -282,11 +354,6 @@ impl Client {
             Attempt::Redirected => Attempt::Retry("no member could execute the request".into()),
             other => other,
         })
-    }
-
-    async fn send(&mut self, address: &str, request: pb::ExecuteRequest) -> Result<pb::ExecuteReply, Status> {
-        let channel = self.channel(address).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        call_execute(channel, request, self.settings.attempt_timeout).await
     }
 
     pub async fn get(&mut self, key: &str) -> Result<Option<Bytes>, ClientError> {
@@ -344,10 +411,34 @@ async fn call_execute(
     timeout: Duration,
 ) -> Result<pb::ExecuteReply, Status> {
     let mut client = pb::replica_client::ReplicaClient::new(channel);
-    match tokio::time::timeout(timeout, client.execute(request)).await {
-        Ok(answer) => answer.map(tonic::Response::into_inner),
-        Err(_) => Err(Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis()))),
+    within(timeout, client.execute(request)).await.map(tonic::Response::into_inner)
+}
+
+/// The highest-epoch configuration that any of `replicas` reports, asking them all at
+/// once (each for at most `timeout`). `None` when none answers with one.
+pub async fn newest_configuration(
+    channels: &Channels,
+    replicas: &[String],
+    timeout: Duration,
+) -> Option<pb::Configuration> {
+    let mut calls: FuturesUnordered<_> = replicas
+        .iter()
+        .filter_map(|address| channels.get(address).ok())
+        .map(|channel| async move {
+            let mut client = pb::replica_client::ReplicaClient::new(channel);
+            within(timeout, client.status(pb::StatusRequest {})).await
+        })
+        .collect();
+    let mut newest: Option<pb::Configuration> = None;
+    while let Some(answer) = calls.next().await {
+        if let Ok(status) = answer
+            && let Some(config) = status.into_inner().configuration
+            && newest.as_ref().is_none_or(|n| config.epoch > n.epoch)
+        {
+            newest = Some(config);
+        }
     }
+    newest
 }
 
 /// What one failed attempt means for the request.
@@ -378,6 +469,10 @@ fn classify(status: &Status) -> Attempt {
         Some(Detail::StaleRequest(stale)) => Attempt::Fatal(ClientError::Stale {
             request_id: stale.request_id,
             last_request_id: stale.last_request_id,
+        }),
+        Some(Detail::RequestIdReused(reused)) => Attempt::Fatal(ClientError::RequestIdReused {
+            client_id: reused.client_id,
+            request_id: reused.request_id,
         }),
         Some(Detail::WrongEpoch(wrong)) => {
             Attempt::Fatal(ClientError::WrongEpoch { got: wrong.got, current: wrong.current })

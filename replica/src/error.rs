@@ -30,6 +30,11 @@ pub enum ReplicaError {
     StaleRequest { client_id: String, request_id: u64, last_request_id: u64 },
 
     #[error(
+        "request <{client_id}, {request_id}> reuses the id of the session's last request for another operation: not executed; a new request needs a new, higher request id"
+    )]
+    RequestIdReused { client_id: String, request_id: u64 },
+
+    #[error(
         "replica {replica} is at epoch {have} and the sender at epoch {want}: install the configuration first"
     )]
     ConfigurationRequired { replica: String, have: u64, want: u64 },
@@ -52,6 +57,7 @@ impl ReplicaError {
             | Self::WrongEpoch { .. }
             | Self::ConfigurationRequired { .. } => Code::FailedPrecondition,
             Self::StaleRequest { .. } => Code::Aborted,
+            Self::RequestIdReused { .. } => Code::AlreadyExists,
             Self::NotExecuted { .. } => Code::Unavailable,
         }
     }
@@ -72,6 +78,9 @@ impl ReplicaError {
             }
             Self::StaleRequest { client_id, request_id, last_request_id } => {
                 error_detail::Kind::StaleRequest(pb::StaleRequest { client_id, request_id, last_request_id })
+            }
+            Self::RequestIdReused { client_id, request_id } => {
+                error_detail::Kind::RequestIdReused(pb::RequestIdReused { client_id, request_id })
             }
             Self::ConfigurationRequired { have, want, .. } => {
                 error_detail::Kind::ConfigurationRequired(pb::ConfigurationRequired { have, want })

@@ -1,24 +1,27 @@
-//! Talking to other replicas: the leader's per-follower sender (appends and checkpoint
+//! Talking to other replicas: the leader's per-follower senders (appends and checkpoint
 //! transfers), an active member forwarding client requests to the order-keeper, and a
 //! non-member keeping itself joined to the leader. Every call has a timeout; every
 //! failure backs off and retries with what the core says now.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
-use tracing::{debug, info, warn};
+use tonic::transport::Channel;
+use tracing::{Instrument, debug, info, warn};
 
+use crate::checkpoint::Checkpoint;
+use crate::client::newest_configuration;
 use crate::error::error_detail;
+use crate::node::{Node, RequestTag};
 use crate::pb::{self, error_detail::Kind as Detail};
 use crate::replication::PeerWork;
-use crate::server::{MAX_MESSAGE_BYTES, Node, RequestTag, checkpoint_stream};
+use crate::wire::{MAX_MESSAGE_BYTES, within};
 
 /// How often a leader tells an idle follower that it is still there (and where the
 /// commit point is); also how soon a deposed leader hears of it.
-const KEEPALIVE: Duration = Duration::from_millis(200);
+pub const KEEPALIVE: Duration = Duration::from_millis(200);
 /// A checkpoint transfer may take much longer than one call.
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(120);
 /// A learner that cannot be reached for this long is forgotten (it re-joins if alive).
@@ -26,68 +29,38 @@ const LEARNER_GIVE_UP: Duration = Duration::from_secs(10);
 /// How often a non-member asks the leader to feed it.
 const JOIN_RETRY: Duration = Duration::from_millis(200);
 
-/// Lazily connected channels to peers, by address.
-pub struct PeerClients {
-    timeout: Duration,
-    channels: Mutex<HashMap<String, Channel>>,
-}
-
-impl PeerClients {
-    pub fn new(timeout: Duration) -> Self {
-        Self { timeout, channels: Mutex::new(HashMap::new()) }
-    }
-
-    pub fn channel(&self, address: &str) -> Result<Channel, tonic::Status> {
-        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(channel) = channels.get(address) {
-            return Ok(channel.clone());
-        }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| tonic::Status::invalid_argument(format!("bad peer address {address:?}: {e}")))?
-            .connect_timeout(self.timeout)
-            .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
-        channels.insert(address.to_owned(), channel.clone());
-        Ok(channel)
-    }
-
-    pub fn peer(&self, address: &str) -> Result<pb::peer_client::PeerClient<Channel>, tonic::Status> {
-        Ok(pb::peer_client::PeerClient::new(self.channel(address)?)
+impl Node {
+    fn peer_client(&self, address: &str) -> Result<pb::peer_client::PeerClient<Channel>, tonic::Status> {
+        let channel =
+            self.channels.get(address).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        Ok(pb::peer_client::PeerClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES))
     }
-
-    pub fn control(
-        &self,
-        address: &str,
-    ) -> Result<pb::control_client::ControlClient<Channel>, tonic::Status> {
-        Ok(pb::control_client::ControlClient::new(self.channel(address)?))
-    }
-
-    pub fn replica(
-        &self,
-        address: &str,
-    ) -> Result<pb::replica_client::ReplicaClient<Channel>, tonic::Status> {
-        Ok(pb::replica_client::ReplicaClient::new(self.channel(address)?))
-    }
-
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
 }
 
-/// Runs `call` with the peer timeout, folding a timeout into a status.
-async fn with_timeout<T>(
-    limit: Duration,
-    call: impl Future<Output = Result<T, tonic::Status>>,
-) -> Result<T, tonic::Status> {
-    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-        Err(tonic::Status::deadline_exceeded(format!("no answer within {} ms", limit.as_millis())))
-    })
+/// Keeps one sender task per follower while this replica leads: starts one for each
+/// new follower; a sender ends by itself when the core says the peer is gone.
+pub async fn run_senders(node: Arc<Node>) {
+    let mut changed = node.changed.subscribe();
+    let mut senders: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        senders.retain(|_, task| !task.is_finished());
+        for (peer, address) in node.read(|core| core.peer_addresses()) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = senders.entry(peer.clone()) {
+                let task = replicate_to(Arc::clone(&node), peer, address).instrument(node.span());
+                slot.insert(tokio::spawn(task));
+            }
+        }
+        tokio::select! {
+            changed = changed.changed() => if changed.is_err() { return },
+            () = node.shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Leader side: keeps one follower up to date until the core says it is no longer ours.
-pub async fn replicate_to(node: Arc<Node>, peer: String, address: String) {
+async fn replicate_to(node: Arc<Node>, peer: String, address: String) {
     let mut changed = node.changed.subscribe();
     let mut keepalive = tokio::time::interval(KEEPALIVE);
     let mut keepalive_due = true;
@@ -95,7 +68,7 @@ pub async fn replicate_to(node: Arc<Node>, peer: String, address: String) {
     let mut backoff = Backoff::default();
     debug!(%peer, %address, "replicating to follower");
     loop {
-        let work = node.lock().core.next_work(&peer, keepalive_due);
+        let work = node.work_for(&peer, keepalive_due);
         keepalive_due = false;
         let outcome = match work {
             PeerWork::Gone => {
@@ -131,10 +104,10 @@ pub async fn replicate_to(node: Arc<Node>, peer: String, address: String) {
             Err(()) => {
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                 let is_learner =
-                    !node.lock().core.config().is_some_and(|c| c.members.iter().any(|m| m.id == peer));
+                    !node.read(|core| core.config().is_some_and(|c| c.members.iter().any(|m| m.id == peer)));
                 if is_learner && since.elapsed() > LEARNER_GIVE_UP {
                     info!(%peer, "learner unreachable, forgetting it");
-                    node.lock().core.forget_learner(&peer);
+                    node.apply(|inner| inner.core.forget_learner(&peer));
                     return;
                 }
                 tokio::select! {
@@ -154,15 +127,12 @@ async fn send_append(
     address: &str,
     request: pb::AppendRequest,
 ) -> Result<bool, ()> {
-    let mut client = node.peers.peer(address).map_err(|e| warn!(%peer, error = %e, "no channel"))?;
-    let limit = node.peers.timeout();
-    match with_timeout(limit, client.append(request.clone())).await {
+    let mut client = node.peer_client(address).map_err(|e| warn!(%peer, error = %e, "no channel"))?;
+    match within(node.settings.peer_timeout, client.append(request.clone())).await {
         Ok(reply) => {
             let reply = reply.into_inner();
-            let mut inner = node.lock();
-            let executed = inner.core.on_append_reply(peer, &request, &reply);
-            inner.resolve(executed);
-            node.after_change(&inner);
+            node.follower_answered(peer);
+            node.apply(|inner| inner.core.on_append_reply(peer, &request, &reply));
             Ok(reply.matched)
         }
         Err(status) => {
@@ -176,7 +146,8 @@ async fn send_append(
 /// carries (which steps this replica down if it led). Returns whether it did.
 pub(crate) fn learn_newer_configuration(node: &Arc<Node>, status: &tonic::Status) -> bool {
     let Some(Detail::WrongEpoch(wrong)) = error_detail(status) else { return false };
-    let Some(config) = wrong.configuration.filter(|c| c.epoch > node.lock().core.epoch()) else {
+    let current = node.read(|core| core.epoch());
+    let Some(config) = wrong.configuration.filter(|c| c.epoch > current) else {
         return false;
     };
     info!(newer_epoch = config.epoch, "a peer is at a newer epoch; installing its configuration");
@@ -194,12 +165,13 @@ async fn handle_refusal(node: &Arc<Node>, peer: &str, address: &str, status: &to
         return;
     }
     if let Some(Detail::ConfigurationRequired(_)) = error_detail(status) {
-        let Some(config) = node.lock().core.config().cloned() else { return };
+        // The follower answered, only from an older epoch.
+        node.follower_answered(peer);
+        let Some(config) = node.read(|core| core.config().cloned()) else { return };
         debug!(%peer, epoch = config.epoch, "follower lacks the configuration; relaying it");
-        if let Ok(mut control) = node.peers.control(address)
-            && let Err(error) =
-                with_timeout(node.peers.timeout(), control.install_configuration(config)).await
-        {
+        let Ok(channel) = node.channels.get(address) else { return };
+        let mut control = pb::control_client::ControlClient::new(channel);
+        if let Err(error) = within(node.settings.peer_timeout, control.install_configuration(config)).await {
             debug!(%peer, %error, "relaying the configuration failed");
         }
         return;
@@ -208,49 +180,52 @@ async fn handle_refusal(node: &Arc<Node>, peer: &str, address: &str, status: &to
 }
 
 /// Streams a checkpoint to a follower, then tells the core how it went.
-async fn send_checkpoint(
-    node: Arc<Node>,
-    peer: String,
-    address: String,
-    checkpoint: crate::checkpoint::Checkpoint,
-) {
+async fn send_checkpoint(node: Arc<Node>, peer: String, address: String, checkpoint: Checkpoint) {
     let (seq, keys) = (checkpoint.seq, checkpoint.state.keys());
-    let (epoch, leader) = (node.lock().core.epoch(), node.id().to_owned());
+    let (epoch, leader) = (node.read(|core| core.epoch()), node.id().to_owned());
     info!(%peer, seq, keys, "sending checkpoint");
     let started = tokio::time::Instant::now();
-    let result = match node.peers.peer(&address) {
+    let result = match node.peer_client(&address) {
         Ok(mut client) => {
             let chunks = checkpoint_stream(checkpoint, epoch, leader);
-            match tokio::time::timeout(
-                CHECKPOINT_TIMEOUT,
-                client.install_checkpoint(tonic::Request::new(chunks)),
-            )
-            .await
-            {
-                Ok(answer) => answer,
-                Err(_) => Err(tonic::Status::deadline_exceeded("checkpoint transfer timed out")),
-            }
+            within(CHECKPOINT_TIMEOUT, client.install_checkpoint(tonic::Request::new(chunks))).await
         }
         Err(status) => Err(status),
     };
-    {
-        let mut inner = node.lock();
-        match &result {
-            Ok(reply) => {
-                info!(%peer, seq, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint installed by follower");
-                inner.core.on_checkpoint_sent(&peer, seq, Ok(reply.get_ref()));
-            }
-            Err(status) => {
-                warn!(%peer, seq, error = %status.message(), "checkpoint transfer failed");
-                inner.core.on_checkpoint_sent(&peer, seq, Err(()));
-            }
+    match &result {
+        Ok(reply) => {
+            info!(%peer, seq, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint installed by follower");
+            node.follower_answered(&peer);
+            node.apply(|inner| inner.core.on_checkpoint_sent(&peer, seq, Ok(reply.get_ref())));
         }
-        node.after_change(&inner);
+        Err(status) => {
+            warn!(%peer, seq, error = %status.message(), "checkpoint transfer failed");
+            node.apply(|inner| inner.core.on_checkpoint_sent(&peer, seq, Err(())));
+        }
     }
     if result.is_err() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         node.changed.send_modify(|v| *v += 1);
     }
+}
+
+/// A checkpoint's chunks as a stream for the client-streaming RPC. A producer task
+/// encodes them a few at a time (bounded channel: the transfer's pace sets the
+/// encoding's, and a large state is never encoded all at once).
+fn checkpoint_stream(
+    checkpoint: Checkpoint,
+    epoch: u64,
+    leader_id: String,
+) -> tokio_stream::wrappers::ReceiverStream<pb::CheckpointChunk> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        for chunk in checkpoint.into_chunks(epoch, leader_id) {
+            if sender.blocking_send(chunk).is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
 }
 
 /// Active mode, on a member that is not the order-keeper: hands the request to the
@@ -260,10 +235,7 @@ pub async fn forward_to_leader(node: Arc<Node>, request: pb::ExecuteRequest, don
     let mut backoff = Backoff::default();
     let tag = RequestTag(&request.client_id, node.id(), request.request_id);
     loop {
-        let (leader, epoch) = {
-            let inner = node.lock();
-            (inner.core.leader().cloned(), inner.core.epoch())
-        };
+        let (leader, epoch) = node.read(|core| (core.leader().cloned(), core.epoch()));
         epochs.borrow_and_update();
         let order = pb::OrderRequest {
             epoch,
@@ -273,8 +245,8 @@ pub async fn forward_to_leader(node: Arc<Node>, request: pb::ExecuteRequest, don
             op: request.op.clone(),
         };
         let delivered = match leader {
-            Some(leader) if leader.id != node.id() => match node.peers.peer(&leader.address) {
-                Ok(mut client) => match with_timeout(node.peers.timeout(), client.order(order)).await {
+            Some(leader) if leader.id != node.id() => match node.peer_client(&leader.address) {
+                Ok(mut client) => match within(node.settings.peer_timeout, client.order(order)).await {
                     Ok(_) => true,
                     Err(status) => {
                         debug!(req = %tag, leader = %leader.id, error = %status.message(), "forwarding failed");
@@ -285,14 +257,11 @@ pub async fn forward_to_leader(node: Arc<Node>, request: pb::ExecuteRequest, don
                 Err(_) => false,
             },
             // This replica leads now: order the request here.
-            Some(_) => {
-                let mut inner = node.lock();
+            Some(_) => node.apply(|inner| {
                 let ordered = inner.core.on_order(&order).is_ok();
-                let executed = inner.core.advance();
-                inner.resolve(executed);
-                node.after_change(&inner);
+                inner.core.advance();
                 ordered
-            }
+            }),
             // No leader in the configuration: wait for the next one.
             None => true,
         };
@@ -311,40 +280,39 @@ pub async fn keep_joined(node: Arc<Node>) {
     let mut seeds_asked = false;
     let mut epochs = node.epoch.subscribe();
     loop {
-        let unconfigured = node.lock().core.config().is_none();
+        let unconfigured = node.read(|core| core.config().is_none());
         if unconfigured && !node.settings.seeds.is_empty() {
-            if let Some(found) = newest_configuration(&node).await {
+            if let Some(found) =
+                newest_configuration(&node.channels, &node.settings.seeds, node.settings.peer_timeout).await
+            {
                 info!(epoch = found.epoch, "learned the configuration from a seed");
-                let _ = node.install_configuration(found);
+                if let Err(error) = node.install_configuration(found) {
+                    warn!(%error, "the configuration a seed reported was refused");
+                }
             } else if !seeds_asked {
                 info!(seeds = ?node.settings.seeds, "waiting for a configuration (none of the seeds has one yet)");
             }
             seeds_asked = true;
         }
-        let (config, wants_feed) = {
-            let inner = node.lock();
-            let core = &inner.core;
-            let wants =
+        let leader = node.read(|core| {
+            let wants_feed =
                 core.config().is_some() && (!core.is_member() || !core.is_ready()) && !core.is_leader();
-            (core.config().cloned(), wants)
-        };
-        if wants_feed {
-            let leader = config.as_ref().and_then(|c| c.members.iter().find(|m| m.id == c.primary)).cloned();
-            if let Some(leader) = leader.filter(|l| l.id != node.id()) {
-                let join = pb::JoinRequest {
-                    replica_id: node.id().to_owned(),
-                    address: node.settings.advertise.clone(),
-                };
-                match node.peers.peer(&leader.address) {
-                    Ok(mut client) => match with_timeout(node.peers.timeout(), client.join(join)).await {
-                        Ok(_) => debug!(leader = %leader.id, "joined the leader's feed"),
-                        Err(status) => {
-                            debug!(leader = %leader.id, error = %status.message(), "join failed");
-                            learn_newer_configuration(&node, &status);
-                        }
-                    },
-                    Err(status) => warn!(error = %status.message(), "cannot reach the leader"),
-                }
+            core.leader().filter(|_| wants_feed).cloned()
+        });
+        if let Some(leader) = leader.filter(|l| l.id != node.id()) {
+            let join = pb::JoinRequest {
+                replica_id: node.id().to_owned(),
+                address: node.settings.advertise.clone(),
+            };
+            match node.peer_client(&leader.address) {
+                Ok(mut client) => match within(node.settings.peer_timeout, client.join(join)).await {
+                    Ok(_) => debug!(leader = %leader.id, "joined the leader's feed"),
+                    Err(status) => {
+                        debug!(leader = %leader.id, error = %status.message(), "join failed");
+                        learn_newer_configuration(&node, &status);
+                    }
+                },
+                Err(status) => warn!(error = %status.message(), "cannot reach the leader"),
             }
         }
         epochs.borrow_and_update();
@@ -355,23 +323,6 @@ pub async fn keep_joined(node: Arc<Node>) {
             () = node.shutdown.cancelled() => return,
         }
     }
-}
-
-/// The highest-epoch configuration any seed reports.
-async fn newest_configuration(node: &Arc<Node>) -> Option<pb::Configuration> {
-    let mut newest: Option<pb::Configuration> = None;
-    for seed in &node.settings.seeds {
-        let Ok(mut client) = node.peers.replica(seed) else {
-            continue;
-        };
-        if let Ok(status) = with_timeout(node.peers.timeout(), client.status(pb::StatusRequest {})).await
-            && let Some(config) = status.into_inner().configuration
-            && newest.as_ref().is_none_or(|n| config.epoch > n.epoch)
-        {
-            newest = Some(config);
-        }
-    }
-    newest
 }
 
 /// Exponential back-off between failed calls: 20 ms doubling to 500 ms.

@@ -1,8 +1,10 @@
 //! The replication core: one replica's protocol state, as a deterministic state machine.
 //! Events come in as method calls (a client request, a leader's entries, a follower's
 //! answer, a configuration, a checkpoint); decisions come out as return values (reply,
-//! wait, forward, what to send a peer, which requests executed). No I/O, no clocks: the
-//! server (server.rs, peers.rs) does the sending and the waiting.
+//! wait, forward, what to send a peer) and as one queue of effects: the requests that
+//! executed, which the shell drains after every event (`take_executed`) to answer whoever
+//! waits. No I/O, no clocks: the shell (node.rs, server.rs, peers.rs) does the sending
+//! and the waiting.
 //!
 //! Both modes share one mechanism: the configuration's `primary` (passive primary, or
 //! active order-keeper) is the leader; it orders requests into the log and replicates
@@ -21,7 +23,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::ReplicaError;
 use crate::log::{Accepted, Log};
 use crate::pb::{self, Mode, Role};
-use crate::state::{Applied, StateMachine, validate};
+use crate::state::{Applied, StateMachine, op_digest, validate};
 
 /// Most entries one append carries.
 pub const MAX_BATCH_ENTRIES: usize = 512;
@@ -31,14 +33,17 @@ pub const MAX_BATCH_BYTES: usize = 2 << 20;
 /// behind (further behind, they get a checkpoint instead).
 pub const LEADER_LOG_RETENTION: u64 = 4096;
 
-/// A request that executed here, for the server to answer whoever waits for it.
+/// A request that executed here (or was refused by the session table at its turn), for
+/// the shell to answer whoever waits for it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Executed {
     pub seq: u64,
     pub client_id: String,
     pub request_id: u64,
-    /// The reply, or the session's last request id when this one was stale.
-    pub outcome: Result<pb::OpResult, u64>,
+    /// `op_digest` of the entry's operation: a waiter that sent another operation under
+    /// the same request id must not get this reply.
+    pub op_digest: u64,
+    pub outcome: Applied,
 }
 
 /// What to do with a client request.
@@ -106,8 +111,6 @@ pub struct ConfigChange {
     /// This replica led before and does not lead now: its waiting clients must go.
     pub stepped_down: bool,
     pub became_leader: bool,
-    /// Requests executed because a promotion replayed the log.
-    pub executed: Vec<Executed>,
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +140,8 @@ pub struct Core {
     synced_epoch: u64,
     /// Bootstraps a new group: the first configuration finds it synced (all are empty).
     genesis: bool,
+    /// Requests executed since the shell last drained them (`take_executed`).
+    executed: Vec<Executed>,
 }
 
 impl Core {
@@ -158,7 +163,14 @@ impl Core {
             epoch_start_seq: 0,
             synced_epoch: 0,
             genesis: bootstrap,
+            executed: Vec::new(),
         }
+    }
+
+    /// The requests that executed (or were refused at their turn) since the last call:
+    /// the shell answers their waiting clients after every event.
+    pub fn take_executed(&mut self) -> Vec<Executed> {
+        std::mem::take(&mut self.executed)
     }
 
     // ------------------------------------------------------------ queries
@@ -259,6 +271,14 @@ impl Core {
         self.state.keys()
     }
 
+    /// Leader: each follower, whether it is a member, and how far its log matches.
+    pub fn followers(&self) -> Vec<(String, bool, u64)> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        self.peers.iter().map(|(id, p)| (id.clone(), p.member, p.match_seq)).collect()
+    }
+
     /// Followers this leader replicates to: (id, address).
     pub fn peer_addresses(&self) -> Vec<(String, String)> {
         self.peers.iter().map(|(id, p)| (id.clone(), p.address.clone())).collect()
@@ -336,7 +356,6 @@ impl Core {
                         role: self.role(),
                         stepped_down: false,
                         became_leader: false,
-                        executed: Vec::new(),
                     });
                 }
                 return Err(ReplicaError::InvalidRequest {
@@ -367,13 +386,12 @@ impl Core {
             self.peers.clear();
             self.ordered.clear();
         }
-        let executed = self.advance();
+        self.advance();
         Ok(ConfigChange {
             epoch: self.epoch(),
             role: self.role(),
             stepped_down: was_leader && !is_leader,
             became_leader: is_leader && !was_leader,
-            executed,
         })
     }
 
@@ -438,7 +456,9 @@ impl Core {
             _ if !self.is_leader() => return Err(self.not_primary()),
             _ => {}
         }
-        if let Some(reply) = self.answer_from_session(&request.client_id, request.request_id)? {
+        if let Some(reply) =
+            self.answer_from_session(&request.client_id, request.request_id, request.op.as_ref())?
+        {
             return Ok(Route::Reply(reply));
         }
         if self.is_leader() {
@@ -449,16 +469,20 @@ impl Core {
     }
 
     /// A retry of the session's last request is answered from the table; an older one
-    /// is stale.
+    /// is stale; the last request id with another operation is a reused id.
     fn answer_from_session(
         &self,
         client_id: &str,
         request_id: u64,
+        op: Option<&pb::Operation>,
     ) -> Result<Option<pb::ExecuteReply>, ReplicaError> {
         let Some(session) = self.state.session(client_id) else {
             return Ok(None);
         };
         if request_id == session.last_request_id {
+            if op.map(op_digest) != Some(session.last_op_digest) {
+                return Err(ReplicaError::RequestIdReused { client_id: client_id.into(), request_id });
+            }
             return Ok(Some(pb::ExecuteReply {
                 result: Some(session.last_reply.clone()),
                 replica_id: self.id.clone(),
@@ -485,7 +509,7 @@ impl Core {
         if !self.is_leader() {
             return Err(self.not_primary());
         }
-        if self.answer_from_session(&request.client_id, request.request_id)?.is_some() {
+        if self.answer_from_session(&request.client_id, request.request_id, request.op.as_ref())?.is_some() {
             return Ok(0);
         }
         Ok(self.order(&request.client_id, request.request_id, request.op.clone()))
@@ -585,18 +609,13 @@ impl Core {
         })
     }
 
-    /// A follower answered an append. Returns what executed as a result.
-    pub fn on_append_reply(
-        &mut self,
-        peer: &str,
-        sent: &pb::AppendRequest,
-        reply: &pb::AppendReply,
-    ) -> Vec<Executed> {
+    /// A follower answered an append.
+    pub fn on_append_reply(&mut self, peer: &str, sent: &pb::AppendRequest, reply: &pb::AppendReply) {
         if sent.epoch != self.epoch() || !self.is_leader() {
-            return Vec::new();
+            return;
         }
         let Some(progress) = self.peers.get_mut(peer) else {
-            return Vec::new();
+            return;
         };
         progress.has_state = reply.has_state;
         if reply.matched {
@@ -614,7 +633,7 @@ impl Core {
                 progress.checkpoint_wanted = true;
             }
         }
-        self.advance()
+        self.advance();
     }
 
     /// A checkpoint transfer to `peer` ended (`installed`: the follower's answer).
@@ -644,7 +663,7 @@ impl Core {
 
     /// Leader: the commit point is what every member holds. Everyone: execute what is
     /// committed if this replica executes, then fold executed entries out of the log.
-    pub fn advance(&mut self) -> Vec<Executed> {
+    pub fn advance(&mut self) {
         if self.is_leader() {
             let held_by_all = self
                 .peers
@@ -654,15 +673,13 @@ impl Core {
                 .fold(self.log.last_seq(), u64::min);
             self.commit_seq = self.commit_seq.max(held_by_all);
         }
-        let executed = self.apply_committed();
+        self.apply_committed();
         self.compact();
-        executed
     }
 
-    fn apply_committed(&mut self) -> Vec<Executed> {
-        let mut executed = Vec::new();
+    fn apply_committed(&mut self) {
         if !self.executes() {
-            return executed;
+            return;
         }
         while self.applied_seq < self.commit_seq {
             let seq = self.applied_seq + 1;
@@ -670,22 +687,19 @@ impl Core {
                 break;
             };
             let op = entry.op.clone().unwrap_or_default();
-            let outcome = match self.state.apply(seq, &entry.client_id, entry.request_id, &op) {
-                Applied::Executed(reply) | Applied::Duplicate(reply) => Ok(reply),
-                Applied::Stale { last_request_id } => Err(last_request_id),
-            };
+            let outcome = self.state.apply(seq, &entry.client_id, entry.request_id, &op);
             if self.ordered.get(&entry.client_id).is_some_and(|&highest| highest <= entry.request_id) {
                 self.ordered.remove(&entry.client_id);
             }
-            executed.push(Executed {
+            self.executed.push(Executed {
                 seq,
                 client_id: entry.client_id.clone(),
                 request_id: entry.request_id,
+                op_digest: op_digest(&op),
                 outcome,
             });
             self.applied_seq = seq;
         }
-        executed
     }
 
     /// Drops log entries nobody needs: a follower keeps what it has not folded into its
@@ -704,28 +718,24 @@ impl Core {
 
     // ------------------------------------------------------------ follower side
 
-    /// A leader's append. Returns the answer and what executed (active mode).
-    pub fn on_append(
-        &mut self,
-        request: &pb::AppendRequest,
-    ) -> Result<(pb::AppendReply, Vec<Executed>), ReplicaError> {
+    /// A leader's append. Returns the answer (an active member may execute entries).
+    pub fn on_append(&mut self, request: &pb::AppendRequest) -> Result<pb::AppendReply, ReplicaError> {
         self.check_epoch(request.epoch)?;
         self.check_leader(&request.leader_id)?;
         if !self.has_state && self.pending_checkpoint.is_none() {
-            return Ok((self.append_reply(false, 0), Vec::new()));
+            return Ok(self.append_reply(false, 0));
         }
-        let executed = match self.log.accept(request.prev_seq, request.prev_epoch, &request.entries) {
+        match self.log.accept(request.prev_seq, request.prev_epoch, &request.entries) {
             Accepted::Matched { through } => {
                 self.commit_seq = self.commit_seq.max(request.commit_seq.min(through));
                 if self.has_state && through >= request.epoch_start_seq {
                     self.synced_epoch = self.synced_epoch.max(request.epoch);
                 }
-                let executed = self.advance();
-                return Ok((self.append_reply(true, through), executed));
+                self.advance();
+                Ok(self.append_reply(true, through))
             }
-            Accepted::Mismatch { .. } => Vec::new(),
-        };
-        Ok((self.append_reply(false, 0), executed))
+            Accepted::Mismatch { .. } => Ok(self.append_reply(false, 0)),
+        }
     }
 
     fn check_leader(&self, leader_id: &str) -> Result<(), ReplicaError> {
@@ -768,9 +778,9 @@ impl Core {
 
     /// A whole, verified checkpoint arrived: it replaces the state if it is newer; the
     /// logged entries past it are then replayed (active) or kept (passive backup).
-    pub fn install_checkpoint(&mut self, checkpoint: Checkpoint) -> Vec<Executed> {
+    pub fn install_checkpoint(&mut self, checkpoint: Checkpoint) {
         if self.has_state && checkpoint.seq <= self.applied_seq {
-            return Vec::new();
+            return;
         }
         self.pending_checkpoint = None;
         if checkpoint.seq >= self.log.base_seq() {
@@ -785,7 +795,7 @@ impl Core {
         self.checkpoint_seq = checkpoint.seq;
         self.commit_seq = self.commit_seq.max(checkpoint.seq);
         self.has_state = true;
-        self.advance()
+        self.advance();
     }
 
     /// The follower's answer to a finished checkpoint transfer.
@@ -808,7 +818,8 @@ impl Core {
             keys: self.state.keys() as u64,
             not_ready_reason: self.not_ready_reason().unwrap_or_default(),
             synced_epoch: self.synced_epoch,
-            gfd_address: String::new(),
+            has_state: self.has_state,
+            ..pb::ReplicaStatus::default()
         }
     }
 }

@@ -17,12 +17,23 @@ pub const MAX_VALUE_BYTES: usize = 1 << 20;
 /// Largest accepted client id, in bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 256;
 
-/// What a client's session remembers: enough to answer a retry of its last request.
+/// What a client's session remembers: enough to answer a retry of its last request,
+/// and to tell a retry from another request that reuses its id.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionRecord {
     pub last_request_id: u64,
     pub last_reply: pb::OpResult,
     pub last_seq: u64,
+    /// `op_digest` of the last request's operation.
+    pub last_op_digest: u64,
+}
+
+/// A fingerprint of an operation: equal for a retry, different (but for a 2^-64 chance)
+/// for another operation. Deterministic across replicas and versions: SHA-256 of the
+/// protobuf encoding, which prost writes in field order.
+pub fn op_digest(op: &pb::Operation) -> u64 {
+    let hash = Sha256::digest(op.encode_to_vec());
+    u64::from_le_bytes(hash[..8].try_into().expect("a SHA-256 hash has 32 bytes"))
 }
 
 /// The outcome of applying one ordered request.
@@ -34,6 +45,10 @@ pub enum Applied {
     Duplicate(pb::OpResult),
     /// Older than the session's last request: not executed, the client has moved on.
     Stale { last_request_id: u64 },
+    /// The session's last request id, but another operation: not executed (a client
+    /// reused a request id; answering with the other request's reply would turn this
+    /// one into a silent no-op).
+    Reused,
 }
 
 /// Key-value map and session table. Cloning is O(1) (persistent maps), which is what
@@ -105,8 +120,12 @@ pub fn validate(client_id: &str, request_id: u64, op: Option<&pb::Operation>) ->
 impl StateMachine {
     /// Applies the request of one log entry, at most once per (client, request id).
     pub fn apply(&mut self, seq: u64, client_id: &str, request_id: u64, op: &pb::Operation) -> Applied {
+        let digest = op_digest(op);
         if let Some(session) = self.sessions.get(client_id) {
             if request_id == session.last_request_id {
+                if digest != session.last_op_digest {
+                    return Applied::Reused;
+                }
                 return Applied::Duplicate(session.last_reply.clone());
             }
             if request_id < session.last_request_id {
@@ -116,7 +135,12 @@ impl StateMachine {
         let reply = self.execute(op);
         self.sessions.insert(
             client_id.to_owned(),
-            SessionRecord { last_request_id: request_id, last_reply: reply.clone(), last_seq: seq },
+            SessionRecord {
+                last_request_id: request_id,
+                last_reply: reply.clone(),
+                last_seq: seq,
+                last_op_digest: digest,
+            },
         );
         Applied::Executed(reply)
     }
@@ -231,6 +255,7 @@ impl StateMachine {
             field(client_id.as_bytes());
             field(&session.last_request_id.to_le_bytes());
             field(&session.last_reply.encode_to_vec());
+            field(&session.last_op_digest.to_le_bytes());
         }
         hex::encode(hasher.finalize())
     }
@@ -270,6 +295,17 @@ mod tests {
             })
         );
         assert_eq!(state.get("n").map(|v| v.as_ref()), Some(&b"5"[..]));
+    }
+
+    #[test]
+    fn a_request_id_reused_for_another_operation_is_refused_not_answered_with_the_old_reply() {
+        let mut state = StateMachine::default();
+        state.apply(1, "c1", 1, &put("a", "1"));
+        let before = state.digest();
+        assert_eq!(state.apply(2, "c1", 1, &put("a", "2")), Applied::Reused);
+        assert_eq!(state.get("a").map(|v| v.as_ref()), Some(&b"1"[..]));
+        assert_eq!(state.digest(), before, "a refused reuse changes nothing");
+        assert!(matches!(state.apply(3, "c1", 1, &put("a", "1")), Applied::Duplicate(_)), "a true retry");
     }
 
     #[test]

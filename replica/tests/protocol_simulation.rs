@@ -16,6 +16,7 @@ use tandem_replica::checkpoint::Checkpoint;
 use tandem_replica::error::ReplicaError;
 use tandem_replica::pb::{self, Mode, op_result, operation};
 use tandem_replica::replication::{Core, Executed, PeerWork, Route};
+use tandem_replica::state::Applied;
 
 const IDS: [&str; 3] = ["r1", "r2", "r3"];
 const CLIENTS: usize = 3;
@@ -122,7 +123,14 @@ impl Sim {
         self.replicas.get_mut(id)?.as_mut()
     }
 
-    /// Checks and records what a replica executed; acknowledges waiting clients.
+    /// Drains what a replica executed after an event, checks and records it, and
+    /// acknowledges the waiting clients (what the node does after every event).
+    fn drain(&mut self, at: &str) {
+        let answers = self.answers_clients(at);
+        let executed = self.core(at).map(Core::take_executed).unwrap_or_default();
+        self.executed(at, executed, answers);
+    }
+
     fn executed(&mut self, at: &str, executed: Vec<Executed>, answers_clients: bool) {
         for done in executed {
             let key = (done.client_id.clone(), done.request_id);
@@ -142,7 +150,10 @@ impl Sim {
             let state = &mut self.clients[client];
             if state.outstanding == Some(done.request_id) && state.waiting_at.iter().any(|w| w == at) {
                 let value = match &done.outcome {
-                    Ok(pb::OpResult { kind: Some(op_result::Kind::Increment(i)) }) => i.value,
+                    Applied::Executed(pb::OpResult { kind: Some(op_result::Kind::Increment(i)) })
+                    | Applied::Duplicate(pb::OpResult { kind: Some(op_result::Kind::Increment(i)) }) => {
+                        i.value
+                    }
                     other => panic!("unexpected outcome {other:?}"),
                 };
                 assert_eq!(
@@ -179,7 +190,7 @@ impl Sim {
         };
         let Some(core) = self.core(to) else { return };
         let route = core.route(&request);
-        let executed = core.advance();
+        core.advance();
         match route {
             Route::Reply(reply) => {
                 let value = match reply.result.and_then(|r| r.kind) {
@@ -210,8 +221,7 @@ impl Sim {
                 }
             }
         }
-        let answers = self.answers_clients(to);
-        self.executed(to, executed, answers);
+        self.drain(to);
     }
 
     /// Every leader decides what to send each follower.
@@ -261,9 +271,8 @@ impl Sim {
 
     fn install(&mut self, id: &str, config: pb::Configuration) {
         let Some(core) = self.core(id) else { return };
-        if let Ok(change) = core.install_config(config) {
-            let answers = self.answers_clients(id);
-            self.executed(id, change.executed, answers);
+        if core.install_config(config).is_ok() {
+            self.drain(id);
         }
     }
 
@@ -276,9 +285,8 @@ impl Sim {
             Message::Append { to, from, request } => {
                 let core = self.core(&to).expect("alive");
                 match core.on_append(&request) {
-                    Ok((reply, executed)) => {
-                        let answers = self.answers_clients(&to);
-                        self.executed(&to, executed, answers);
+                    Ok(reply) => {
+                        self.drain(&to);
                         self.network.push(Message::AppendReply { to: from, from: to, request, reply });
                     }
                     Err(error) => self.refused(&from, &to, error),
@@ -286,9 +294,8 @@ impl Sim {
             }
             Message::AppendReply { to, from, request, reply } => {
                 let core = self.core(&to).expect("alive");
-                let executed = core.on_append_reply(&from, &request, &reply);
-                let answers = self.answers_clients(&to);
-                self.executed(&to, executed, answers);
+                core.on_append_reply(&from, &request, &reply);
+                self.drain(&to);
             }
             Message::Checkpoint { to, from, epoch, checkpoint } => {
                 let core = self.core(&to).expect("alive");
@@ -303,10 +310,9 @@ impl Sim {
                 let seq = checkpoint.seq;
                 let reply = match core.on_checkpoint_header(&header) {
                     Ok(()) => {
-                        let executed = core.install_checkpoint(checkpoint);
+                        core.install_checkpoint(checkpoint);
                         let reply = core.checkpoint_reply();
-                        let answers = self.answers_clients(&to);
-                        self.executed(&to, executed, answers);
+                        self.drain(&to);
                         Some(reply)
                     }
                     Err(error) => {
@@ -323,9 +329,8 @@ impl Sim {
             Message::Order { to, request } => {
                 let core = self.core(&to).expect("alive");
                 let result = core.on_order(&request);
-                let executed = core.advance();
-                let answers = self.answers_clients(&to);
-                self.executed(&to, executed, answers);
+                core.advance();
+                self.drain(&to);
                 if let Err(error) = result {
                     self.refused(&request.from_replica.clone(), &to, error);
                 }

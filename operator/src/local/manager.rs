@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::Shared;
-use crate::rm::{Instance, Liveness, Spec};
+use crate::rm::{Instance, Liveness, Spec, Trouble};
 
 pub struct ManagerService {
     shared: Arc<Mutex<Shared>>,
@@ -38,16 +38,11 @@ pub async fn serve(
 
 /// Whether an RM answers at `address` (another `tandem up` using the same state).
 pub async fn answers(address: &str) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{address}")) else {
-        return false;
-    };
-    let mut client = pb::manager_client::ManagerClient::new(
-        endpoint.connect_timeout(Duration::from_millis(300)).connect_lazy(),
-    );
-    matches!(
-        tokio::time::timeout(Duration::from_millis(500), client.describe(pb::DescribeRequest {})).await,
-        Ok(Ok(_))
-    )
+    let Ok(channel) = tandem_replica::wire::dial(address, None) else { return false };
+    let mut client = pb::manager_client::ManagerClient::new(channel);
+    tandem_replica::wire::within(Duration::from_millis(500), client.describe(pb::DescribeRequest {}))
+        .await
+        .is_ok()
 }
 
 pub fn spec_to_wire(spec: &Spec) -> pb::ServiceSpec {
@@ -84,6 +79,24 @@ impl pb::manager_server::Manager for ManagerService {
         if let Some(ms) = update.checkpoint_interval_ms {
             spec.checkpoint_interval_ms = ms;
         }
+        if let Some(epoch) = update.recreate_lost_epoch {
+            let lost = self.shared.lock().unwrap_or_else(|p| p.into_inner()).record.trouble.clone();
+            match lost {
+                Some(Trouble::GroupLost { epoch: lost, .. }) if lost == epoch => {
+                    spec.recreate_lost_epoch = Some(epoch)
+                }
+                Some(Trouble::GroupLost { epoch: lost, .. }) => {
+                    return Err(Status::failed_precondition(format!(
+                        "the group lost is epoch {lost}, not {epoch}: nothing recreated"
+                    )));
+                }
+                _ => {
+                    return Err(Status::failed_precondition(
+                        "the group is not lost (some member may still hold its data): nothing recreated",
+                    ));
+                }
+            }
+        }
         let problems = spec.problems();
         if !problems.is_empty() {
             return Err(Status::invalid_argument(format!("spec refused: {}", problems.join("; "))));
@@ -104,14 +117,19 @@ impl pb::manager_server::Manager for ManagerService {
             .map(|o| pb::ReplicaDescription {
                 replica_id: o.id.clone(),
                 address: o.address.clone(),
-                process: if o.instance == Instance::Running { "running".into() } else { "gone".into() },
+                process: match o.instance {
+                    Instance::Running => "running",
+                    Instance::Terminating => "stopping",
+                    Instance::Gone => "gone",
+                }
+                .into(),
                 alive: matches!(o.liveness, Liveness::Alive { .. }),
                 ready: matches!(o.liveness, Liveness::Alive { ready: true }),
                 member: config.as_ref().is_some_and(|c| c.members.iter().any(|m| m.id == o.id)),
                 last_heartbeat_unix_ms: shared.heartbeats.get(&o.id).copied().unwrap_or_default(),
-                last_seq: o.facts.map_or(0, |f| f.last_seq),
+                last_seq: o.facts.as_ref().map_or(0, |f| f.last_seq),
                 checkpoint_seq: shared.checkpoint_seqs.get(&o.id).copied().unwrap_or_default(),
-                synced_epoch: o.facts.map_or(0, |f| f.synced_epoch),
+                synced_epoch: o.facts.as_ref().map_or(0, |f| f.synced_epoch),
                 restarts: shared.restarts.get(&o.id).copied().unwrap_or_default(),
             })
             .collect();
@@ -122,6 +140,8 @@ impl pb::manager_server::Manager for ManagerService {
             failovers: shared.record.failovers,
             gfd_address: shared.gfd_address.clone(),
             membership_known: shared.membership_known,
+            trouble: shared.record.trouble.as_ref().map(ToString::to_string).unwrap_or_default(),
+            trouble_reason: shared.record.trouble.as_ref().map(|t| t.reason().to_owned()).unwrap_or_default(),
         }))
     }
 }

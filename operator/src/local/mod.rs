@@ -3,48 +3,59 @@
 //! on loopback ports. This adapter only observes (process exits, the GFD's membership,
 //! the replicas' status) and carries out what `rm::reconcile` decides; it restarts the
 //! GFD and LFDs whenever they exit.
+//!
+//! Its own crash is a non-event: the processes outlive it, its record (the
+//! configuration, each member's incarnation) is in `rm.json` beside them, written before
+//! any replica hears of a new configuration, and a new `tandem up` on the same
+//! directory adopts whatever still runs and goes on.
 
 mod manager;
+mod state;
 mod supervisor;
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::future::join_all;
-use serde::{Deserialize, Serialize};
-use tandem_replica::detector::service::unix_ms;
 use tandem_replica::pb::{self, MembershipChange};
+use tandem_replica::wire::{Channels, unix_ms, within};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::membership::{self, MembershipUpdate, MembershipView, alive_members, describe_change};
-use crate::rm::{self, Action, Facts, Instance, Observed, Record, Spec};
+use crate::replicas::{self, CALL_TIMEOUT};
+use crate::rm::{self, Action, Instance, Observed, Record, Spec, Trouble};
 pub use manager::ManagerService;
+pub use state::{ReplicaEntry, SavedRecord, StateFile};
+pub use supervisor::ProcessId;
 use supervisor::{Exit, Role, Supervisor};
 
 /// How often the RM reconciles when nothing happens.
 const TICK: Duration = Duration::from_millis(50);
-/// How often replicas' status is polled, and the timeout of one poll.
+/// How often replicas' status is polled.
 const POLL: Duration = Duration::from_millis(100);
-const POLL_TIMEOUT: Duration = Duration::from_millis(250);
 /// A replica behind the current epoch gets the configuration again this often.
 const REPUSH: Duration = Duration::from_millis(300);
+/// How long a stopped process gets to exit before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct LocalSettings {
     pub spec: Spec,
     /// GFD on `base_port`, the RM's API on `base_port + 1`, replica rN on `base_port + 10 + N`.
     pub base_port: u16,
-    /// State and logs: `up.json`, `endpoints`, `logs/`.
+    /// State and logs: `up.json`, `rm.json`, `endpoints`, `logs/`.
     pub dir: PathBuf,
     /// The `tandem` executable the children run.
     pub binary: PathBuf,
     /// Log filter of the children.
     pub log_level: String,
+    /// Each replica on its own loopback address (127.0.10.N), its LFD dialling from
+    /// 127.0.11.N: links can then be cut one by one with firewall rules (the nemesis).
+    pub loopback_per_replica: bool,
 }
 
 impl LocalSettings {
@@ -56,9 +67,24 @@ impl LocalSettings {
         format!("127.0.0.1:{}", self.base_port + 1)
     }
 
+    fn replica_number(id: &str) -> u16 {
+        rm::id_number(id).and_then(|n| u16::try_from(n).ok()).unwrap_or(0)
+    }
+
+    /// The loopback address replica `id` listens on.
+    pub fn replica_ip(&self, id: &str) -> IpAddr {
+        let n = Self::replica_number(id).min(254) as u8;
+        if self.loopback_per_replica { IpAddr::from([127, 0, 10, n]) } else { IpAddr::from([127, 0, 0, 1]) }
+    }
+
+    /// The address its LFD dials from, when replicas have addresses of their own.
+    pub fn lfd_ip(&self, id: &str) -> Option<IpAddr> {
+        let n = Self::replica_number(id).min(254) as u8;
+        self.loopback_per_replica.then(|| IpAddr::from([127, 0, 11, n]))
+    }
+
     pub fn replica_address(&self, id: &str) -> String {
-        let n: u16 = id.trim_start_matches('r').parse().unwrap_or(0);
-        format!("127.0.0.1:{}", self.base_port + 10 + n)
+        format!("{}:{}", self.replica_ip(id), self.base_port + 10 + Self::replica_number(id))
     }
 }
 
@@ -68,49 +94,24 @@ pub enum LocalError {
     Dir { dir: PathBuf, source: std::io::Error },
     #[error("cannot listen on {address} for the RM's API: {source}")]
     Bind { address: String, source: std::io::Error },
-    #[error("another `tandem up` seems to run with state in {0} (its API answers); stop it or use --dir")]
+    #[error("another `tandem up` runs with state in {0} (its API answers); stop it, or use another --dir")]
     AlreadyRunning(PathBuf),
     #[error("cannot start {what}: {source}")]
     Spawn { what: String, source: std::io::Error },
-}
-
-/// What `tandem status`, `set` and `chaos` read to find a running local system.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct StateFile {
-    pub manager: String,
-    pub gfd: String,
-    pub gfd_pid: Option<u32>,
-    pub replicas: BTreeMap<String, ReplicaEntry>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ReplicaEntry {
-    pub address: String,
-    pub pid: Option<u32>,
-    pub lfd_pid: Option<u32>,
-}
-
-impl StateFile {
-    pub fn path(dir: &std::path::Path) -> PathBuf {
-        dir.join("up.json")
-    }
-
-    pub fn read(dir: &std::path::Path) -> Option<Self> {
-        serde_json::from_str(&std::fs::read_to_string(Self::path(dir)).ok()?).ok()
-    }
+    #[error("cannot read {path}: {reason} (move it away to start a new group)")]
+    BadRecord { path: PathBuf, reason: String },
 }
 
 /// One line of `tandem up`'s output (the course-style trace), already formatted.
 pub type Output = mpsc::UnboundedSender<String>;
 
 fn say(output: &Output, line: impl AsRef<str>) {
-    let now = chrono_like_now();
+    let now = clock(unix_ms());
     let _ = output.send(format!("{now}  {}", line.as_ref()));
 }
 
 /// `HH:MM:SS.mmm` (UTC), without a date-time dependency.
-fn chrono_like_now() -> String {
-    let ms = unix_ms();
+fn clock(ms: u64) -> String {
     let (s, ms) = (ms / 1000, ms % 1000);
     format!("{:02}:{:02}:{:02}.{ms:03}", (s / 3600) % 24, (s / 60) % 60, s % 60)
 }
@@ -137,49 +138,48 @@ pub async fn run(
     let log_dir = settings.dir.join("logs");
     std::fs::create_dir_all(&log_dir)
         .map_err(|source| LocalError::Dir { dir: settings.dir.clone(), source })?;
-    if let Some(previous) = StateFile::read(&settings.dir) {
-        if manager::answers(&previous.manager).await {
-            return Err(LocalError::AlreadyRunning(settings.dir.clone()));
-        }
-        stop_orphans(&previous, &output);
+    let previous = StateFile::read(&settings.dir);
+    if let Some(previous) = &previous
+        && manager::answers(&previous.manager).await
+    {
+        return Err(LocalError::AlreadyRunning(settings.dir.clone()));
     }
+    let saved = SavedRecord::read(&settings.dir)
+        .map_err(|reason| LocalError::BadRecord { path: SavedRecord::path(&settings.dir), reason })?;
     let listener = tokio::net::TcpListener::bind(settings.manager_address())
         .await
         .map_err(|source| LocalError::Bind { address: settings.manager_address(), source })?;
 
-    let (spec_updates, spec_changes) = watch::channel(settings.spec.clone());
-    let shared = Arc::new(Mutex::new(Shared {
-        spec: settings.spec.clone(),
-        gfd_address: settings.gfd_address(),
-        ..Shared::default()
-    }));
-    tokio::spawn(manager::serve(listener, Arc::clone(&shared), spec_updates, shutdown.clone()));
-
     let (supervisor, exits) = Supervisor::new(settings.binary.clone(), log_dir);
-    let (membership_sender, membership) = mpsc::unbounded_channel();
-    tokio::spawn(membership::follow(settings.gfd_address(), membership_sender, shutdown.clone()));
-    let facts = Arc::new(Mutex::new(BTreeMap::new()));
-    let poll_targets = watch::Sender::new(BTreeMap::new());
-    tokio::spawn(poll_statuses(poll_targets.subscribe(), Arc::clone(&facts), shutdown.clone()));
-
     let mut local = Local {
         spec: settings.spec.clone(),
-        settings,
         record: Record::default(),
         supervisor,
         membership: MembershipView::default(),
-        facts,
-        poll_targets,
+        facts: Arc::default(),
+        poll_targets: watch::Sender::new(Vec::new()),
         last_push: BTreeMap::new(),
         restarted_at: BTreeMap::new(),
         restarts: BTreeMap::new(),
         output,
-        last_warning: None,
-        shared,
+        last_trouble: None,
+        shared: Arc::new(Mutex::new(Shared { gfd_address: settings.gfd_address(), ..Shared::default() })),
         state_file: StateFile::default(),
-        channels: BTreeMap::new(),
+        saved: None,
+        channels: Channels::default(),
+        settings,
     };
-    local.start_gfd()?;
+    local.adopt(previous.unwrap_or_default(), saved).await;
+
+    let (spec_updates, spec_changes) = watch::channel(local.spec.clone());
+    tokio::spawn(manager::serve(listener, Arc::clone(&local.shared), spec_updates, shutdown.clone()));
+    let (membership_sender, membership) = mpsc::unbounded_channel();
+    tokio::spawn(membership::follow(local.settings.gfd_address(), membership_sender, shutdown.clone()));
+    tokio::spawn(poll_statuses(local.poll_targets.subscribe(), Arc::clone(&local.facts), shutdown.clone()));
+
+    if !local.supervisor.is_running(&Role::Gfd) {
+        local.start_gfd()?;
+    }
     say(
         &local.output,
         format!(
@@ -191,67 +191,32 @@ pub async fn run(
         ),
     );
     local.run(exits, membership, spec_changes, shutdown).await;
-    local.supervisor.stop_all(Duration::from_secs(2)).await;
-    let _ = std::fs::remove_file(StateFile::path(&local.settings.dir));
-    let _ = std::fs::remove_file(local.settings.dir.join("endpoints"));
+    local.supervisor.stop_all(STOP_GRACE).await;
+    for file in [
+        StateFile::path(&local.settings.dir),
+        SavedRecord::path(&local.settings.dir),
+        local.settings.dir.join("endpoints"),
+    ] {
+        let _ = std::fs::remove_file(file);
+    }
     say(&local.output, "RM: stopped every replica, LFD and the GFD");
     Ok(())
 }
 
-/// Kills what a previous `tandem up` that died without cleaning up (kill -9) left
-/// running, so its ports are free again. Only processes that still run `tandem`.
-fn stop_orphans(previous: &StateFile, output: &Output) {
-    let pids =
-        previous.replicas.values().flat_map(|r| [r.pid, r.lfd_pid]).chain([previous.gfd_pid]).flatten();
-    for pid in pids {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains("tandem") {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            say(output, format!("RM: stopped pid {pid}, left running by a previous tandem up"));
-        }
-    }
-}
-
-/// Polls each replica's Status, so the RM knows epochs, logs and sync points.
+/// Polls each replica's Status, so the RM knows epochs, logs, sync points, incarnations.
 async fn poll_statuses(
-    mut targets: watch::Receiver<BTreeMap<String, String>>,
+    mut targets: watch::Receiver<Vec<(String, String)>>,
     facts: Arc<Mutex<BTreeMap<String, pb::ReplicaStatus>>>,
     shutdown: CancellationToken,
 ) {
-    let mut channels: BTreeMap<String, Channel> = BTreeMap::new();
+    let channels = Channels::default();
     loop {
         let current = targets.borrow_and_update().clone();
-        let calls = current.iter().filter_map(|(id, address)| {
-            let channel = match channels.get(address) {
-                Some(channel) => channel.clone(),
-                None => {
-                    let channel = Endpoint::from_shared(format!("http://{address}"))
-                        .ok()?
-                        .connect_timeout(POLL_TIMEOUT)
-                        .connect_lazy();
-                    channels.insert(address.clone(), channel.clone());
-                    channel
-                }
-            };
-            let id = id.clone();
-            Some(async move {
-                let mut client = pb::replica_client::ReplicaClient::new(channel);
-                let answer = tokio::time::timeout(POLL_TIMEOUT, client.status(pb::StatusRequest {})).await;
-                (id, answer.ok().and_then(Result::ok).map(tonic::Response::into_inner))
-            })
-        });
-        let answers = join_all(calls).await;
+        let answers = replicas::statuses(&channels, &current).await;
         {
             let mut facts = facts.lock().unwrap_or_else(|p| p.into_inner());
-            facts.retain(|id, _| current.contains_key(id));
-            for (id, status) in answers {
-                if let Some(status) = status {
-                    facts.insert(id, status);
-                }
-            }
+            facts.retain(|id, _| current.iter().any(|(target, _)| target == id));
+            facts.extend(answers);
         }
         tokio::select! {
             () = tokio::time::sleep(POLL) => {}
@@ -267,18 +232,90 @@ struct Local {
     supervisor: Supervisor,
     membership: MembershipView,
     facts: Arc<Mutex<BTreeMap<String, pb::ReplicaStatus>>>,
-    poll_targets: watch::Sender<BTreeMap<String, String>>,
+    poll_targets: watch::Sender<Vec<(String, String)>>,
     last_push: BTreeMap<String, Instant>,
     restarted_at: BTreeMap<String, Instant>,
     restarts: BTreeMap<String, u32>,
     output: Output,
-    last_warning: Option<String>,
+    last_trouble: Option<Trouble>,
     shared: Arc<Mutex<Shared>>,
+    /// What `up.json` says now (rewritten, atomically, whenever it changes).
     state_file: StateFile,
-    channels: BTreeMap<String, Channel>,
+    /// What `rm.json` says now (rewritten, atomically, before a change is acted on).
+    saved: Option<SavedRecord>,
+    channels: Channels,
 }
 
 impl Local {
+    /// Takes over what a previous `tandem up` on this directory left: the processes
+    /// that still run, and its record (or, without one, the newest configuration the
+    /// running replicas report).
+    async fn adopt(&mut self, previous: StateFile, saved: Option<SavedRecord>) {
+        let mut adopted = Vec::new();
+        if let Some(gfd) = previous.gfd_process()
+            && self.supervisor.adopt(Role::Gfd, gfd)
+        {
+            adopted.push("the GFD".to_owned());
+        }
+        for (id, entry) in &previous.replicas {
+            self.state_file.replicas.insert(
+                id.clone(),
+                ReplicaEntry { address: entry.address.clone(), ..ReplicaEntry::default() },
+            );
+            if let Some(process) = entry.process()
+                && self.supervisor.adopt(Role::Replica(id.clone()), process)
+            {
+                adopted.push(id.clone());
+            }
+            if let Some(process) = entry.lfd_process()
+                && self.supervisor.adopt(Role::Lfd(id.clone()), process)
+            {
+                adopted.push(format!("{id}'s LFD"));
+            }
+        }
+        if let Some(saved) = saved {
+            say(
+                &self.output,
+                format!(
+                    "RM: resuming the group recorded in {}",
+                    SavedRecord::path(&self.settings.dir).display()
+                ),
+            );
+            self.spec = saved.spec(&self.settings.spec);
+            self.record = saved.record();
+            self.saved = Some(saved);
+        }
+        // Replicas may know a newer configuration than the file (it was lost or old):
+        // the newest one any of them reports is the group's.
+        let targets: Vec<(String, String)> =
+            self.state_file.replicas.iter().map(|(id, e)| (id.clone(), e.address.clone())).collect();
+        let statuses = replicas::statuses(&self.channels, &targets).await;
+        let newest = statuses.values().filter_map(|s| s.configuration.clone()).max_by_key(|c| c.epoch);
+        if let Some(config) = newest.filter(|c| self.record.config.as_ref().is_none_or(|r| c.epoch > r.epoch))
+        {
+            say(&self.output, format!("RM: adopting epoch {} from the running replicas", config.epoch));
+            self.record.joined_epoch = config.members.iter().map(|m| (m.id.clone(), config.epoch)).collect();
+            self.record.incarnations.clear();
+            self.record.config = Some(config);
+        }
+        if !adopted.is_empty() {
+            say(
+                &self.output,
+                format!("RM: adopted what a previous tandem up left running: {}", adopted.join(", ")),
+            );
+        }
+        // Replicas and LFDs that did not survive are restarted by the reconciliation; an
+        // LFD without its replica has nothing to watch.
+        for (id, _) in targets {
+            if !self.supervisor.is_running(&Role::Replica(id.clone()))
+                && self.supervisor.is_running(&Role::Lfd(id.clone()))
+            {
+                self.supervisor.stop(&Role::Lfd(id), STOP_GRACE);
+            }
+        }
+        self.save_record();
+    }
+
     async fn run(
         &mut self,
         mut exits: mpsc::UnboundedReceiver<Exit>,
@@ -322,12 +359,12 @@ impl Local {
     }
 
     fn start_lfd(&mut self, id: &str) {
-        let args = vec![
+        let mut args = vec![
             "lfd".into(),
             "--replica-id".into(),
             id.into(),
             "--replica".into(),
-            self.settings.replica_address(id),
+            self.address(id),
             "--gfd".into(),
             self.settings.gfd_address(),
             "--heartbeat-interval-ms".into(),
@@ -337,9 +374,22 @@ impl Local {
             "--log-level".into(),
             self.settings.log_level.clone(),
         ];
+        if let Some(ip) = self.settings.lfd_ip(id) {
+            args.extend(["--dial-from".into(), ip.to_string()]);
+        }
         if let Err(error) = self.supervisor.start(Role::Lfd(id.into()), &args) {
             say(&self.output, format!("RM: cannot start the LFD of {id}: {error}"));
         }
+    }
+
+    /// Where replica `id` listens: as recorded, else by its number.
+    fn address(&self, id: &str) -> String {
+        self.state_file
+            .replicas
+            .get(id)
+            .map(|e| e.address.clone())
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| self.settings.replica_address(id))
     }
 
     fn start_replica(&mut self, id: &str, bootstrap: bool) {
@@ -347,16 +397,19 @@ impl Local {
             .instance_ids()
             .into_iter()
             .filter(|other| other != id)
-            .map(|other| self.settings.replica_address(&other))
+            .map(|other| self.address(&other))
             .collect();
+        let address = self.address(id);
         let mut args = vec![
             "replica".into(),
             "--id".into(),
             id.into(),
             "--listen".into(),
-            self.settings.replica_address(id),
+            address.clone(),
             "--checkpoint-interval-ms".into(),
             self.spec.checkpoint_interval_ms.to_string(),
+            "--gfd".into(),
+            self.settings.gfd_address(),
             "--log-level".into(),
             self.settings.log_level.clone(),
         ];
@@ -367,6 +420,8 @@ impl Local {
         if bootstrap {
             args.push("--bootstrap".into());
         }
+        self.facts.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.state_file.replicas.entry(id.into()).or_default().address = address;
         if let Err(error) = self.supervisor.start(Role::Replica(id.into()), &args) {
             say(&self.output, format!("RM: cannot start {id}: {error}"));
             return;
@@ -382,12 +437,14 @@ impl Local {
         if let Some(config) = &self.record.config {
             ids.extend(config.members.iter().map(|m| m.id.clone()));
         }
-        ids.sort();
+        ids.extend(self.record.restarts.keys().cloned());
+        ids.sort_by_key(|id| rm::id_number(id));
         ids.dedup();
         ids
     }
 
     fn on_exit(&mut self, exit: Exit) {
+        let stopped = self.supervisor.is_stopping(&exit.role);
         if !self.supervisor.exited(&exit) {
             return;
         }
@@ -399,13 +456,20 @@ impl Local {
                 }
             }
             Role::Lfd(id) => {
-                say(&self.output, format!("RM: the LFD of {id} exited ({}); restarting it", exit.status));
                 let id = id.clone();
                 if self.supervisor.is_running(&Role::Replica(id.clone())) {
+                    say(&self.output, format!("RM: the LFD of {id} exited ({}); restarting it", exit.status));
                     self.start_lfd(&id);
                 }
             }
-            Role::Replica(id) => say(&self.output, format!("RM: replica {id} exited ({})", exit.status)),
+            Role::Replica(id) if stopped => {
+                say(&self.output, format!("RM: replica {id} stopped ({})", exit.status))
+            }
+            Role::Replica(id) => {
+                say(&self.output, format!("RM: replica {id} exited ({})", exit.status));
+                // Its LFD has nothing left to watch; a restart brings a new one.
+                self.supervisor.stop(&Role::Lfd(id.clone()), STOP_GRACE);
+            }
         }
     }
 
@@ -461,6 +525,7 @@ impl Local {
                 spec.checkpoint_interval_ms
             ),
         );
+        self.save_record();
         if (old.heartbeat_interval_ms, old.failure_threshold)
             != (spec.heartbeat_interval_ms, spec.failure_threshold)
         {
@@ -470,13 +535,14 @@ impl Local {
                 gfd_heartbeat_interval_ms: Some(spec.heartbeat_interval_ms),
                 replica_prefix: String::new(),
             };
-            let channel = self.channel(&self.settings.gfd_address());
-            let mut gfd = pb::fault_detector_client::FaultDetectorClient::new(channel);
-            if let Err(status) =
-                tokio::time::timeout(POLL_TIMEOUT * 4, gfd.update_detector_settings(settings))
-                    .await
-                    .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("timed out")))
-            {
+            let answer = match self.channels.get(&self.settings.gfd_address()) {
+                Ok(channel) => {
+                    let mut gfd = pb::fault_detector_client::FaultDetectorClient::new(channel);
+                    within(CALL_TIMEOUT * 4, gfd.update_detector_settings(settings)).await.map(|_| ())
+                }
+                Err(error) => Err(tonic::Status::invalid_argument(error.to_string())),
+            };
+            if let Err(status) = answer {
                 say(
                     &self.output,
                     format!("RM: could not change the detector settings: {}", status.message()),
@@ -486,40 +552,22 @@ impl Local {
         if old.checkpoint_interval_ms != spec.checkpoint_interval_ms {
             let update =
                 pb::Settings { checkpoint_interval_ms: Some(spec.checkpoint_interval_ms), gfd_address: None };
-            let calls: Vec<_> =
-                self.running_replicas()
-                    .into_iter()
-                    .map(|id| {
-                        let mut control = pb::control_client::ControlClient::new(
-                            self.channel(&self.settings.replica_address(&id)),
-                        );
-                        let update = update.clone();
-                        async move {
-                            tokio::time::timeout(POLL_TIMEOUT * 4, control.update_settings(update)).await
-                        }
-                    })
-                    .collect();
-            join_all(calls).await;
+            replicas::push_settings(&self.channels, &update, &self.running_targets()).await;
         }
-    }
-
-    fn channel(&mut self, address: &str) -> Channel {
-        self.channels
-            .entry(address.to_owned())
-            .or_insert_with(|| {
-                Endpoint::from_shared(format!("http://{address}"))
-                    .expect("loopback addresses are valid URIs")
-                    .connect_timeout(POLL_TIMEOUT)
-                    .connect_lazy()
-            })
-            .clone()
     }
 
     fn running_replicas(&self) -> Vec<String> {
         self.supervisor
             .processes()
-            .filter_map(|(role, _)| if let Role::Replica(id) = role { Some(id.clone()) } else { None })
+            .filter_map(|(role, _, stopping)| match role {
+                Role::Replica(id) if !stopping => Some(id.clone()),
+                _ => None,
+            })
             .collect()
+    }
+
+    fn running_targets(&self) -> Vec<(String, String)> {
+        self.running_replicas().into_iter().map(|id| (id.clone(), self.address(&id))).collect()
     }
 
     fn observe(&self) -> Vec<Observed> {
@@ -527,16 +575,19 @@ impl Local {
         self.instance_ids()
             .into_iter()
             .map(|id| {
-                let running = self.supervisor.is_running(&Role::Replica(id.clone()));
+                let role = Role::Replica(id.clone());
+                let instance = if self.supervisor.is_running(&role) {
+                    Instance::Running
+                } else if self.supervisor.is_stopping(&role) {
+                    Instance::Terminating
+                } else {
+                    Instance::Gone
+                };
                 Observed {
-                    address: self.settings.replica_address(&id),
-                    instance: if running { Instance::Running } else { Instance::Gone },
+                    address: self.address(&id),
+                    instance,
                     liveness: self.membership.liveness(&id),
-                    facts: facts.get(&id).map(|s| Facts {
-                        epoch: s.configuration.as_ref().map_or(0, |c| c.epoch),
-                        last_seq: s.last_seq,
-                        synced_epoch: s.synced_epoch,
-                    }),
+                    facts: facts.get(&id).map(replicas::facts),
                     id,
                 }
             })
@@ -548,9 +599,12 @@ impl Local {
         let observed = self.observe();
         let actions =
             rm::reconcile(&self.spec, &mut self.record, &observed, self.membership.known(), unix_ms());
+        // The record first: a configuration is the group's once it is on disk.
+        self.save_record();
         for action in actions {
             self.act(action);
         }
+        self.report_trouble();
         self.push_configuration();
         self.publish(observed);
     }
@@ -558,19 +612,11 @@ impl Local {
     fn act(&mut self, action: Action) {
         match action {
             Action::Install { config, reason } => {
-                let members: Vec<&str> = config.members.iter().map(|m| m.id.as_str()).collect();
                 say(
                     &self.output,
-                    format!(
-                        "RM: epoch {} ({}): primary {}, members {} — {reason}",
-                        config.epoch,
-                        rm::mode_name(config.mode()),
-                        config.primary,
-                        members.join(", ")
-                    ),
+                    format!("RM: {}", replicas::describe_configuration(&config, &reason, str::to_owned)),
                 );
                 self.last_push.clear();
-                self.push_configuration();
             }
             Action::Start { id, bootstrap, attempt } => {
                 if attempt > 0 {
@@ -583,24 +629,43 @@ impl Local {
                     self.restarted_at.insert(id.clone(), Instant::now());
                     *self.restarts.entry(id.clone()).or_default() += 1;
                 } else {
-                    say(&self.output, format!("RM: starting {id} at {}", self.settings.replica_address(&id)));
+                    say(&self.output, format!("RM: starting {id} at {}", self.address(&id)));
                 }
                 self.membership.forget(&id);
-                self.state_file.replicas.entry(id.clone()).or_default();
                 self.start_replica(&id, bootstrap);
             }
             Action::Stop { id, reason } => {
                 say(&self.output, format!("RM: stopping {id}: {reason}"));
-                self.supervisor.stop(&Role::Replica(id.clone()), Duration::from_secs(2));
-                self.supervisor.stop(&Role::Lfd(id.clone()), Duration::from_secs(2));
-                self.state_file.replicas.remove(&id);
+                self.supervisor.stop(&Role::Replica(id.clone()), STOP_GRACE);
+                self.supervisor.stop(&Role::Lfd(id), STOP_GRACE);
             }
-            Action::Warn(warning) => {
-                if self.last_warning.as_ref() != Some(&warning) {
-                    say(&self.output, format!("RM: WARNING: {warning}"));
-                    self.last_warning = Some(warning);
+            Action::Forget { id } => {
+                if !self.supervisor.is_stopping(&Role::Lfd(id.clone())) {
+                    self.state_file.replicas.remove(&id);
+                    self.restarts.remove(&id);
+                    self.membership.forget(&id);
                 }
             }
+        }
+    }
+
+    /// Says what the RM cannot fix alone, once per change, with what to do.
+    fn report_trouble(&mut self) {
+        if self.record.trouble == self.last_trouble {
+            return;
+        }
+        self.last_trouble = self.record.trouble.clone();
+        match &self.record.trouble {
+            Some(trouble @ Trouble::GroupLost { epoch, .. }) => say(
+                &self.output,
+                format!(
+                    "RM: WARNING: {}: {trouble}. To start over with an empty group: tandem recreate --lost-epoch {epoch} --dir {}",
+                    trouble.reason(),
+                    self.settings.dir.display()
+                ),
+            ),
+            Some(trouble) => say(&self.output, format!("RM: WARNING: {}: {trouble}", trouble.reason())),
+            None => {}
         }
     }
 
@@ -608,30 +673,47 @@ impl Local {
     fn push_configuration(&mut self) {
         let Some(config) = self.record.config.clone() else { return };
         let facts = self.facts.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for id in self.running_replicas() {
-            let behind = facts
-                .get(&id)
-                .is_none_or(|s| s.configuration.as_ref().is_none_or(|c| c.epoch < config.epoch));
-            let recently = self.last_push.get(&id).is_some_and(|at| at.elapsed() < REPUSH);
-            if !behind || recently {
-                continue;
-            }
-            self.last_push.insert(id.clone(), Instant::now());
-            let mut control =
-                pb::control_client::ControlClient::new(self.channel(&self.settings.replica_address(&id)));
-            let config = config.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(POLL_TIMEOUT * 4, control.install_configuration(config)).await;
-            });
+        let targets: Vec<(String, String)> = self
+            .running_targets()
+            .into_iter()
+            .filter(|(id, _)| replicas::lacks(facts.get(id), &config))
+            .filter(|(id, _)| self.last_push.get(id).is_none_or(|at| at.elapsed() >= REPUSH))
+            .collect();
+        if targets.is_empty() {
+            return;
         }
+        for (id, _) in &targets {
+            self.last_push.insert(id.clone(), Instant::now());
+        }
+        let channels = self.channels.clone();
+        tokio::spawn(async move { replicas::push_configuration(&channels, &config, &targets).await });
+    }
+
+    /// Writes the RM's record to `rm.json` when it changed (atomically).
+    fn save_record(&mut self) {
+        let saved = SavedRecord::of(&self.spec, &self.record);
+        if self.saved.as_ref() == Some(&saved) {
+            return;
+        }
+        if let Err(error) = saved.write(&self.settings.dir) {
+            say(
+                &self.output,
+                format!(
+                    "RM: WARNING: cannot save the RM's record: {error}; a restart of tandem up would not find it"
+                ),
+            );
+            return;
+        }
+        self.saved = Some(saved);
     }
 
     /// Shares the picture with the API, the status poller and the state files.
     fn publish(&mut self, observed: Vec<Observed>) {
-        let targets: BTreeMap<String, String> = self
-            .running_replicas()
+        let targets: Vec<(String, String)> = self
+            .instance_ids()
             .into_iter()
-            .map(|id| (id.clone(), self.settings.replica_address(&id)))
+            .filter(|id| self.supervisor.process(&Role::Replica(id.clone())).is_some())
+            .map(|id| (id.clone(), self.address(&id)))
             .collect();
         self.poll_targets.send_if_modified(|current| std::mem::replace(current, targets.clone()) != *current);
         let checkpoint_seqs = self
@@ -654,26 +736,22 @@ impl Local {
         let mut state = StateFile {
             manager: self.settings.manager_address(),
             gfd: self.settings.gfd_address(),
-            gfd_pid: self.supervisor.pid(&Role::Gfd),
-            replicas: self.state_file.replicas.clone(),
+            gfd_pid: None,
+            gfd_started: None,
+            replicas: BTreeMap::new(),
         };
-        for (id, entry) in &mut state.replicas {
-            *entry = ReplicaEntry {
-                address: self.settings.replica_address(id),
-                pid: self.supervisor.pid(&Role::Replica(id.clone())),
-                lfd_pid: self.supervisor.pid(&Role::Lfd(id.clone())),
-            };
+        state.set_gfd(self.supervisor.process(&Role::Gfd));
+        for id in self.state_file.replicas.keys() {
+            let mut entry = ReplicaEntry { address: self.address(id), ..ReplicaEntry::default() };
+            entry.set_process(self.supervisor.process(&Role::Replica(id.clone())));
+            entry.set_lfd_process(self.supervisor.process(&Role::Lfd(id.clone())));
+            state.replicas.insert(id.clone(), entry);
         }
-        if state.replicas != self.state_file.replicas
-            || state.gfd_pid != self.state_file.gfd_pid
-            || self.state_file.manager.is_empty()
-        {
-            let dir = &self.settings.dir;
-            if let Ok(json) = serde_json::to_string_pretty(&state) {
-                let _ = std::fs::write(StateFile::path(dir), json);
+        if state != self.state_file {
+            if let Err(error) = state.write(&self.settings.dir) {
+                say(&self.output, format!("RM: WARNING: cannot write the state files: {error}"));
+                return;
             }
-            let endpoints: Vec<&str> = state.replicas.values().map(|r| r.address.as_str()).collect();
-            let _ = std::fs::write(dir.join("endpoints"), endpoints.join(","));
             self.state_file = state;
         }
     }

@@ -1,8 +1,21 @@
-//! The RM's decisions, tested without any I/O: scenarios first, then a simulated world
-//! of instances that crash, hang, lose their detector and come back, driven by proptest.
+//! The RM's decisions, tested without any I/O: scenarios first (each case of issue 7's
+//! "what was seen" that is a decision of the RM), then a simulated world of instances
+//! that crash, restart in place, hang, lose their detector, get cut off and come back,
+//! driven by proptest.
 
 use super::*;
 use proptest::prelude::*;
+
+fn facts(id: &str, epoch: u64, last_seq: u64, synced_epoch: u64) -> Facts {
+    Facts {
+        epoch,
+        last_seq,
+        synced_epoch,
+        has_state: true,
+        incarnation: format!("{id}#1"),
+        follower_silence: Vec::new(),
+    }
+}
 
 fn alive(id: &str, last_seq: u64, epoch: u64, synced_epoch: u64) -> Observed {
     Observed {
@@ -10,13 +23,21 @@ fn alive(id: &str, last_seq: u64, epoch: u64, synced_epoch: u64) -> Observed {
         address: format!("{id}:1"),
         instance: Instance::Running,
         liveness: Liveness::Alive { ready: true },
-        facts: Some(Facts { epoch, last_seq, synced_epoch }),
+        facts: Some(facts(id, epoch, last_seq, synced_epoch)),
     }
 }
 
 fn with(mut o: Observed, liveness: Liveness, instance: Instance) -> Observed {
     o.liveness = liveness;
     o.instance = instance;
+    o
+}
+
+/// The same replica id, a new process: no state yet, a new incarnation.
+fn restarted(id: &str, epoch: u64) -> Observed {
+    let mut o = alive(id, 0, epoch, 0);
+    o.liveness = Liveness::Alive { ready: false };
+    o.facts = Some(Facts { has_state: false, incarnation: format!("{id}#2"), ..facts(id, epoch, 0, 0) });
     o
 }
 
@@ -27,11 +48,20 @@ fn installs(actions: &[Action]) -> Vec<pb::Configuration> {
         .collect()
 }
 
+fn starts(actions: &[Action]) -> Vec<(String, bool)> {
+    actions
+        .iter()
+        .filter_map(|a| {
+            if let Action::Start { id, bootstrap, .. } = a { Some((id.clone(), *bootstrap)) } else { None }
+        })
+        .collect()
+}
+
 fn member_ids(config: &pb::Configuration) -> Vec<&str> {
     config.members.iter().map(|m| m.id.as_str()).collect()
 }
 
-/// A record as after bootstrapping r1..r3 (epoch 1, primary r1).
+/// A record as after bootstrapping r1..r3 (epoch 1, primary r1), and the replicas then.
 fn booted(spec: &Spec) -> (Record, Vec<Observed>) {
     let mut record = Record::default();
     let observed: Vec<Observed> = ["r1", "r2", "r3"].iter().map(|id| alive(id, 0, 0, 0)).collect();
@@ -66,6 +96,11 @@ fn bootstrap_starts_fresh_replicas_and_configures_them_once_all_are_alive() {
         (config.epoch, config.primary.as_str(), member_ids(&config)),
         (1, "r1", vec!["r1", "r2", "r3"])
     );
+    assert_eq!(
+        record.incarnations.get("r2").map(String::as_str),
+        Some("r2#1"),
+        "each member is the instance that joined"
+    );
 }
 
 #[test]
@@ -73,18 +108,19 @@ fn failed_primary_is_replaced_by_the_safe_survivor_with_the_longest_log() {
     let spec = Spec::default();
     let (mut record, mut observed) = booted(&spec);
     observed[0] = with(observed[0].clone(), Liveness::Failed, Instance::Running);
-    observed[1].facts = Some(Facts { epoch: 1, last_seq: 40, synced_epoch: 1 });
-    observed[2].facts = Some(Facts { epoch: 1, last_seq: 42, synced_epoch: 1 });
+    observed[1].facts = Some(facts("r2", 1, 40, 1));
+    observed[2].facts = Some(facts("r3", 1, 42, 1));
     let actions = reconcile(&spec, &mut record, &observed, true, 100);
     let config = installs(&actions).pop().expect("a failover");
     assert_eq!((config.epoch, config.primary.as_str(), member_ids(&config)), (2, "r3", vec!["r2", "r3"]));
     assert_eq!(record.failovers, 1);
     let Some(Action::Install { reason, .. }) = actions.first() else { panic!("{actions:?}") };
-    assert!(reason.contains("r1 failed") && reason.contains("r3 promoted"), "{reason}");
+    assert!(reason.is_failover());
+    assert_eq!(reason.to_string(), "r1 failed (reported dead by its LFD); r3 promoted (longest log: 42)");
 }
 
 #[test]
-fn a_survivor_that_never_synced_since_joining_is_not_promoted() {
+fn a_survivor_that_never_synced_since_joining_is_not_promoted_and_the_wait_is_reported() {
     let spec = Spec::default();
     let (mut record, mut observed) = booted(&spec);
     // r3 rejoined at epoch 2 but has not synced yet; r2 is gone too.
@@ -92,14 +128,61 @@ fn a_survivor_that_never_synced_since_joining_is_not_promoted() {
     record.joined_epoch.insert("r3".into(), 2);
     observed[0] = with(observed[0].clone(), Liveness::Failed, Instance::Gone);
     observed[1] = with(observed[1].clone(), Liveness::Failed, Instance::Gone);
-    observed[2].facts = Some(Facts { epoch: 2, last_seq: 99, synced_epoch: 1 });
+    observed[2].facts = Some(facts("r3", 2, 99, 1));
     let actions = reconcile(&spec, &mut record, &observed, true, 100);
     assert!(installs(&actions).is_empty(), "{actions:?}");
-    assert!(
-        actions.iter().any(|a| matches!(a, Action::Warn(w) if w.contains("no surviving member"))),
-        "{actions:?}"
-    );
+    assert_eq!(record.trouble, Some(Trouble::NoSafePrimary { epoch: 2, primary: "r1".into() }));
     assert_eq!(record.config.as_ref().map(|c| c.epoch), Some(2));
+}
+
+/// Issue 7, seen 4: with no safe survivor, the dead primary was restarted and its fresh,
+/// empty instance made the sole member, dropping the survivors that held the data.
+#[test]
+fn a_restarted_instance_never_counts_as_the_member_it_replaces() {
+    let spec = Spec::default();
+    let (mut record, mut observed) = booted(&spec);
+    record.config = Some(pb::Configuration { epoch: 2, ..record.config.clone().expect("config") });
+    record.joined_epoch.insert("r2".into(), 2);
+    record.joined_epoch.insert("r3".into(), 2);
+    observed[1].facts = Some(facts("r2", 2, 50, 1));
+    observed[2].facts = Some(facts("r3", 2, 50, 1));
+    observed[0] = with(observed[0].clone(), Liveness::Failed, Instance::Gone);
+    let actions = reconcile(&spec, &mut record, &observed, true, 100);
+    assert!(installs(&actions).is_empty(), "no safe survivor: wait");
+    assert_eq!(starts(&actions), vec![("r1".to_owned(), false)], "the dead primary's slot is refilled");
+    // Its new instance comes up, empty; r2 and r3 then lose their detectors.
+    observed[0] = restarted("r1", 2);
+    observed[1].liveness = Liveness::DetectorLost { since: 0 };
+    observed[2].liveness = Liveness::DetectorLost { since: 0 };
+    for now in [200, 5_000, 60_000] {
+        let actions = reconcile(&spec, &mut record, &observed, true, now);
+        for config in installs(&actions) {
+            assert!(!member_ids(&config).contains(&"r1"), "the empty r1 was made a member: {config:?}");
+        }
+        assert!(installs(&actions).is_empty(), "nothing safe to install: {actions:?}");
+        assert_eq!(record.config.as_ref().map(member_ids), Some(vec!["r1", "r2", "r3"]));
+    }
+    assert!(matches!(record.trouble, Some(Trouble::NoSafePrimary { .. })));
+}
+
+#[test]
+fn a_member_restarted_in_place_is_removed_and_rejoins_as_a_new_replica() {
+    let spec = Spec::default();
+    let (mut record, mut observed) = booted(&spec);
+    // The kubelet restarted r3's container: same pod, a new process without state.
+    observed[2] = restarted("r3", 1);
+    let actions = reconcile(&spec, &mut record, &observed, true, 100);
+    let config = installs(&actions).pop().expect("r3 removed");
+    assert_eq!(member_ids(&config), vec!["r1", "r2"]);
+    let Some(Action::Install { reason, .. }) = actions.first() else { panic!() };
+    assert_eq!(reason.failed, vec![("r3".to_owned(), Failure::Restarted)]);
+    // It joins through a checkpoint, turns ready, and is added back as itself anew.
+    observed[0].facts = Some(facts("r1", 2, 20, 2));
+    observed[2] = alive("r3", 20, 2, 0);
+    observed[2].facts.as_mut().expect("facts").incarnation = "r3#2".into();
+    let config = installs(&reconcile(&spec, &mut record, &observed, true, 200)).pop().expect("r3 back");
+    assert_eq!(member_ids(&config), vec!["r1", "r2", "r3"]);
+    assert_eq!(record.incarnations["r3"], "r3#2");
 }
 
 #[test]
@@ -120,27 +203,127 @@ fn a_lost_detector_gets_a_grace_period_and_unknown_membership_changes_nothing() 
         .pop()
         .expect("removal");
     assert_eq!((config.primary.as_str(), member_ids(&config)), ("r1", vec!["r1", "r3"]));
+    // Its detector comes back: the replica, still holding its state, is re-admitted.
+    observed[0].facts = Some(facts("r1", 2, 10, 2));
+    observed[1] = alive("r2", 10, 2, 1);
+    let config = installs(&reconcile(&spec, &mut record, &observed, true, 4_000)).pop().expect("re-admitted");
+    assert_eq!(member_ids(&config), vec!["r1", "r2", "r3"]);
+}
+
+/// Issue 7, seen 1: the restart budget was spent while the deleted pod was still
+/// terminating, and the replacement was never created.
+#[test]
+fn restarts_count_failed_instances_not_reconciliations_and_never_stop() {
+    let spec = Spec::default();
+    let (mut record, mut observed) = booted(&spec);
+    observed[2] = with(observed[2].clone(), Liveness::Failed, Instance::Terminating);
+    // A pod that takes its time to terminate: no start under its name meanwhile.
+    for now in (0..TERMINATING_PATIENCE_MS).step_by(50) {
+        assert!(starts(&reconcile(&spec, &mut record, &observed, true, now)).is_empty(), "at {now}");
+    }
+    assert!(record.restarts.is_empty(), "nothing was restarted, so nothing counts");
+    observed[2] = with(observed[2].clone(), Liveness::Failed, Instance::Gone);
+    // Now it crashes at every start; restarts back off, never stop, and are reported.
+    let mut started = Vec::new();
+    for now in (TERMINATING_PATIENCE_MS..600_000).step_by(50) {
+        let actions = reconcile(&spec, &mut record, &observed, true, now);
+        if let Some((id, bootstrap)) = starts(&actions).pop() {
+            assert_eq!((id.as_str(), bootstrap), ("r3", false), "a replacement joins, it never bootstraps");
+            started.push(now);
+        }
+    }
+    assert!(started.len() > 50, "restarts stopped after {}", started.len());
+    let gaps: Vec<u64> = started.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "back-off never shrinks: {gaps:?}");
+    assert!(gaps.iter().all(|g| *g <= RESTART_BACKOFF_MAX_MS + 50), "{gaps:?}");
+    assert!(
+        matches!(&record.trouble, Some(Trouble::CrashLooping { id, .. }) if id == "r3"),
+        "{:?}",
+        record.trouble
+    );
+    // It stays up and turns ready: the count starts afresh, the trouble is over.
+    observed[2] = alive("r3", 0, 2, 0);
+    reconcile(&spec, &mut record, &observed, true, 700_000);
+    assert!(record.restarts.is_empty() && record.trouble.is_none());
 }
 
 #[test]
-fn a_gone_instance_is_restarted_with_growing_back_off_and_then_given_up() {
+fn a_pod_stuck_terminating_is_replaced_under_a_new_id() {
     let spec = Spec::default();
     let (mut record, mut observed) = booted(&spec);
-    observed[2] = with(observed[2].clone(), Liveness::Failed, Instance::Gone);
-    let mut starts = Vec::new();
-    for now in (0..200_000).step_by(50) {
-        for action in reconcile(&spec, &mut record, &observed, true, now) {
-            if let Action::Start { id, attempt, bootstrap } = action {
-                assert!(!bootstrap, "a replacement joins, it never bootstraps");
-                assert_eq!(id, "r3");
-                starts.push((now, attempt));
-            }
-        }
+    observed[0] = with(observed[0].clone(), Liveness::Failed, Instance::Terminating);
+    let actions = reconcile(&spec, &mut record, &observed, true, 1_000);
+    let config = installs(&actions).pop().expect("failover");
+    assert_eq!(member_ids(&config), vec!["r2", "r3"]);
+    assert!(starts(&actions).is_empty(), "patience first");
+    let actions = reconcile(&spec, &mut record, &observed, true, 1_000 + TERMINATING_PATIENCE_MS);
+    assert_eq!(starts(&actions), vec![("r4".to_owned(), false)]);
+    // The old pod finally goes: nothing more to start, its id is forgotten.
+    observed[0] = with(observed[0].clone(), Liveness::Unknown, Instance::Gone);
+    observed.push(alive("r4", 0, 2, 0));
+    let actions = reconcile(&spec, &mut record, &observed, true, 20_000);
+    assert!(starts(&actions).is_empty(), "{actions:?}");
+    assert!(actions.contains(&Action::Forget { id: "r1".into() }), "{actions:?}");
+}
+
+/// Issue 7, seen 2: every pod deleted at once left the service at 0/3 for good, with
+/// nothing that said what happened or what to do.
+#[test]
+fn losing_every_member_at_once_is_reported_and_recreated_only_when_the_user_says_so() {
+    let mut spec = Spec::default();
+    let (mut record, mut observed) = booted(&spec);
+    for o in &mut observed {
+        *o = restarted(&o.id.clone(), 1);
     }
-    assert_eq!(starts.len(), MAX_RESTARTS as usize, "{starts:?}");
-    let gaps: Vec<u64> = starts.windows(2).map(|w| w[1].0 - w[0].0).collect();
-    assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "back-off never shrinks: {gaps:?}");
-    assert!(gaps.iter().all(|g| *g <= RESTART_BACKOFF_MAX_MS + 50), "{gaps:?}");
+    let actions = reconcile(&spec, &mut record, &observed, true, 100);
+    assert!(installs(&actions).is_empty());
+    let Some(Trouble::GroupLost { epoch, members, .. }) = record.trouble.clone() else {
+        panic!("{:?}", record.trouble)
+    };
+    assert_eq!((epoch, members.len()), (1, 3));
+    assert!(record.trouble.as_ref().is_some_and(|t| t.to_string().contains("is gone")));
+    // A stale request (another epoch) changes nothing.
+    spec.recreate_lost_epoch = Some(7);
+    assert!(installs(&reconcile(&spec, &mut record, &observed, true, 200)).is_empty());
+    assert_eq!(record.config.as_ref().map(|c| c.epoch), Some(1));
+    // The user accepts the loss of epoch 1: the stateless instances go, fresh ones found
+    // a new group after it.
+    spec.recreate_lost_epoch = Some(1);
+    reconcile(&spec, &mut record, &observed, true, 300);
+    assert_eq!(record.config, None);
+    let actions = reconcile(&spec, &mut record, &observed, true, 400);
+    let stopped: Vec<&str> = actions
+        .iter()
+        .filter_map(|a| if let Action::Stop { id, .. } = a { Some(id.as_str()) } else { None })
+        .collect();
+    assert_eq!(stopped, vec!["r1", "r2", "r3"]);
+    let observed: Vec<Observed> = ["r1", "r2", "r3"].iter().map(|id| alive(id, 0, 0, 0)).collect();
+    let config = installs(&reconcile(&spec, &mut record, &observed, true, 500)).pop().expect("new group");
+    assert_eq!((config.epoch, member_ids(&config)), (2, vec!["r1", "r2", "r3"]));
+}
+
+/// Issue 7, seen 10: a primary cut off from its backups acknowledged nothing, and
+/// nothing told the RM.
+#[test]
+fn a_follower_the_leader_cannot_reach_is_removed_and_a_leader_that_reaches_none_is_replaced() {
+    let spec = Spec::default();
+    let (mut record, mut observed) = booted(&spec);
+    let silent = |r2: u64, r3: u64| vec![("r2".to_owned(), r2), ("r3".to_owned(), r3)];
+    observed[0].facts.as_mut().expect("facts").follower_silence = silent(250, 100);
+    assert!(
+        installs(&reconcile(&spec, &mut record, &observed, true, 100)).is_empty(),
+        "keepalive pace: fine"
+    );
+    observed[0].facts.as_mut().expect("facts").follower_silence = silent(UNREACHABLE_MS, 100);
+    let config = installs(&reconcile(&spec, &mut record, &observed, true, 200)).pop().expect("r2 removed");
+    assert_eq!((config.primary.as_str(), member_ids(&config)), ("r1", vec!["r1", "r3"]));
+
+    let (mut record, mut observed) = booted(&spec);
+    observed[0].facts.as_mut().expect("facts").follower_silence = silent(UNREACHABLE_MS + 5, UNREACHABLE_MS);
+    let actions = reconcile(&spec, &mut record, &observed, true, 100);
+    let config = installs(&actions).pop().expect("the isolated primary replaced");
+    assert_eq!(member_ids(&config), vec!["r2", "r3"]);
+    assert_ne!(config.primary, "r1");
 }
 
 #[test]
@@ -150,23 +333,23 @@ fn a_ready_caught_up_joiner_is_added_and_a_lagging_one_waits() {
     observed[2] = with(observed[2].clone(), Liveness::Failed, Instance::Gone);
     let config = installs(&reconcile(&spec, &mut record, &observed, true, 0)).pop().expect("r3 removed");
     assert_eq!(member_ids(&config), vec!["r1", "r2"]);
-    observed[0].facts = Some(Facts { epoch: 2, last_seq: 5_000, synced_epoch: 2 });
+    observed[0].facts = Some(facts("r1", 2, 5_000, 2));
     observed[2] = alive("r3", 5_000 - JOIN_LAG - 1, 2, 0);
     assert!(installs(&reconcile(&spec, &mut record, &observed, true, 10)).is_empty(), "still catching up");
-    observed[2].facts = Some(Facts { epoch: 2, last_seq: 4_990, synced_epoch: 0 });
+    observed[2].facts = Some(facts("r3", 2, 4_990, 0));
     let config = installs(&reconcile(&spec, &mut record, &observed, true, 20)).pop().expect("r3 added");
     assert_eq!((config.epoch, member_ids(&config)), (3, vec!["r1", "r2", "r3"]));
     assert_eq!(record.joined_epoch["r3"], 3);
 }
 
 #[test]
-fn scaling_down_removes_the_highest_backups_then_stops_them() {
+fn scaling_down_removes_the_highest_backups_then_stops_and_forgets_them() {
     let mut spec = Spec { replicas: 5, ..Spec::default() };
     let mut record = Record::default();
     let mut observed: Vec<Observed> = (1..=5).map(|n| alive(&replica_id(n), 0, 0, 0)).collect();
     reconcile(&spec, &mut record, &observed, true, 0);
     for o in &mut observed {
-        o.facts = Some(Facts { epoch: 1, last_seq: 10, synced_epoch: 1 });
+        o.facts = Some(facts(&o.id, 1, 10, 1));
     }
     spec.replicas = 3;
     let config = installs(&reconcile(&spec, &mut record, &observed, true, 10)).pop().expect("shrink");
@@ -176,6 +359,11 @@ fn scaling_down_removes_the_highest_backups_then_stops_them() {
         .filter_map(|a| if let Action::Stop { id, .. } = a { Some(id) } else { None })
         .collect();
     assert_eq!(stops, vec!["r5", "r4"]);
+    for o in &mut observed[3..] {
+        o.instance = Instance::Gone;
+    }
+    let actions = reconcile(&spec, &mut record, &observed, true, 30);
+    assert_eq!(actions, vec![Action::Forget { id: "r4".into() }, Action::Forget { id: "r5".into() }]);
 }
 
 #[test]
@@ -192,11 +380,22 @@ fn switching_mode_keeps_members_and_primary() {
 }
 
 #[test]
+fn a_record_without_incarnations_adopts_the_members_that_serve() {
+    let spec = Spec::default();
+    let (mut record, observed) = booted(&spec);
+    record.incarnations.clear();
+    assert!(reconcile(&spec, &mut record, &observed, true, 10).is_empty());
+    assert_eq!(record.incarnations.len(), 3);
+}
+
+#[test]
 fn nonsensical_specs_are_explained() {
     let spec =
         Spec { replicas: 0, checkpoint_interval_ms: 10, heartbeat_interval_ms: 100, ..Spec::default() };
-    let problems = spec.problems();
-    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert_eq!(spec.problems().len(), 2, "{:?}", spec.problems());
+    let spec = Spec { replicas: 100, heartbeat_interval_ms: 5, ..Spec::default() };
+    let problems = spec.problems().join("; ");
+    assert!(problems.contains("1..9") && problems.contains("20..60000"), "{problems}");
     assert!(Spec::default().problems().is_empty());
 }
 
@@ -207,8 +406,10 @@ struct World {
     spec: Spec,
     record: Record,
     instances: BTreeMap<String, Observed>,
+    starts: u64,
     now: u64,
-    installed: Vec<pb::Configuration>,
+    /// A follower the leader cannot reach, and until when.
+    cut: Option<(String, u64)>,
 }
 
 impl World {
@@ -218,15 +419,20 @@ impl World {
         let Some(config) = &self.record.config else { return false };
         config.members.iter().filter(|m| m.id != id).any(|m| {
             let o = &self.instances[&m.id];
-            let joined = self.record.joined_epoch.get(&m.id).copied().unwrap_or(u64::MAX);
-            o.instance == Instance::Running
-                && matches!(o.liveness, Liveness::Alive { ready: true })
-                && o.facts.is_some_and(|f| f.synced_epoch >= joined)
+            o.instance == Instance::Running && safe_to_lead(&self.record, o)
         })
     }
 
     fn observed(&self) -> Vec<Observed> {
-        self.instances.values().cloned().collect()
+        let mut observed: Vec<Observed> = self.instances.values().cloned().collect();
+        if let (Some((cut, until)), Some(config)) = (&self.cut, &self.record.config)
+            && self.now < *until
+            && let Some(leader) = observed.iter_mut().find(|o| o.id == config.primary)
+            && let Some(facts) = leader.facts.as_mut()
+        {
+            facts.follower_silence = vec![(cut.clone(), 10_000)];
+        }
+        observed
     }
 
     /// Runs the RM once and applies its actions the way a platform would.
@@ -241,6 +447,13 @@ impl World {
                     let previous_epoch = before.as_ref().map_or(0, |c| c.epoch);
                     assert_eq!(config.epoch, previous_epoch + 1, "epochs grow by one");
                     assert!(config.members.iter().any(|m| m.id == config.primary), "primary is a member");
+                    for member in &config.members {
+                        let o = &self.instances[&member.id];
+                        assert!(
+                            o.facts.as_ref().is_some_and(|f| f.has_state),
+                            "a member without state: {member:?} {o:?}"
+                        );
+                    }
                     let primary = &self.instances[&config.primary];
                     let changed_primary = before.as_ref().is_some_and(|b| b.primary != config.primary);
                     if changed_primary {
@@ -253,24 +466,30 @@ impl World {
                             .as_ref()
                             .and_then(|_| self.record.joined_epoch.get(&config.primary))
                             .copied();
-                        let synced = primary.facts.map_or(0, |f| f.synced_epoch);
+                        let synced = primary.facts.as_ref().map_or(0, |f| f.synced_epoch);
                         assert!(joined.is_some_and(|j| synced >= j), "an unsynced replica was promoted");
                     }
-                    self.installed.push(config.clone());
                     // The platform pushes it; running replicas adopt it, members sync.
                     for o in self.instances.values_mut() {
-                        if o.instance == Instance::Running && matches!(o.liveness, Liveness::Alive { .. }) {
-                            let member = config.members.iter().any(|m| m.id == o.id);
-                            let facts = o.facts.get_or_insert_with(Facts::default);
+                        if o.instance == Instance::Running
+                            && matches!(o.liveness, Liveness::Alive { .. })
+                            && let Some(facts) = o.facts.as_mut()
+                        {
                             facts.epoch = config.epoch;
-                            if member {
+                            if config.members.iter().any(|m| m.id == o.id) {
                                 facts.synced_epoch = config.epoch;
                             }
                         }
                     }
                 }
-                Action::Start { id, .. } => {
+                Action::Start { id, bootstrap, .. } => {
+                    self.starts += 1;
                     let address = format!("{id}:1");
+                    let facts = Facts {
+                        has_state: bootstrap,
+                        incarnation: format!("{id}#{}", self.starts),
+                        ..Facts::default()
+                    };
                     self.instances.insert(
                         id.clone(),
                         Observed {
@@ -278,7 +497,7 @@ impl World {
                             address,
                             instance: Instance::Running,
                             liveness: Liveness::Alive { ready: false },
-                            facts: None,
+                            facts: Some(facts),
                         },
                     );
                 }
@@ -288,17 +507,30 @@ impl World {
                         o.liveness = Liveness::Failed;
                     }
                 }
-                Action::Warn(_) => {}
+                Action::Forget { id } => {
+                    self.instances.remove(&id);
+                }
             }
         }
-        // Started replicas catch up and turn ready; logs grow.
-        let epoch = self.record.config.as_ref().map_or(0, |c| c.epoch);
+        // Started replicas catch up from a live leader and turn ready; logs grow.
+        let config = self.record.config.clone();
+        let leader_serves = config.as_ref().is_some_and(|c| {
+            self.instances.get(&c.primary).is_some_and(|o| {
+                o.instance == Instance::Running && o.facts.as_ref().is_some_and(|f| f.has_state)
+            })
+        });
+        let epoch = config.as_ref().map_or(0, |c| c.epoch);
         for o in self.instances.values_mut() {
-            if o.instance == Instance::Running && matches!(o.liveness, Liveness::Alive { .. }) {
-                o.liveness = Liveness::Alive { ready: true };
-                let facts = o.facts.get_or_insert_with(Facts::default);
-                facts.epoch = epoch;
-                facts.last_seq += 1;
+            if o.instance == Instance::Running
+                && matches!(o.liveness, Liveness::Alive { .. })
+                && let Some(facts) = o.facts.as_mut()
+            {
+                facts.has_state |= leader_serves;
+                if facts.has_state {
+                    o.liveness = Liveness::Alive { ready: true };
+                    facts.epoch = epoch;
+                    facts.last_seq += 1;
+                }
             }
         }
         self.now += 50;
@@ -308,9 +540,11 @@ impl World {
 #[derive(Debug, Clone)]
 enum Fault {
     Crash(u8),
+    RestartInPlace(u8),
     Hang(u8),
     Resume(u8),
     LoseDetector(u8),
+    Cut(u8),
     Scale(u8),
     SwitchMode,
     Wait(u16),
@@ -319,9 +553,11 @@ enum Fault {
 fn fault() -> impl Strategy<Value = Fault> {
     prop_oneof![
         any::<u8>().prop_map(Fault::Crash),
+        any::<u8>().prop_map(Fault::RestartInPlace),
         any::<u8>().prop_map(Fault::Hang),
         any::<u8>().prop_map(Fault::Resume),
         any::<u8>().prop_map(Fault::LoseDetector),
+        any::<u8>().prop_map(Fault::Cut),
         (1u8..6).prop_map(Fault::Scale),
         Just(Fault::SwitchMode),
         any::<u16>().prop_map(Fault::Wait),
@@ -331,12 +567,12 @@ fn fault() -> impl Strategy<Value = Fault> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
-    /// Whatever happens: epochs grow one by one, the primary is always a live, safe
-    /// member; and once the faults stop, the group returns to the desired size with
-    /// every member alive.
+    /// Whatever happens: epochs grow one by one, every member holds a state, the primary
+    /// is always a live, safe member; and once the faults stop, the group returns to the
+    /// desired size with every member alive and ready.
     #[test]
     fn the_group_heals_to_the_desired_size_and_never_promotes_the_dead(faults in prop::collection::vec(fault(), 0..40)) {
-        let mut world = World { spec: Spec::default(), record: Record::default(), instances: BTreeMap::new(), now: 0, installed: Vec::new() };
+        let mut world = World { spec: Spec::default(), record: Record::default(), instances: BTreeMap::new(), starts: 0, now: 0, cut: None };
         for _ in 0..5 {
             world.step();
         }
@@ -346,40 +582,38 @@ proptest! {
                 ids[n as usize % ids.len()].clone()
             };
             match fault {
+                Fault::Crash(n) | Fault::RestartInPlace(n) | Fault::Hang(n) | Fault::LoseDetector(n) | Fault::Cut(n)
+                    if !world.survivable_without(&pick(&world, n)) => {}
                 Fault::Crash(n) => {
-                    let id = pick(&world, n);
-                    if !world.survivable_without(&id) {
-                        continue;
-                    }
-                    let o = world.instances.get_mut(&id).expect("instance");
+                    let o = world.instances.get_mut(&pick(&world, n)).expect("instance");
                     o.instance = Instance::Gone;
                     o.liveness = Liveness::Failed;
                 }
-                Fault::Hang(n) => {
+                Fault::RestartInPlace(n) => {
                     let id = pick(&world, n);
-                    if !world.survivable_without(&id) {
-                        continue;
-                    }
-                    world.instances.get_mut(&id).expect("instance").liveness = Liveness::Failed;
-                }
-                Fault::Resume(n) => {
-                    let id = pick(&world, n);
+                    world.starts += 1;
+                    let incarnation = format!("{id}#{}", world.starts);
                     let o = world.instances.get_mut(&id).expect("instance");
+                    if o.instance == Instance::Running {
+                        o.liveness = Liveness::Alive { ready: false };
+                        o.facts = Some(Facts { incarnation, ..Facts::default() });
+                    }
+                }
+                Fault::Hang(n) => world.instances.get_mut(&pick(&world, n)).expect("instance").liveness = Liveness::Failed,
+                Fault::Resume(n) => {
+                    let o = world.instances.get_mut(&pick(&world, n)).expect("instance");
                     if o.instance == Instance::Running {
                         o.liveness = Liveness::Alive { ready: true };
                     }
                 }
                 Fault::LoseDetector(n) => {
-                    let id = pick(&world, n);
-                    if !world.survivable_without(&id) {
-                        continue;
-                    }
                     let now = world.now;
-                    let o = world.instances.get_mut(&id).expect("instance");
+                    let o = world.instances.get_mut(&pick(&world, n)).expect("instance");
                     if matches!(o.liveness, Liveness::Alive { .. }) {
                         o.liveness = Liveness::DetectorLost { since: now };
                     }
                 }
+                Fault::Cut(n) => world.cut = Some((pick(&world, n), world.now + 3_000)),
                 Fault::Scale(n) => world.spec.replicas = u32::from(n),
                 Fault::SwitchMode => {
                     world.spec.mode = if world.spec.mode == Mode::Passive { Mode::Active } else { Mode::Passive };
@@ -388,10 +622,12 @@ proptest! {
             }
             world.step();
         }
-        // Faults stop: hung replicas come back (or get replaced), detectors reconnect.
+        // Faults stop: hung replicas come back (or get replaced), detectors reconnect,
+        // links heal.
+        world.cut = None;
         for o in world.instances.values_mut() {
             if o.instance == Instance::Running {
-                o.liveness = Liveness::Alive { ready: true };
+                o.liveness = Liveness::Alive { ready: o.facts.as_ref().is_some_and(|f| f.has_state) };
             }
         }
         for _ in 0..2_000 {
@@ -400,10 +636,13 @@ proptest! {
         let config = world.record.config.clone().expect("configured");
         prop_assert_eq!(config.members.len(), world.spec.replicas as usize, "members: {:?}", member_ids(&config));
         for member in &config.members {
-            prop_assert_eq!(world.instances[&member.id].instance, Instance::Running);
+            let o = &world.instances[&member.id];
+            prop_assert_eq!(o.instance, Instance::Running);
+            prop_assert_eq!(o.liveness, Liveness::Alive { ready: true });
         }
         let running = world.instances.values().filter(|o| o.instance == Instance::Running).count();
         prop_assert_eq!(running, world.spec.replicas as usize);
         prop_assert_eq!(config.mode(), world.spec.mode);
+        prop_assert_eq!(world.record.trouble.clone(), None);
     }
 }

@@ -1,7 +1,10 @@
 //! The Global Fault Detector's decision: the membership. It learns each replica's state
 //! from that replica's LFD, and counts a replica gone when its LFD goes silent or closes
-//! its stream. Pure: time comes in as `now` (unix milliseconds); the server
-//! (service.rs) owns the streams and the clock.
+//! its stream. A silent LFD's stream is closed, so that the LFD, if it lives, reconnects
+//! and its replica is re-admitted. A gap between ticks means the GFD itself did not run
+//! (paused, starved): it heard nothing then, so it blames no LFD for it. Pure: time
+//! comes in as `now` (unix milliseconds); the server (service.rs) owns the streams and
+//! the clock.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -43,6 +46,13 @@ struct Link {
     last_answer_ms: u64,
 }
 
+/// What a tick found: membership changes, and the silent LFDs' streams to close.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tick {
+    pub changes: Vec<Change>,
+    pub close: Vec<LinkId>,
+}
+
 /// A change of the membership, with its reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -55,6 +65,7 @@ pub struct Change {
 pub struct GfdCore {
     settings: GfdSettings,
     started_ms: u64,
+    last_tick_ms: u64,
     settled: bool,
     members: BTreeMap<String, Member>,
     links: HashMap<LinkId, Link>,
@@ -62,13 +73,21 @@ pub struct GfdCore {
 
 impl GfdCore {
     pub fn new(settings: GfdSettings, now: u64) -> Self {
-        Self { settings, started_ms: now, settled: false, members: BTreeMap::new(), links: HashMap::new() }
+        Self {
+            settings,
+            started_ms: now,
+            last_tick_ms: now,
+            settled: false,
+            members: BTreeMap::new(),
+            links: HashMap::new(),
+        }
     }
 
     pub fn settings(&self) -> &GfdSettings {
         &self.settings
     }
 
+    /// Changes the heartbeat settings (already checked against `limits`).
     pub fn set_heartbeat(&mut self, interval_ms: Option<u64>, threshold: Option<u32>) {
         if let Some(interval) = interval_ms {
             self.settings.heartbeat_interval_ms = interval.max(1);
@@ -172,21 +191,32 @@ impl GfdCore {
         }]
     }
 
-    /// Time passes: LFDs that stopped answering are gone; after the settle period the
+    /// Time passes: LFDs that stopped answering are gone, and their streams are to be
+    /// closed (`Tick::close`) so that a live LFD reconnects; after the settle period the
     /// membership becomes authoritative (announced with a snapshot).
-    pub fn tick(&mut self, now: u64) -> Vec<Change> {
-        let limit = self.settings.heartbeat_interval_ms * u64::from(self.settings.failure_threshold);
-        let silent: Vec<(LinkId, String)> = self
+    pub fn tick(&mut self, now: u64) -> Tick {
+        let interval = self.settings.heartbeat_interval_ms.max(1);
+        let limit = interval * u64::from(self.settings.failure_threshold);
+        if now.saturating_sub(self.last_tick_ms) > 2 * interval {
+            // This GFD did not run for a while: every LFD gets a fresh window.
+            for link in self.links.values_mut() {
+                link.last_answer_ms = link.last_answer_ms.max(now);
+            }
+        }
+        self.last_tick_ms = now;
+        let silent: Vec<LinkId> = self
             .links
             .iter()
             .filter(|(_, l)| now.saturating_sub(l.last_answer_ms) > limit)
-            .filter_map(|(id, l)| Some((*id, l.replica_id.clone()?)))
+            .map(|(id, _)| *id)
             .collect();
         let mut changes = Vec::new();
-        for (link, replica_id) in silent {
-            self.links.remove(&link);
-            let reason = format!("its LFD missed {} heartbeats", self.settings.failure_threshold);
-            changes.extend(self.detector_lost(&replica_id, link, now, &reason));
+        for link in &silent {
+            let Some(state) = self.links.remove(link) else { continue };
+            if let Some(replica_id) = state.replica_id {
+                let reason = format!("its LFD missed {} heartbeats", self.settings.failure_threshold);
+                changes.extend(self.detector_lost(&replica_id, *link, now, &reason));
+            }
         }
         if !self.settled && now.saturating_sub(self.started_ms) >= self.settings.settle_ms {
             self.settled = true;
@@ -196,7 +226,7 @@ impl GfdCore {
                 reason: "LFDs had time to reconnect: membership settled".into(),
             });
         }
-        changes
+        Tick { changes, close: silent }
     }
 
     /// The replica an LFD stream speaks for, once it said hello.
@@ -269,12 +299,52 @@ mod tests {
         gfd.link_opened(7, 0);
         gfd.hello(7, "r2", "a", 0);
         gfd.report(7, &report(true, true), 0);
-        assert!(gfd.tick(250).iter().all(|c| c.kind != MembershipChange::DetectorLost));
+        for now in [100, 200] {
+            assert!(gfd.tick(now).changes.iter().all(|c| c.kind != MembershipChange::DetectorLost));
+        }
         gfd.answered(7, 250);
-        let lost = gfd.tick(551);
-        assert_eq!(kinds(&lost), vec![MembershipChange::DetectorLost]);
-        assert!(lost[0].reason.contains("missed 3"), "{lost:?}");
+        for now in [300, 400, 500] {
+            assert_eq!(gfd.tick(now).close, Vec::<LinkId>::new());
+        }
+        let tick = gfd.tick(551);
+        assert_eq!(kinds(&tick.changes), vec![MembershipChange::DetectorLost]);
+        assert!(tick.changes[0].reason.contains("missed 3"), "{tick:?}");
+        assert_eq!(tick.close, vec![7], "the silent LFD's stream is closed, so it reconnects");
         assert!(gfd.alive().is_empty());
+    }
+
+    #[test]
+    fn a_silent_lfd_that_comes_back_on_a_new_stream_is_re_admitted() {
+        let mut gfd = GfdCore::new(GfdSettings::default(), 0);
+        gfd.link_opened(1, 0);
+        gfd.hello(1, "r1", "a", 0);
+        gfd.report(1, &report(true, true), 0);
+        for now in (100..=400).step_by(100) {
+            gfd.tick(now);
+        }
+        assert!(gfd.alive().is_empty(), "lost after its LFD stalled");
+        // The LFD resumes, finds its stream closed, and attaches again.
+        gfd.link_opened(2, 450);
+        gfd.hello(2, "r1", "a", 450);
+        let back = gfd.report(2, &report(true, true), 451);
+        assert_eq!(kinds(&back), vec![MembershipChange::Joined, MembershipChange::Ready]);
+        assert_eq!(gfd.alive(), vec!["r1".to_string()]);
+    }
+
+    #[test]
+    fn the_gfd_pausing_itself_blames_no_lfd() {
+        let mut gfd = GfdCore::new(GfdSettings::default(), 0);
+        gfd.link_opened(1, 0);
+        gfd.hello(1, "r1", "a", 0);
+        gfd.report(1, &report(true, true), 0);
+        gfd.tick(100);
+        // SIGSTOP of the GFD for 5 s: its next tick comes late.
+        let tick = gfd.tick(5_100);
+        assert!(tick.changes.iter().all(|c| c.kind != MembershipChange::DetectorLost), "{tick:?}");
+        assert!(tick.close.is_empty());
+        gfd.answered(1, 5_150);
+        assert!(gfd.tick(5_200).close.is_empty());
+        assert_eq!(gfd.alive(), vec!["r1".to_string()]);
     }
 
     #[test]
@@ -295,9 +365,11 @@ mod tests {
     fn membership_settles_once_after_the_grace_period() {
         let mut gfd = GfdCore::new(GfdSettings::default(), 1000);
         assert!(!gfd.is_settled());
-        assert!(gfd.tick(1500).is_empty());
-        assert_eq!(kinds(&gfd.tick(2000)), vec![MembershipChange::Snapshot]);
-        assert!(gfd.tick(2100).is_empty());
+        assert!(gfd.tick(1100).changes.is_empty());
+        assert!(gfd.tick(1200).changes.is_empty());
+        let settled = (1300..=2000).step_by(100).flat_map(|now| gfd.tick(now).changes).collect::<Vec<_>>();
+        assert_eq!(kinds(&settled), vec![MembershipChange::Snapshot]);
+        assert!(gfd.tick(2100).changes.is_empty());
         assert!(gfd.snapshot(2100).settled);
     }
 }

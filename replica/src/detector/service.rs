@@ -5,13 +5,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -19,21 +20,14 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::gfd::{Change, GfdCore, GfdSettings, LinkId};
 use super::lfd::{LfdCore, LfdSettings, Probe, Verdict};
+use super::limits;
 use crate::pb::{
     self, MembershipChange, fault_detector_client::FaultDetectorClient, gfd_message, lfd_message,
 };
+use crate::wire::{BadAddress, dial, unix_ms, within};
 
-pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-fn lazy_channel(address: &str, connect_timeout: Duration) -> Result<Channel, String> {
-    Ok(Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("bad address {address:?}: {e}"))?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true)
-        .connect_lazy())
-}
+/// How long an LFD waits to be attached to the GFD before it tries again.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(1);
 
 // ------------------------------------------------------------------ LFD
 
@@ -42,12 +36,15 @@ pub struct LfdConfig {
     pub replica_id: String,
     pub replica_address: String,
     pub gfd_address: String,
+    /// Local address to dial from (None: the system's choice).
+    pub dial_from: Option<std::net::IpAddr>,
     pub settings: LfdSettings,
 }
 
 /// Runs an LFD until shutdown: heartbeats the replica, reports to the GFD.
-pub async fn run_lfd(config: LfdConfig, shutdown: CancellationToken) -> Result<(), String> {
-    let replica = lazy_channel(&config.replica_address, Duration::from_millis(200))?;
+pub async fn run_lfd(config: LfdConfig, shutdown: CancellationToken) -> Result<(), BadAddress> {
+    let replica = dial(&config.replica_address, config.dial_from)?;
+    dial(&config.gfd_address, config.dial_from)?;
     let settings = watch::Sender::new(config.settings);
     let verdicts = watch::Sender::new(None::<Verdict>);
     info!(replica = %config.replica_id, address = %config.replica_address, gfd = %config.gfd_address,
@@ -59,8 +56,9 @@ pub async fn run_lfd(config: LfdConfig, shutdown: CancellationToken) -> Result<(
     Ok(())
 }
 
-/// Heartbeats the replica every interval (Check, with the interval as timeout), and
-/// also watches its health stream, which breaks the moment the process dies.
+/// Heartbeats the replica every interval (a Check each, answered or not: a hung one
+/// does not delay the next), lets time decide when silence means death, and also
+/// watches the replica's health stream, which breaks the moment the process dies.
 async fn probe_replica(
     config: &LfdConfig,
     channel: Channel,
@@ -68,45 +66,56 @@ async fn probe_replica(
     verdicts: &watch::Sender<Option<Verdict>>,
     shutdown: &CancellationToken,
 ) {
-    let mut health = HealthClient::new(channel);
+    let health = HealthClient::new(channel);
     let mut core = LfdCore::default();
     let mut watching: Option<Streaming<tonic_health::pb::HealthCheckResponse>> = None;
-    let mut beat: u64 = 0;
-    loop {
-        let current = *settings.borrow_and_update();
-        beat += 1;
-        let request = HealthCheckRequest { service: String::new() };
-        let probe = match tokio::time::timeout(current.heartbeat_interval, health.check(request)).await {
-            Ok(Ok(answer)) if answer.get_ref().status() == ServingStatus::Serving => Probe::Serving,
-            Ok(Ok(_)) => Probe::NotServing,
-            Ok(Err(status)) => Probe::Failed(status.message().to_owned()),
-            Err(_) => Probe::TimedOut,
-        };
-        debug!("LFD {}: heartbeat {beat}: {probe:?}", config.replica_id);
-        let answered = matches!(probe, Probe::Serving | Probe::NotServing);
-        if let Some(verdict) = core.observe(probe, current.failure_threshold) {
-            info!(
-                "LFD {}: replica {} is {} ({})",
-                config.replica_id,
-                config.replica_id,
-                describe(&verdict),
-                verdict.reason
-            );
+    let mut in_flight = FuturesUnordered::new();
+    let mut current = *settings.borrow_and_update();
+    let mut beat = tokio::time::interval(current.heartbeat_interval);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let report = |verdict: Option<Verdict>| {
+        if let Some(verdict) = verdict {
+            info!("LFD {}: replica is {} ({})", config.replica_id, describe(&verdict), verdict.reason);
             verdicts.send_replace(Some(verdict));
         }
-        if answered && watching.is_none() {
-            let request = HealthCheckRequest { service: String::new() };
-            if let Ok(Ok(stream)) =
-                tokio::time::timeout(current.heartbeat_interval, health.watch(request)).await
-            {
-                watching = Some(stream.into_inner());
-            }
-        }
+    };
+    loop {
         tokio::select! {
-            () = tokio::time::sleep(current.heartbeat_interval) => {}
+            _ = beat.tick() => {
+                report(core.tick(unix_ms(), &current));
+                // A probe waits at most the detection window: later, it proves nothing new.
+                let (mut health, limit) = (health.clone(), Duration::from_millis(current.detection_window_ms()));
+                in_flight.push(async move {
+                    within(limit, health.check(HealthCheckRequest { service: String::new() })).await
+                });
+                continue;
+            }
+            Some(answer) = in_flight.next() => {
+                let probe = match answer {
+                    Ok(answer) if answer.get_ref().status() == ServingStatus::Serving => Probe::Serving,
+                    Ok(_) => Probe::NotServing,
+                    // Timed out: silence, which `tick` weighs.
+                    Err(status) if status.code() == tonic::Code::DeadlineExceeded => continue,
+                    Err(status) => Probe::Failed(status.message().to_owned()),
+                };
+                debug!("LFD {}: heartbeat answered: {probe:?}", config.replica_id);
+                let answered = matches!(probe, Probe::Serving | Probe::NotServing);
+                report(core.observe(probe, unix_ms()));
+                if answered && watching.is_none() {
+                    let mut health = health.clone();
+                    let request = HealthCheckRequest { service: String::new() };
+                    if let Ok(stream) = within(current.heartbeat_interval, health.watch(request)).await {
+                        watching = Some(stream.into_inner());
+                    }
+                }
+            }
             // The watch stream ended or changed: probe right away.
-            _ = next_health_change(&mut watching) => {}
-            _ = settings.changed() => {}
+            _ = next_health_change(&mut watching) => beat.reset_immediately(),
+            _ = settings.changed() => {
+                current = *settings.borrow_and_update();
+                beat = tokio::time::interval(current.heartbeat_interval);
+                beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
             () = shutdown.cancelled() => return,
         }
     }
@@ -141,7 +150,7 @@ async fn stay_attached(
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut gfd_address = config.gfd_address.clone();
-    let mut channel = lazy_channel(&gfd_address, Duration::from_millis(500)).ok();
+    let mut channel = dial(&gfd_address, config.dial_from).ok();
     loop {
         let (outbound, receiver) = mpsc::channel(16);
         let hello = lfd_message::Kind::Hello(pb::LfdHello {
@@ -153,7 +162,8 @@ async fn stay_attached(
             Some(channel) => {
                 let mut client = FaultDetectorClient::new(channel);
                 tokio::select! {
-                    attached = client.attach(ReceiverStream::new(receiver)) => attached,
+                    // A paused GFD accepts the connection but never answers: try again.
+                    attached = within(ATTACH_TIMEOUT, client.attach(ReceiverStream::new(receiver))) => attached,
                     () = shutdown.cancelled() => return,
                 }
             }
@@ -177,7 +187,7 @@ async fn stay_attached(
                 // The operator may have moved: its replica knows the current address.
                 if let Some(moved) = current_gfd_address(&replica).await.filter(|a| *a != gfd_address) {
                     info!("LFD {}: the GFD moved to {moved}", config.replica_id);
-                    channel = lazy_channel(&moved, Duration::from_millis(500)).ok();
+                    channel = dial(&moved, config.dial_from).ok();
                     gfd_address = moved;
                     backoff = Duration::from_millis(50);
                     continue;
@@ -195,13 +205,13 @@ async fn stay_attached(
 /// The GFD address the operator last gave the replica, if any.
 async fn current_gfd_address(replica: &Channel) -> Option<String> {
     let mut client = pb::replica_client::ReplicaClient::new(replica.clone());
-    let status = tokio::time::timeout(Duration::from_millis(500), client.status(pb::StatusRequest {}))
-        .await
-        .ok()?
-        .ok()?;
+    let status = within(Duration::from_millis(500), client.status(pb::StatusRequest {})).await.ok()?;
     Some(status.into_inner().gfd_address).filter(|a| !a.is_empty())
 }
 
+/// Relays between the GFD's stream and this LFD until the stream ends, or the GFD has
+/// been silent for long (its heartbeats stopped: it hangs, or dropped this stream), in
+/// which case the stream is abandoned and the caller attaches afresh.
 async fn relay(
     config: &LfdConfig,
     mut inbound: Streaming<pb::GfdMessage>,
@@ -210,24 +220,39 @@ async fn relay(
     verdicts: &mut watch::Receiver<Option<Verdict>>,
     shutdown: &CancellationToken,
 ) -> String {
+    let mut gfd_heartbeat = Duration::from_millis(limits::DEFAULT_HEARTBEAT_INTERVAL_MS);
+    let mut heard = tokio::time::Instant::now();
     loop {
+        let patience = (gfd_heartbeat * 10).max(Duration::from_secs(1));
         tokio::select! {
+            () = tokio::time::sleep_until(heard + patience) => {
+                return format!("no word from the GFD for {} ms", patience.as_millis());
+            }
             message = inbound.next() => match message {
                 Some(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Heartbeat(beat)) })) => {
+                    heard = tokio::time::Instant::now();
                     let ack = lfd_message::Kind::Ack(pb::HeartbeatAck { n: beat.n });
                     if outbound.send(pb::LfdMessage { kind: Some(ack) }).await.is_err() {
                         return "outbound closed".into();
                     }
                 }
                 Some(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Settings(update)) })) => {
-                    settings.send_modify(|s| {
-                        if let Some(ms) = update.heartbeat_interval_ms {
-                            s.heartbeat_interval = Duration::from_millis(ms.max(1));
-                        }
-                        if let Some(threshold) = update.failure_threshold {
-                            s.failure_threshold = threshold.max(1);
-                        }
-                    });
+                    heard = tokio::time::Instant::now();
+                    if let Some(ms) = update.gfd_heartbeat_interval_ms {
+                        gfd_heartbeat = Duration::from_millis(ms.max(1));
+                    }
+                    let mut next = *settings.borrow();
+                    if let Some(ms) = update.heartbeat_interval_ms {
+                        next.heartbeat_interval = Duration::from_millis(ms);
+                    }
+                    if let Some(threshold) = update.failure_threshold {
+                        next.failure_threshold = threshold;
+                    }
+                    if let Err(problem) = limits::check(next.heartbeat_interval.as_millis() as u64, next.failure_threshold) {
+                        warn!("LFD {}: ignoring settings from the GFD: {problem}", config.replica_id);
+                        continue;
+                    }
+                    settings.send_replace(next);
                     let now = *settings.borrow();
                     info!("LFD {}: settings now heartbeat_interval={} ms failure_threshold={}",
                         config.replica_id, now.heartbeat_interval.as_millis(), now.failure_threshold);
@@ -264,7 +289,9 @@ pub struct Gfd {
     /// Settings for the LFDs of some replicas only, by replica id prefix.
     scoped_settings: Mutex<std::collections::BTreeMap<String, pb::DetectorSettings>>,
     events: broadcast::Sender<pb::MembershipEvent>,
-    links: Mutex<HashMap<LinkId, Outbound>>,
+    /// Each LFD stream: where to send, and a token that ends its reader when the core
+    /// gives up on the stream.
+    links: Mutex<HashMap<LinkId, (Outbound, CancellationToken)>>,
     next_link: AtomicU64,
 }
 
@@ -304,7 +331,8 @@ impl Gfd {
     }
 
     fn send_settings(&self, link: LinkId, settings: pb::DetectorSettings) {
-        let outbound = self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&link).cloned();
+        let outbound =
+            self.links.lock().unwrap_or_else(|p| p.into_inner()).get(&link).map(|(o, _)| o.clone());
         if let Some(outbound) = outbound {
             let _ =
                 outbound.try_send(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Settings(settings)) }));
@@ -360,24 +388,40 @@ impl Gfd {
                 () = shutdown.cancelled() => return,
             }
             n += 1;
-            let changes = self.core().tick(unix_ms());
-            self.publish(changes);
-            let links: Vec<(LinkId, Outbound)> = self
-                .links
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .map(|(k, v)| (*k, v.clone()))
-                .collect();
-            for (_, outbound) in links {
+            let tick = self.core().tick(unix_ms());
+            self.publish(tick.changes);
+            let outbounds: Vec<Outbound> = {
+                let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+                for link in tick.close {
+                    // Ends the stream: an LFD that still runs sees it and attaches afresh.
+                    if let Some((_, reader)) = links.remove(&link) {
+                        debug!(link, "closing a silent LFD's stream");
+                        reader.cancel();
+                    }
+                }
+                links.values().map(|(outbound, _)| outbound.clone()).collect()
+            };
+            for outbound in outbounds {
                 let beat = gfd_message::Kind::Heartbeat(pb::Heartbeat { n });
                 let _ = outbound.try_send(Ok(pb::GfdMessage { kind: Some(beat) }));
             }
         }
     }
 
-    async fn read_link(self: Arc<Self>, link: LinkId, mut inbound: Streaming<pb::LfdMessage>) {
-        while let Some(Ok(message)) = inbound.next().await {
+    async fn read_link(
+        self: Arc<Self>,
+        link: LinkId,
+        mut inbound: Streaming<pb::LfdMessage>,
+        closed: CancellationToken,
+    ) {
+        loop {
+            let message = tokio::select! {
+                message = inbound.next() => match message {
+                    Some(Ok(message)) => message,
+                    _ => break,
+                },
+                () = closed.cancelled() => break,
+            };
             let now = unix_ms();
             match message.kind {
                 Some(lfd_message::Kind::Hello(hello)) => {
@@ -410,6 +454,8 @@ pub async fn serve_gfd(
     tokio::spawn(Arc::clone(&gfd).heartbeat_loop(shutdown.clone()).in_current_span());
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(1)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(2)))
         .add_service(pb::fault_detector_server::FaultDetectorServer::new(GfdService(gfd)))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -434,9 +480,10 @@ impl pb::fault_detector_server::FaultDetector for GfdService {
         let gfd = &self.0;
         let link = gfd.next_link.fetch_add(1, Ordering::Relaxed);
         let (outbound, receiver) = mpsc::channel(16);
+        let closed = CancellationToken::new();
         gfd.core().link_opened(link, unix_ms());
-        gfd.links.lock().unwrap_or_else(|p| p.into_inner()).insert(link, outbound);
-        tokio::spawn(Arc::clone(gfd).read_link(link, request.into_inner()).in_current_span());
+        gfd.links.lock().unwrap_or_else(|p| p.into_inner()).insert(link, (outbound, closed.clone()));
+        tokio::spawn(Arc::clone(gfd).read_link(link, request.into_inner(), closed).in_current_span());
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
@@ -479,14 +526,19 @@ impl pb::fault_detector_server::FaultDetector for GfdService {
         request: Request<pb::DetectorSettings>,
     ) -> Result<Response<pb::DetectorSettings>, Status> {
         let update = request.into_inner();
-        if update.heartbeat_interval_ms == Some(0) || update.gfd_heartbeat_interval_ms == Some(0) {
-            return Err(Status::invalid_argument("heartbeat intervals must be at least 1 ms"));
-        }
-        if update.failure_threshold == Some(0) {
-            return Err(Status::invalid_argument("failure_threshold must be at least 1"));
-        }
         let gfd = &self.0;
         let prefix = update.replica_prefix.clone();
+        // Checked as they would be in force: the update over the current settings.
+        let current = gfd.settings_for(&prefix);
+        let threshold = update.failure_threshold.or(current.failure_threshold).unwrap_or_default();
+        let lfd_interval = update.heartbeat_interval_ms.or(current.heartbeat_interval_ms).unwrap_or_default();
+        let gfd_interval =
+            update.gfd_heartbeat_interval_ms.unwrap_or(gfd.core().settings().heartbeat_interval_ms);
+        for interval in [lfd_interval, gfd_interval] {
+            limits::check(interval, threshold).map_err(|problem| {
+                Status::invalid_argument(format!("detector settings refused: {problem}"))
+            })?;
+        }
         if prefix.is_empty() {
             gfd.core().set_heartbeat(update.gfd_heartbeat_interval_ms, update.failure_threshold);
             let mut current = gfd.lfd_settings.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,0 +1,115 @@
+//! The plumbing every layer shares: how to dial another process (one `dial`, with its
+//! timeouts set on the Endpoint, and one cache of channels), the size limit of a gRPC
+//! message, one way to bound a call in time, and the wall clock in unix milliseconds.
+//! Mutual TLS, when it comes, is a change here.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest gRPC message a replica accepts: a maximal value plus its envelope, or one
+/// batch of log entries.
+pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
+
+/// How long a connection attempt may take before the call fails (a refused connection
+/// fails at once; a dropped SYN, e.g. a partition, waits this long).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// HTTP/2 pings on idle connections: a peer that stopped answering (paused, cut off)
+/// has its connection closed after `KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT`, so the next
+/// call dials afresh instead of queueing on a dead connection.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad address {address:?}: {reason} (expected host:port)")]
+pub struct BadAddress {
+    pub address: String,
+    pub reason: String,
+}
+
+/// A lazily connected channel to `address` (`host:port`). `local`: the source address
+/// of the connections (a replica on its own loopback address dials from it, so a test
+/// can cut the link between two replicas with a firewall rule).
+pub fn dial(address: &str, local: Option<IpAddr>) -> Result<Channel, BadAddress> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| BadAddress { address: address.to_owned(), reason: e.to_string() })?;
+    if endpoint.uri().port_u16().is_none() {
+        return Err(BadAddress { address: address.to_owned(), reason: "no port".into() });
+    }
+    Ok(endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .local_address(local)
+        .connect_lazy())
+}
+
+/// Channels by address, dialled once and shared (a channel multiplexes every call).
+/// Clones share the cache.
+#[derive(Debug, Default, Clone)]
+pub struct Channels {
+    local: Option<IpAddr>,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Channels {
+    /// Channels whose connections start from `local` (see `dial`).
+    pub fn from_local(local: Option<IpAddr>) -> Self {
+        Self { local, channels: Arc::default() }
+    }
+
+    pub fn get(&self, address: &str) -> Result<Channel, BadAddress> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = dial(address, self.local)?;
+        channels.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Forgets channels to addresses not in `keep` (replicas that went away).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner()).retain(|address, _| keep(address));
+    }
+}
+
+/// Runs `call` for at most `limit`; a timeout becomes DEADLINE_EXCEEDED.
+pub async fn within<T>(
+    limit: Duration,
+    call: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(tonic::Status::deadline_exceeded(format!("no answer within {} ms", limit.as_millis())))
+    })
+}
+
+/// Wall-clock time in unix milliseconds (what detectors and the RM put in messages and
+/// status; timers use tokio's clock).
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Wall-clock time in unix microseconds.
+pub fn unix_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_address_without_a_port_is_refused_with_what_to_write() {
+        let error = dial("localhost", None).expect_err("no port");
+        assert!(error.to_string().contains("host:port"), "{error}");
+        assert!(dial("127.0.0.1:7000", None).is_ok());
+        assert!(dial("not a uri:1", None).is_err());
+    }
+}
