@@ -163,6 +163,8 @@ pub struct Observed {
     pub address: String,
     pub instance: Instance,
     pub liveness: Liveness,
+    /// What the replica just said of itself; `None` when it did not answer the RM
+    /// lately (so a stale answer never speaks for a replica that hangs now).
     pub facts: Option<Facts>,
 }
 
@@ -555,7 +557,10 @@ fn failure(
     }
     match o.liveness {
         Liveness::Failed => Some(Failure::ReportedDead),
-        Liveness::DetectorLost { since } if now.saturating_sub(since) >= DETECTOR_GRACE_MS => {
+        // A lost detector proves nothing while the replica answers the RM itself.
+        Liveness::DetectorLost { since }
+            if now.saturating_sub(since) >= DETECTOR_GRACE_MS && o.facts.is_none() =>
+        {
             Some(Failure::DetectorSilent { ms: now.saturating_sub(since) })
         }
         _ => None,

@@ -414,8 +414,13 @@ async fn call_execute(
     within(timeout, client.execute(request)).await.map(tonic::Response::into_inner)
 }
 
+/// After the first configuration arrives, how long the other replicas get to report a
+/// newer one: a hung replica must not hold the answer up for the whole timeout.
+const STRAGGLER_GRACE: Duration = Duration::from_millis(50);
+
 /// The highest-epoch configuration that any of `replicas` reports, asking them all at
-/// once (each for at most `timeout`). `None` when none answers with one.
+/// once (each for at most `timeout`; once one answered, the rest for `STRAGGLER_GRACE`
+/// more). `None` when none answers with one.
 pub async fn newest_configuration(
     channels: &Channels,
     replicas: &[String],
@@ -430,15 +435,26 @@ pub async fn newest_configuration(
         })
         .collect();
     let mut newest: Option<pb::Configuration> = None;
-    while let Some(answer) = calls.next().await {
+    let mut grace = std::pin::pin!(tokio::time::sleep(timeout));
+    loop {
+        let answer = tokio::select! {
+            answer = calls.next() => match answer {
+                Some(answer) => answer,
+                None => return newest,
+            },
+            () = &mut grace => return newest,
+        };
         if let Ok(status) = answer
             && let Some(config) = status.into_inner().configuration
-            && newest.as_ref().is_none_or(|n| config.epoch > n.epoch)
         {
-            newest = Some(config);
+            if newest.is_none() {
+                grace.as_mut().reset(tokio::time::Instant::now() + STRAGGLER_GRACE);
+            }
+            if newest.as_ref().is_none_or(|n| config.epoch > n.epoch) {
+                newest = Some(config);
+            }
         }
     }
-    newest
 }
 
 /// What one failed attempt means for the request.

@@ -35,8 +35,9 @@ use supervisor::{Exit, Role, Supervisor};
 
 /// How often the RM reconciles when nothing happens.
 const TICK: Duration = Duration::from_millis(50);
-/// How often replicas' status is polled.
+/// How often replicas' status is polled, and how old an answer may be to count.
 const POLL: Duration = Duration::from_millis(100);
+const FRESH: Duration = Duration::from_secs(1);
 /// A replica behind the current epoch gets the configuration again this often.
 const REPUSH: Duration = Duration::from_millis(300);
 /// How long a stopped process gets to exit before SIGKILL.
@@ -206,7 +207,7 @@ pub async fn run(
 /// Polls each replica's Status, so the RM knows epochs, logs, sync points, incarnations.
 async fn poll_statuses(
     mut targets: watch::Receiver<Vec<(String, String)>>,
-    facts: Arc<Mutex<BTreeMap<String, pb::ReplicaStatus>>>,
+    facts: Arc<Mutex<Statuses>>,
     shutdown: CancellationToken,
 ) {
     let channels = Channels::default();
@@ -216,7 +217,8 @@ async fn poll_statuses(
         {
             let mut facts = facts.lock().unwrap_or_else(|p| p.into_inner());
             facts.retain(|id, _| current.iter().any(|(target, _)| target == id));
-            facts.extend(answers);
+            let now = Instant::now();
+            facts.extend(answers.into_iter().map(|(id, status)| (id, (now, status))));
         }
         tokio::select! {
             () = tokio::time::sleep(POLL) => {}
@@ -225,13 +227,16 @@ async fn poll_statuses(
     }
 }
 
+/// Each replica's last Status, and when it came.
+type Statuses = BTreeMap<String, (Instant, pb::ReplicaStatus)>;
+
 struct Local {
     settings: LocalSettings,
     spec: Spec,
     record: Record,
     supervisor: Supervisor,
     membership: MembershipView,
-    facts: Arc<Mutex<BTreeMap<String, pb::ReplicaStatus>>>,
+    facts: Arc<Mutex<Statuses>>,
     poll_targets: watch::Sender<Vec<(String, String)>>,
     last_push: BTreeMap<String, Instant>,
     restarted_at: BTreeMap<String, Instant>,
@@ -587,7 +592,10 @@ impl Local {
                     address: self.address(&id),
                     instance,
                     liveness: self.membership.liveness(&id),
-                    facts: facts.get(&id).map(replicas::facts),
+                    facts: facts
+                        .get(&id)
+                        .filter(|(at, _)| at.elapsed() <= FRESH)
+                        .map(|(_, s)| replicas::facts(s)),
                     id,
                 }
             })
@@ -676,7 +684,7 @@ impl Local {
         let targets: Vec<(String, String)> = self
             .running_targets()
             .into_iter()
-            .filter(|(id, _)| replicas::lacks(facts.get(id), &config))
+            .filter(|(id, _)| replicas::lacks(facts.get(id).map(|(_, s)| s), &config))
             .filter(|(id, _)| self.last_push.get(id).is_none_or(|at| at.elapsed() >= REPUSH))
             .collect();
         if targets.is_empty() {
@@ -721,7 +729,7 @@ impl Local {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(id, s)| (id.clone(), s.checkpoint_seq))
+            .map(|(id, (_, s))| (id.clone(), s.checkpoint_seq))
             .collect();
         {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());

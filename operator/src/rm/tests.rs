@@ -199,9 +199,13 @@ fn a_lost_detector_gets_a_grace_period_and_unknown_membership_changes_nothing() 
         "GFD not settled: ignore it"
     );
     observed[1].liveness = Liveness::DetectorLost { since: 1_000 };
-    let config = installs(&reconcile(&spec, &mut record, &observed, true, 1_000 + DETECTOR_GRACE_MS))
-        .pop()
-        .expect("removal");
+    let later = 1_000 + DETECTOR_GRACE_MS;
+    assert!(
+        installs(&reconcile(&spec, &mut record, &observed, true, later)).is_empty(),
+        "a lost detector proves nothing while the replica answers the RM itself"
+    );
+    observed[1].facts = None;
+    let config = installs(&reconcile(&spec, &mut record, &observed, true, later)).pop().expect("removal");
     assert_eq!((config.primary.as_str(), member_ids(&config)), ("r1", vec!["r1", "r3"]));
     // Its detector comes back: the replica, still holding its state, is re-admitted.
     observed[0].facts = Some(facts("r1", 2, 10, 2));

@@ -35,7 +35,6 @@ struct Member {
     address: String,
     alive: bool,
     ready: bool,
-    link: Option<LinkId>,
     last_heartbeat_ms: u64,
     since_ms: u64,
 }
@@ -102,23 +101,27 @@ impl GfdCore {
     }
 
     /// An LFD introduced itself: its replica is a candidate member (alive once the LFD
-    /// reports so). A newer stream for the same replica replaces the older one.
+    /// reports so). A replica may have several streams open for a moment (an LFD that
+    /// reattached while its old stream was still being noticed closed): any of them
+    /// speaks for it, and it is lost only once none is left.
     pub fn hello(&mut self, link: LinkId, replica_id: &str, address: &str, now: u64) {
-        if let Some(state) = self.links.get_mut(&link) {
-            state.replica_id = Some(replica_id.to_owned());
-            state.last_answer_ms = now;
-        }
+        let Some(state) = self.links.get_mut(&link) else { return };
+        state.replica_id = Some(replica_id.to_owned());
+        state.last_answer_ms = now;
         let member = self.members.entry(replica_id.to_owned()).or_insert_with(|| Member {
             address: address.to_owned(),
             alive: false,
             ready: false,
-            link: None,
             last_heartbeat_ms: now,
             since_ms: now,
         });
         member.address = address.to_owned();
-        member.link = Some(link);
         member.last_heartbeat_ms = now;
+    }
+
+    /// Whether a stream other than `except` speaks for `replica_id`.
+    fn has_other_link(&self, replica_id: &str, except: LinkId) -> bool {
+        self.links.iter().any(|(id, l)| *id != except && l.replica_id.as_deref() == Some(replica_id))
     }
 
     /// An LFD reported its replica's state.
@@ -129,7 +132,7 @@ impl GfdCore {
         }) else {
             return Vec::new();
         };
-        let Some(member) = self.members.get_mut(&replica_id).filter(|m| m.link == Some(link)) else {
+        let Some(member) = self.members.get_mut(&replica_id) else {
             return Vec::new();
         };
         member.last_heartbeat_ms = now;
@@ -157,9 +160,7 @@ impl GfdCore {
     pub fn answered(&mut self, link: LinkId, now: u64) {
         if let Some(state) = self.links.get_mut(&link) {
             state.last_answer_ms = now;
-            if let Some(member) = state.replica_id.as_ref().and_then(|id| self.members.get_mut(id))
-                && member.link == Some(link)
-            {
+            if let Some(member) = state.replica_id.as_ref().and_then(|id| self.members.get_mut(id)) {
                 member.last_heartbeat_ms = now;
             }
         }
@@ -172,11 +173,15 @@ impl GfdCore {
         self.detector_lost(&replica_id, link, now, "its LFD closed the stream")
     }
 
+    /// The stream `link` of `replica_id` is gone (already out of `links`): the replica is
+    /// lost if no other stream speaks for it.
     fn detector_lost(&mut self, replica_id: &str, link: LinkId, now: u64, reason: &str) -> Vec<Change> {
-        let Some(member) = self.members.get_mut(replica_id).filter(|m| m.link == Some(link)) else {
+        if self.has_other_link(replica_id, link) {
+            return Vec::new();
+        }
+        let Some(member) = self.members.get_mut(replica_id) else {
             return Vec::new();
         };
-        member.link = None;
         let was_alive = member.alive;
         member.alive = false;
         member.ready = false;
@@ -359,6 +364,25 @@ mod tests {
         assert!(gfd.link_closed(1, 6).is_empty());
         assert_eq!(gfd.alive(), vec!["r1".to_string()]);
         assert_eq!(kinds(&gfd.link_closed(2, 7)), vec![MembershipChange::DetectorLost]);
+    }
+
+    /// Seen after a 5 s pause of the GFD: the LFDs had reattached several times; the GFD
+    /// took the hellos in any order, and an abandoned stream closing took the live one's
+    /// member with it for good.
+    #[test]
+    fn streams_processed_out_of_order_never_strand_a_live_lfd() {
+        let mut gfd = GfdCore::new(GfdSettings::default(), 0);
+        for link in [3, 1, 2] {
+            gfd.link_opened(link, 0);
+            gfd.hello(link, "r1", "a", 0);
+        }
+        gfd.report(2, &report(true, true), 1);
+        // The LFD abandoned streams 1 and 3; they close. Stream 2 lives.
+        assert!(gfd.link_closed(3, 2).is_empty());
+        assert!(gfd.link_closed(1, 3).is_empty());
+        assert_eq!(gfd.alive(), vec!["r1".to_string()]);
+        gfd.report(2, &report(true, false), 4);
+        assert_eq!(gfd.snapshot(4).members[0].ready, false, "the live stream still speaks for it");
     }
 
     #[test]

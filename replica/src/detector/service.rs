@@ -73,6 +73,10 @@ async fn probe_replica(
     let mut current = *settings.borrow_and_update();
     let mut beat = tokio::time::interval(current.heartbeat_interval);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Silence is weighed four times per interval, so death is declared within a
+    // quarter interval of the window's end, not up to a whole one after.
+    let mut check = tokio::time::interval(current.heartbeat_interval / 4);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let report = |verdict: Option<Verdict>| {
         if let Some(verdict) = verdict {
             info!("LFD {}: replica is {} ({})", config.replica_id, describe(&verdict), verdict.reason);
@@ -81,8 +85,8 @@ async fn probe_replica(
     };
     loop {
         tokio::select! {
+            _ = check.tick() => report(core.tick(unix_ms(), &current)),
             _ = beat.tick() => {
-                report(core.tick(unix_ms(), &current));
                 // A probe waits at most the detection window: later, it proves nothing new.
                 let (mut health, limit) = (health.clone(), Duration::from_millis(current.detection_window_ms()));
                 in_flight.push(async move {
@@ -115,6 +119,8 @@ async fn probe_replica(
                 current = *settings.borrow_and_update();
                 beat = tokio::time::interval(current.heartbeat_interval);
                 beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                check = tokio::time::interval(current.heartbeat_interval / 4);
+                check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             }
             () = shutdown.cancelled() => return,
         }
@@ -223,7 +229,7 @@ async fn relay(
     let mut gfd_heartbeat = Duration::from_millis(limits::DEFAULT_HEARTBEAT_INTERVAL_MS);
     let mut heard = tokio::time::Instant::now();
     loop {
-        let patience = (gfd_heartbeat * 10).max(Duration::from_secs(1));
+        let patience = (gfd_heartbeat * 10).max(Duration::from_secs(2));
         tokio::select! {
             () = tokio::time::sleep_until(heard + patience) => {
                 return format!("no word from the GFD for {} ms", patience.as_millis());
