@@ -8,6 +8,7 @@ mod chaos;
 mod detectors;
 mod endpoints;
 mod kv;
+mod nemesis;
 mod operator;
 mod replica;
 mod telemetry;
@@ -63,6 +64,9 @@ enum Command {
     Chaos(chaos::ChaosArgs),
     /// Measure: `tandem bench failover`.
     Bench(bench::BenchArgs),
+    /// Run a seeded fault campaign against a local system, then check it: linearizable,
+    /// nothing acknowledged lost, nothing executed twice, equal digests, healed.
+    Nemesis(nemesis::NemesisArgs),
     /// Run the Kubernetes operator (the RM for ReplicatedServices).
     Operator(Box<operator::OperatorArgs>),
     /// Print the ReplicatedService CRD (YAML), as checked in under crds/.
@@ -92,6 +96,7 @@ async fn main() -> std::process::ExitCode {
         Command::Recreate(args) => admin::recreate(args).await,
         Command::Chaos(args) => chaos::chaos(args).await,
         Command::Bench(args) => bench::bench(args).await,
+        Command::Nemesis(args) => nemesis::nemesis(args).await,
         Command::Health(args) => replica::health(args).await,
         Command::Operator(args) => operator::operator(*args).await,
         Command::Crd => {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::kubernetes::{self as k8s, healthy, kubectl, kubectl_apply, manifest};
+use support::verdict;
 use support::workload::{self, Recorder, Workload};
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,7 @@ async fn verify(
     writers: tokio::task::JoinSet<()>,
 ) {
     let live = k8s::member_addresses(rsvc);
-    if let Err(failure) = workload::stop_and_verify(&live, recorder, stop, writers).await {
+    if let Err(failure) = verdict::stop_and_verify(&live, recorder, stop, writers).await {
         k8s::dump(namespace);
         panic!("{failure}");
     }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::cluster::{Group, channel, replica_client};
+use support::verdict;
 use support::workload::{self, Recorder, Workload};
 use tandem_replica::client::{Client, ClientSettings};
 use tandem_replica::error::error_detail;
@@ -28,7 +29,7 @@ async fn stop_and_verify(
     live: &[&str],
 ) {
     let addresses: Vec<String> = live.iter().map(|id| group.address(id)).collect();
-    if let Err(failure) = workload::stop_and_verify(&addresses, recorder, stop, writers).await {
+    if let Err(failure) = verdict::stop_and_verify(&addresses, recorder, stop, writers).await {
         group.dump_logs();
         panic!("{failure}");
     }

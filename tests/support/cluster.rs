@@ -266,37 +266,7 @@ impl Group {
     }
 }
 
-pub async fn digest_of(address: &str) -> Option<pb::DigestReply> {
-    let mut client = replica_client(address);
-    let answer = tokio::time::timeout(Duration::from_secs(10), client.digest(pb::DigestRequest {})).await;
-    answer.ok()?.ok().map(tonic::Response::into_inner)
-}
-
-/// Waits until every replica at `addresses` reports the same digest at the same sequence
-/// number. Err: what each answered at the deadline.
-pub async fn wait_converged(
-    addresses: &[String],
-    limit: Duration,
-) -> Result<pb::DigestReply, Vec<Option<pb::DigestReply>>> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let mut digests = Vec::new();
-        for address in addresses {
-            digests.push(digest_of(address).await);
-        }
-        let first = digests[0].clone();
-        let all_equal = first.as_ref().is_some_and(|f| {
-            digests.iter().all(|d| d.as_ref().is_some_and(|d| d.digest == f.digest && d.seq == f.seq))
-        });
-        if let (true, Some(first)) = (all_equal, first) {
-            return Ok(first);
-        }
-        if Instant::now() > deadline {
-            return Err(digests);
-        }
-        sleep(Duration::from_millis(100)).await;
-    }
-}
+pub use tandem_check::verdict::{digest_of, wait_converged};
 
 impl Drop for Group {
     fn drop(&mut self) {

@@ -137,7 +137,7 @@ impl LocalSystem {
         writers: tokio::task::JoinSet<()>,
     ) {
         let live: Vec<String> = self.configuration().await.members.into_iter().map(|m| m.address).collect();
-        if let Err(failure) = super::workload::stop_and_verify(&live, recorder, stop, writers).await {
+        if let Err(failure) = super::verdict::stop_and_verify(&live, recorder, stop, writers).await {
             self.dump();
             panic!("{failure}");
         }

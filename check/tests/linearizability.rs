@@ -1,17 +1,16 @@
-//! Tests of the linearizability checker in `support/linearizability.rs`: hand-written
-//! histories for each rule, and generated histories that are linearizable by construction
-//! (which must pass) or corrupted (which must fail).
-
-#[path = "support/linearizability.rs"]
-mod linearizability;
+//! Tests of the linearizability checker: hand-written histories for each rule, and
+//! generated histories that are linearizable by construction (which must pass) or
+//! corrupted (which must fail).
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
-use linearizability::{Event, Op, Outcome, Violation, check, check_depth_first_only, check_in_rounds_only};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tandem_check::linearizability::{
+    Event, Op, Outcome, Violation, check, check_depth_first_only, check_in_rounds_only,
+};
 
 // ---- building histories by hand ----
 

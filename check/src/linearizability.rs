@@ -2,9 +2,6 @@
 //! operation at an instant between its invocation and completion, explain every outcome? Keys
 //! are checked separately (locality), each by Wing & Gong search with Lowe's memoization (WGL).
 
-// Every test crate that includes this module uses a different subset of it.
-#![allow(dead_code)]
-
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};

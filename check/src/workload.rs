@@ -12,7 +12,7 @@ use tandem_replica::pb::{self, op_result, operation};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::linearizability::{Event, Op, Outcome};
+use crate::linearizability::{Event, Op, Outcome};
 
 /// The shared record of a test run.
 pub struct Recorder {
@@ -48,6 +48,11 @@ impl Recorder {
     /// Requests that failed (timed out or refused) instead of being answered.
     pub fn failures(&self) -> Vec<String> {
         self.failures.lock().expect("recorder lock").clone()
+    }
+
+    /// Operations recorded so far.
+    pub fn operations(&self) -> usize {
+        self.events.lock().expect("recorder lock").len()
     }
 }
 
@@ -142,6 +147,20 @@ impl Default for Workload {
     }
 }
 
+/// The counters the workload increments (by 1 each time), checked for increments
+/// applied twice or lost.
+pub const COUNTERS: [&str; 3] = ["n0", "n1", "n2"];
+
+impl Workload {
+    /// Every key whose final value the checks read: the shared keys and the counters.
+    pub fn final_keys(&self) -> Vec<String> {
+        (0..self.shared_keys)
+            .map(|k| format!("k{k}"))
+            .chain(COUNTERS.iter().map(|c| (*c).to_owned()))
+            .collect()
+    }
+}
+
 /// Starts the writers; they stop at `max_ops` or when `stop` is cancelled.
 pub fn start(
     workload: Workload,
@@ -165,7 +184,7 @@ pub fn start(
                     0..30 => Op::Put { key: format!("unique/w{c}/{i}"), value: value.clone() },
                     30..55 => Op::Put { key: shared, value: value.clone() },
                     55..75 => Op::Get { key: shared },
-                    75..90 => Op::Incr { key: format!("n{}", i % 3), delta: 1 },
+                    75..90 => Op::Incr { key: COUNTERS[i % COUNTERS.len()].into(), delta: 1 },
                     _ => Op::Cas { key: shared, expected: last_seen.clone(), new: value.clone() },
                 };
                 let unique_key = matches!(&op, Op::Put { key, .. } if key.starts_with("unique/"))
@@ -198,47 +217,4 @@ pub async fn lost_acknowledged_writes(endpoints: Vec<String>, recorder: &Arc<Rec
         }
     }
     lost
-}
-
-/// Stops the writers, then checks the three things that must hold after any run: no
-/// acknowledged write lost, a linearizable history (final reads included), and equal
-/// digests on every live replica. Err: what failed, with the evidence.
-pub async fn stop_and_verify(
-    live: &[String],
-    recorder: &Arc<Recorder>,
-    stop: CancellationToken,
-    mut writers: tokio::task::JoinSet<()>,
-) -> Result<pb::DigestReply, String> {
-    stop.cancel();
-    while let Some(joined) = writers.join_next().await {
-        joined.map_err(|e| format!("writer task failed: {e}"))?;
-    }
-    let lost = lost_acknowledged_writes(live.to_vec(), recorder).await;
-    if !lost.is_empty() {
-        return Err(format!("acknowledged writes lost: {lost:#?}"));
-    }
-    // Final reads of the shared keys join the history, so the end state is checked too.
-    let mut reader = RecordingClient::new(live.to_vec(), "final-reader".into(), Arc::clone(recorder));
-    let shared = Workload::default().shared_keys;
-    for key in (0..shared).map(|k| format!("k{k}")).chain((0..3).map(|n| format!("n{n}"))) {
-        reader.run(Op::Get { key }).await.map_err(|e| format!("final read failed: {e}"))?;
-    }
-    let history = recorder.events();
-    let stats = super::linearizability::check(&history).map_err(|violation| {
-        format!("history of {} events is not linearizable: {violation}", history.len())
-    })?;
-    let digest = super::cluster::wait_converged(live, Duration::from_secs(20))
-        .await
-        .map_err(|digests| format!("replicas {live:?} did not converge: {digests:#?}"))?;
-    eprintln!(
-        "linearizable ({stats:?}); converged at seq {} ({} keys); {} acknowledged unique writes; {} unanswered requests",
-        digest.seq,
-        digest.keys,
-        recorder.acked().len(),
-        recorder.failures().len()
-    );
-    if recorder.acked().len() <= 20 {
-        return Err("the workload made too little progress to prove anything".into());
-    }
-    Ok(digest)
 }
