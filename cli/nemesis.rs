@@ -182,14 +182,10 @@ impl System {
 impl Drop for System {
     fn drop(&mut self) {
         // Whatever was paused resumes, so that it can stop.
-        for process in self.state().into_iter().flat_map(|s| {
-            let mut all = vec![s.gfd_process()];
-            all.extend(s.replicas.values().flat_map(|r| [r.process(), r.lfd_process()]));
-            all
-        }) {
-            if let Some(process) = process {
-                process.signal(Signal::SIGCONT);
-            }
+        let state = self.state().unwrap_or_default();
+        let replicas = state.replicas.values().flat_map(|r| [r.process(), r.lfd_process()]);
+        for process in replicas.chain([state.gfd_process()]).flatten() {
+            process.signal(Signal::SIGCONT);
         }
         self.stop();
     }
