@@ -7,10 +7,9 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use futures::future::join_all;
 use tandem_replica::pb::{self, Mode};
-use tonic::transport::Endpoint;
+use tandem_replica::wire::dial;
 
 use crate::endpoints::EndpointArgs;
-use crate::up::ModeArg;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -32,7 +31,7 @@ pub struct ConfigureArgs {
     #[arg(long)]
     pub epoch: u64,
     #[arg(long, value_enum)]
-    pub mode: ModeArg,
+    pub mode: Mode,
     /// Id of the primary (passive) or order-keeper (active).
     #[arg(long)]
     pub primary: String,
@@ -47,9 +46,7 @@ pub struct ConfigureArgs {
 async fn replica_client(
     address: &str,
 ) -> anyhow::Result<pb::replica_client::ReplicaClient<tonic::transport::Channel>> {
-    let channel =
-        Endpoint::from_shared(format!("http://{address}"))?.connect_timeout(CALL_TIMEOUT).connect_lazy();
-    Ok(pb::replica_client::ReplicaClient::new(channel))
+    Ok(pb::replica_client::ReplicaClient::new(dial(address, None)?))
 }
 
 async fn status_of(address: String) -> (String, anyhow::Result<pb::ReplicaStatus>) {
@@ -91,17 +88,11 @@ fn role_name(role: i32) -> &'static str {
     }
 }
 
-pub use tandem_operator::rm::mode_name;
-
 /// Last heartbeat per replica, from the GFD of a running `tandem up` (if any).
 async fn heartbeats(target: &EndpointArgs) -> std::collections::BTreeMap<String, u64> {
     let Ok(state) = target.local_state() else { return Default::default() };
-    let Ok(endpoint) = Endpoint::from_shared(format!("http://{}", state.gfd)) else {
-        return Default::default();
-    };
-    let mut gfd = pb::fault_detector_client::FaultDetectorClient::new(
-        endpoint.connect_timeout(CALL_TIMEOUT).connect_lazy(),
-    );
+    let Ok(channel) = dial(&state.gfd, None) else { return Default::default() };
+    let mut gfd = pb::fault_detector_client::FaultDetectorClient::new(channel);
     match tokio::time::timeout(CALL_TIMEOUT, gfd.members(pb::MembersRequest {})).await {
         Ok(Ok(members)) => members
             .into_inner()
@@ -149,7 +140,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
                     role_name(s.role),
                     if s.ready { "yes" } else { "no" },
                     config.epoch,
-                    if config.epoch == 0 { "-" } else { mode_name(config.mode()) },
+                    if config.epoch == 0 { "-".to_owned() } else { config.mode().to_string() },
                     if config.primary.is_empty() { "-" } else { &config.primary },
                     s.last_seq,
                     s.commit_seq,
@@ -205,7 +196,7 @@ fn parse_member(text: &str) -> anyhow::Result<pb::Member> {
 
 pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
     let members = args.members.iter().map(|m| parse_member(m)).collect::<anyhow::Result<Vec<_>>>()?;
-    let mode = Mode::from(args.mode);
+    let mode = args.mode;
     let config = pb::Configuration { epoch: args.epoch, mode: mode.into(), primary: args.primary, members };
     tandem_replica::replication::check_configuration(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut targets: Vec<String> = config.members.iter().map(|m| m.address.clone()).collect();
@@ -214,10 +205,7 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
         let config = config.clone();
         async move {
             let answer = async {
-                let channel = Endpoint::from_shared(format!("http://{address}"))?
-                    .connect_timeout(CALL_TIMEOUT)
-                    .connect_lazy();
-                let mut client = pb::control_client::ControlClient::new(channel);
+                let mut client = pb::control_client::ControlClient::new(dial(&address, None)?);
                 let reply = tokio::time::timeout(CALL_TIMEOUT, client.install_configuration(config))
                     .await
                     .context("timed out")??;
@@ -263,7 +251,7 @@ pub enum Setting {
     /// Passive mode checkpoint period, in milliseconds (0: off).
     CheckpointInterval { ms: u64 },
     /// Replication mode (switches the live group).
-    Mode { mode: ModeArg },
+    Mode { mode: Mode },
 }
 
 #[derive(Debug, Args)]
@@ -303,13 +291,13 @@ pub async fn set(args: SetArgs) -> anyhow::Result<()> {
         Setting::HeartbeatInterval { ms } => update.heartbeat_interval_ms = Some(ms),
         Setting::FailureThreshold { value } => update.failure_threshold = Some(value),
         Setting::CheckpointInterval { ms } => update.checkpoint_interval_ms = Some(ms),
-        Setting::Mode { mode } => update.mode = Some(Mode::from(mode).into()),
+        Setting::Mode { mode } => update.mode = Some(mode.into()),
     }
     let spec = update_spec(&state.manager, update).await?;
     println!(
         "spec: replicas={} mode={} heartbeat_interval={} ms failure_threshold={} checkpoint_interval={} ms",
         spec.replicas,
-        mode_name(spec.mode()),
+        spec.mode(),
         spec.heartbeat_interval_ms,
         spec.failure_threshold,
         spec.checkpoint_interval_ms

@@ -11,17 +11,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use futures::StreamExt;
 use tandem_operator::local::{self, LocalSettings, StateFile};
 use tandem_operator::rm::Spec;
 use tandem_replica::client::{Client, ClientSettings};
 use tandem_replica::pb::{self, MembershipChange, operation};
-use tandem_replica::wire::unix_ms;
+use tandem_replica::wire::{dial, unix_ms, within};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::chaos::kill_primary;
-use crate::up::ModeArg;
+use crate::chaos::{kill_primary, pause_primary};
+use tandem_replica::pb::Mode;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -31,15 +30,33 @@ pub struct BenchArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Bench {
-    /// Kill the primary K times under load; measure detection, failover and recovery.
+    /// Kill (or hang) the primary K times under load; measure detection, failover and
+    /// recovery.
     Failover(FailoverArgs),
+}
+
+/// What happens to the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrimaryFault {
+    /// kill -9: the process is gone (its LFD sees the health stream break at once).
+    Kill,
+    /// SIGSTOP for `--pause-ms`: it hangs (found after heartbeat interval x threshold),
+    /// then resumes, is fenced by the new epoch and rejoins.
+    Pause,
 }
 
 #[derive(Debug, Args)]
 pub struct FailoverArgs {
-    #[arg(long, value_enum, default_value = "passive")]
-    pub mode: ModeArg,
-    /// How many times to kill the primary.
+    /// Replication mode: passive or active.
+    #[arg(long, default_value = "passive")]
+    pub mode: Mode,
+    /// What to do to the primary.
+    #[arg(long, value_enum, default_value = "kill")]
+    pub fault: PrimaryFault,
+    /// How long a paused primary stays paused, in milliseconds.
+    #[arg(long, default_value_t = 1_500)]
+    pub pause_ms: u64,
+    /// How many times to fault the primary.
     #[arg(long, default_value_t = 5)]
     pub kills: u32,
     /// Concurrent writing clients.
@@ -96,7 +113,7 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         None => {
             let dir = std::env::temp_dir().join(format!("tandem-bench-{}", std::process::id()));
             let settings = LocalSettings {
-                spec: Spec { replicas: args.replicas, mode: args.mode.into(), ..Spec::default() },
+                spec: Spec { replicas: args.replicas, mode: args.mode, ..Spec::default() },
                 base_port: args.port,
                 dir: dir.clone(),
                 binary: std::env::current_exe().context("cannot find the tandem executable")?,
@@ -130,22 +147,29 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
     };
     let failovers: Vec<u64> = measured.iter().map(|m| m.failover_ms).collect();
     let detects: Vec<u64> = measured.iter().map(|m| m.detect_ms).collect();
+    let fault = match args.fault {
+        PrimaryFault::Kill => "kill".to_owned(),
+        PrimaryFault::Pause => format!("pause ({} ms)", args.pause_ms),
+    };
     println!(
-        "{} mode, {} replicas, {} clients, {} kills, {} acknowledged writes, {:.1} s",
-        crate::admin::mode_name(args.mode.into()),
+        "{} mode, {} replicas, {} clients, {} faults of the primary ({fault}), {} acknowledged writes, {:.1} s",
+        args.mode,
         args.replicas,
         args.clients,
         measured.len(),
         acked,
         started.elapsed().as_secs_f64()
     );
+    let recovers: Vec<u64> = measured.iter().map(|m| m.recover_ms).collect();
     println!(
-        "failover_ms p50={} p99={} max={} detect_ms p50={} p99={} lost_acked={lost} failed_requests={failed}",
+        "failover_ms p50={} p99={} max={} detect_ms p50={} p99={} recover_ms p50={} max={} lost_acked={lost} failed_requests={failed}",
         percentile(failovers.clone(), 0.5),
         percentile(failovers.clone(), 0.99),
         failovers.iter().max().copied().unwrap_or_default(),
         percentile(detects.clone(), 0.5),
         percentile(detects, 0.99),
+        percentile(recovers.clone(), 0.5),
+        recovers.iter().max().copied().unwrap_or_default(),
     );
     Ok(())
 }
@@ -193,7 +217,10 @@ async fn run_kills(args: &FailoverArgs, dir: &std::path::Path) -> anyhow::Result
     for kill in 1..=args.kills {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let state = StateFile::read(dir).context("the local system's state file vanished")?;
-        let (victim, epoch, killed_at) = kill_primary(&state).await?;
+        let (victim, epoch, killed_at) = match args.fault {
+            PrimaryFault::Kill => kill_primary(&state).await?,
+            PrimaryFault::Pause => pause_primary(&state, Duration::from_millis(args.pause_ms)).await?,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         let detected = loop {
             let seen = events
@@ -299,13 +326,9 @@ async fn wait_until_healthy(dir: &std::path::Path, replicas: u32, limit: Duratio
     let deadline = Instant::now() + limit;
     loop {
         if let Some(state) = StateFile::read(dir) {
-            let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", state.manager))?;
-            let mut manager = pb::manager_client::ManagerClient::new(
-                endpoint.connect_timeout(Duration::from_millis(300)).connect_lazy(),
-            );
-            if let Ok(Ok(description)) =
-                tokio::time::timeout(Duration::from_millis(500), manager.describe(pb::DescribeRequest {}))
-                    .await
+            let mut manager = pb::manager_client::ManagerClient::new(dial(&state.manager, None)?);
+            if let Ok(description) =
+                within(Duration::from_millis(500), manager.describe(pb::DescribeRequest {})).await
             {
                 let description = description.into_inner();
                 let members = description.configuration.map(|c| c.members).unwrap_or_default();
@@ -323,27 +346,20 @@ async fn wait_until_healthy(dir: &std::path::Path, replicas: u32, limit: Duratio
     }
 }
 
+/// Keeps every membership event the GFD streams, until `stop`.
 async fn record_membership(
     gfd: String,
     events: Arc<Mutex<Vec<pb::MembershipEvent>>>,
     stop: CancellationToken,
 ) {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{gfd}")) else { return };
-    let channel = endpoint.connect_timeout(Duration::from_millis(300)).connect_lazy();
-    while !stop.is_cancelled() {
-        let mut client = pb::fault_detector_client::FaultDetectorClient::new(channel.clone());
-        if let Ok(stream) = client.subscribe(pb::SubscribeRequest {}).await {
-            let mut stream = stream.into_inner();
-            loop {
-                tokio::select! {
-                    event = stream.next() => match event {
-                        Some(Ok(event)) => events.lock().expect("lock").push(event),
-                        _ => break,
-                    },
-                    () = stop.cancelled() => return,
-                }
-            }
+    let (updates, mut received) = tokio::sync::mpsc::unbounded_channel();
+    if let Err(error) = tandem_operator::membership::follow(&gfd, updates, stop.clone()) {
+        eprintln!("cannot follow the GFD: {error}");
+        return;
+    }
+    while let Some(update) = received.recv().await {
+        if let tandem_operator::membership::MembershipUpdate::Event(event) = update {
+            events.lock().expect("lock").push(event);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -73,6 +73,24 @@ pub async fn kill_primary(state: &StateFile) -> anyhow::Result<(String, u64, u64
     Ok((config.primary, config.epoch, killed_at))
 }
 
+/// SIGSTOP the primary of a running local system, and SIGCONT it after `pause`; returns
+/// its id, the epoch it led and when (unix ms) it stopped.
+pub async fn pause_primary(state: &StateFile, pause: Duration) -> anyhow::Result<(String, u64, u64)> {
+    let config = current_configuration(state).await.context("no replica answered with a configuration")?;
+    let process = state
+        .replicas
+        .get(&config.primary)
+        .and_then(|entry| entry.process())
+        .with_context(|| format!("primary {} is not a running local replica", config.primary))?;
+    let paused_at = tandem_replica::wire::unix_ms();
+    send(Some(process), Signal::SIGSTOP, &format!("primary {}", config.primary))?;
+    tokio::spawn(async move {
+        tokio::time::sleep(pause).await;
+        process.signal(Signal::SIGCONT);
+    });
+    Ok((config.primary, config.epoch, paused_at))
+}
+
 pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
     let state = args.target.local_state()?;
     let replica_pid = |id: &str| state.replicas.get(id).and_then(|r| r.process());

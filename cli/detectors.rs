@@ -2,13 +2,12 @@
 //! them for you; on Kubernetes they are sidecars).
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use tandem_replica::detector::gfd::GfdSettings;
-use tandem_replica::detector::lfd::LfdSettings;
-use tandem_replica::detector::limits;
+
+use crate::flags::DetectorFlags;
 use tandem_replica::detector::service::{Gfd, LfdConfig, run_lfd, serve_gfd};
 use tokio_util::sync::CancellationToken;
 
@@ -25,13 +24,9 @@ pub struct LfdArgs {
     /// The GFD's address (host:port).
     #[arg(long, env = "TANDEM_GFD")]
     pub gfd: String,
-    /// Heartbeat period towards the replica, in milliseconds. Changeable at run time
-    /// (`tandem set heartbeat-interval`).
-    #[arg(long, env = "TANDEM_HEARTBEAT_INTERVAL_MS", default_value_t = 100)]
-    pub heartbeat_interval_ms: u64,
-    /// Heartbeats without an answer before the replica is reported dead.
-    #[arg(long, env = "TANDEM_FAILURE_THRESHOLD", default_value_t = 3)]
-    pub failure_threshold: u32,
+    /// The GFD sends changes of these at run time (`tandem set heartbeat-interval`).
+    #[command(flatten)]
+    pub detectors: DetectorFlags,
     /// Local address to dial the replica and the GFD from (default: the system's choice).
     #[arg(long, env = "TANDEM_LFD_DIAL_FROM")]
     pub dial_from: Option<std::net::IpAddr>,
@@ -42,19 +37,16 @@ pub struct GfdArgs {
     /// Address to listen on.
     #[arg(long, env = "TANDEM_GFD_LISTEN", default_value = "127.0.0.1:7100")]
     pub listen: SocketAddr,
-    /// Heartbeat period towards each LFD (and the LFDs' default towards replicas), ms.
-    #[arg(long, env = "TANDEM_HEARTBEAT_INTERVAL_MS", default_value_t = 100)]
-    pub heartbeat_interval_ms: u64,
-    /// Unanswered heartbeats before an LFD (and its replica) counts as gone.
-    #[arg(long, env = "TANDEM_FAILURE_THRESHOLD", default_value_t = 3)]
-    pub failure_threshold: u32,
+    /// Towards each LFD, and the LFDs' own towards their replicas.
+    #[command(flatten)]
+    pub detectors: DetectorFlags,
     /// After a start, how long LFDs get to reconnect before the membership is trusted, ms.
     #[arg(long, env = "TANDEM_GFD_SETTLE_MS", default_value_t = 1000)]
     pub settle_ms: u64,
 }
 
 pub async fn lfd(args: LfdArgs) -> anyhow::Result<()> {
-    limits::check(args.heartbeat_interval_ms, args.failure_threshold).map_err(anyhow::Error::msg)?;
+    args.detectors.check()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let config = LfdConfig {
@@ -62,29 +54,24 @@ pub async fn lfd(args: LfdArgs) -> anyhow::Result<()> {
         replica_address: args.replica,
         gfd_address: args.gfd,
         dial_from: args.dial_from,
-        settings: LfdSettings {
-            heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
-            failure_threshold: args.failure_threshold,
-        },
+        settings: args.detectors.lfd_settings(),
     };
     run_lfd(config, shutdown).await.context("the LFD cannot start")
 }
 
 pub async fn gfd(args: GfdArgs) -> anyhow::Result<()> {
-    limits::check(args.heartbeat_interval_ms, args.failure_threshold).map_err(anyhow::Error::msg)?;
+    args.detectors.check()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let settings = GfdSettings {
-        heartbeat_interval_ms: args.heartbeat_interval_ms,
-        failure_threshold: args.failure_threshold,
+        heartbeat_interval_ms: args.detectors.heartbeat_interval_ms,
+        failure_threshold: args.detectors.failure_threshold,
         settle_ms: args.settle_ms,
     };
-    let lfd = LfdSettings {
-        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms),
-        failure_threshold: args.failure_threshold,
-    };
-    serve_gfd(Gfd::new(settings, lfd), listener, shutdown).await.context("GFD server failed")
+    serve_gfd(Gfd::new(settings, args.detectors.lfd_settings()), listener, shutdown)
+        .await
+        .context("GFD server failed")
 }

@@ -7,6 +7,7 @@ mod bench;
 mod chaos;
 mod detectors;
 mod endpoints;
+mod flags;
 mod kv;
 mod nemesis;
 mod operator;

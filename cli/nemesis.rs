@@ -10,7 +10,6 @@
 //! digests. One line sums it up; the exit status says whether everything held.
 
 mod fault;
-mod firewall;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,14 +30,15 @@ use tandem_replica::wire::{dial, within};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::up::ModeArg;
 use fault::Plan;
-use firewall::Firewall;
+use tandem_check::firewall::Firewall;
+use tandem_replica::pb::Mode;
 
 #[derive(Debug, Args)]
 pub struct NemesisArgs {
-    #[arg(long, value_enum, default_value = "passive")]
-    pub mode: ModeArg,
+    /// Replication mode: passive or active.
+    #[arg(long, default_value = "passive")]
+    pub mode: Mode,
     /// Chooses the faults, their targets and durations: the same seed, the same plan.
     #[arg(long, env = "TANDEM_NEMESIS_SEED", default_value_t = 1)]
     pub seed: u64,
@@ -70,7 +70,7 @@ pub struct NemesisArgs {
 }
 
 /// How long the group must stay whole to count as healed.
-const STABLE: Duration = Duration::from_millis(800);
+const STABLE: Duration = Duration::from_millis(500);
 
 /// The `tandem up` under test.
 struct System {
@@ -225,13 +225,13 @@ pub async fn nemesis(args: NemesisArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let mode = crate::admin::mode_name(args.mode.into());
+    let mode = args.mode.to_string();
     let up_args: Vec<String> = [
         "up",
         "--replicas",
         &args.replicas.to_string(),
         "--mode",
-        mode,
+        &mode,
         "--port",
         &args.port.to_string(),
         "--loopback-per-replica",
@@ -339,7 +339,7 @@ async fn campaign(
             }
         }
         // Let the clients get some work through between faults.
-        tokio::time::sleep(Duration::from_millis(rand::Rng::random_range(&mut rng, 50..400))).await;
+        tokio::time::sleep(Duration::from_millis(rand::Rng::random_range(&mut rng, 20..200))).await;
     }
     let members: Vec<String> = system
         .describe()

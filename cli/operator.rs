@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::replica::stop_on_signal;
-use crate::up::ModeArg;
+use tandem_replica::pb::Mode;
 
 #[derive(Debug, Args)]
 pub struct OperatorArgs {
@@ -44,7 +44,7 @@ pub struct OperatorArgs {
     #[arg(long, env = "TANDEM_DEFAULT_REPLICAS", default_value_t = 3)]
     pub default_replicas: u32,
     #[arg(long, env = "TANDEM_DEFAULT_MODE", value_enum, default_value = "passive")]
-    pub default_mode: ModeArg,
+    pub default_mode: Mode,
     #[arg(long, env = "TANDEM_DEFAULT_HEARTBEAT_INTERVAL_MS", default_value_t = 100)]
     pub default_heartbeat_interval_ms: u64,
     #[arg(long, env = "TANDEM_DEFAULT_FAILURE_THRESHOLD", default_value_t = 3)]
@@ -58,7 +58,7 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         image: args.image,
         spec: Spec {
             replicas: args.default_replicas,
-            mode: args.default_mode.into(),
+            mode: args.default_mode,
             heartbeat_interval_ms: args.default_heartbeat_interval_ms,
             failure_threshold: args.default_failure_threshold,
             checkpoint_interval_ms: args.default_checkpoint_interval_ms,

@@ -120,9 +120,7 @@ pub async fn health(args: HealthArgs) -> anyhow::Result<()> {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.address))?
-        .connect_timeout(Duration::from_millis(500))
-        .connect_lazy();
+    let channel = tandem_replica::wire::dial(&args.address, None)?;
     let answer = tokio::time::timeout(
         Duration::from_secs(1),
         HealthClient::new(channel).check(HealthCheckRequest::default()),

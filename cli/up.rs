@@ -5,52 +5,27 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use tandem_operator::local::{self, LocalSettings};
 use tandem_operator::rm::Spec;
-use tandem_replica::pb::Mode;
 use tokio_util::sync::CancellationToken;
 
+use crate::flags::GroupFlags;
 use crate::replica::stop_on_signal;
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ModeArg {
-    Passive,
-    Active,
-}
-
-impl From<ModeArg> for Mode {
-    fn from(mode: ModeArg) -> Self {
-        match mode {
-            ModeArg::Passive => Mode::Passive,
-            ModeArg::Active => Mode::Active,
-        }
-    }
-}
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
     /// Number of replicas.
     #[arg(long, env = "TANDEM_REPLICAS", default_value_t = 3)]
     pub replicas: u32,
-    /// Replication mode.
-    #[arg(long, env = "TANDEM_MODE", value_enum, default_value = "passive")]
-    pub mode: ModeArg,
     /// GFD on BASE, the RM's API on BASE+1, replica rN on BASE+10+N.
     #[arg(long = "port", env = "TANDEM_PORT", default_value_t = 7100)]
     pub base_port: u16,
     /// Where state (up.json, endpoints) and logs (logs/) go.
     #[arg(long, env = "TANDEM_DIR", default_value = ".tandem")]
     pub dir: PathBuf,
-    /// LFD heartbeat period, ms.
-    #[arg(long, env = "TANDEM_HEARTBEAT_INTERVAL_MS", default_value_t = 100)]
-    pub heartbeat_interval_ms: u64,
-    /// Missed heartbeats before a replica is declared dead.
-    #[arg(long, env = "TANDEM_FAILURE_THRESHOLD", default_value_t = 3)]
-    pub failure_threshold: u32,
-    /// Passive mode checkpoint period, ms (0: off).
-    #[arg(long, env = "TANDEM_CHECKPOINT_INTERVAL_MS", default_value_t = 2000)]
-    pub checkpoint_interval_ms: u64,
+    #[command(flatten)]
+    pub group: GroupFlags,
     /// Log filter of the child processes (their logs are in DIR/logs).
     #[arg(long, env = "TANDEM_CHILD_LOG", default_value = "info")]
     pub child_log_level: String,
@@ -65,10 +40,10 @@ impl UpArgs {
     pub fn settings(&self) -> anyhow::Result<LocalSettings> {
         let spec = Spec {
             replicas: self.replicas,
-            mode: self.mode.into(),
-            heartbeat_interval_ms: self.heartbeat_interval_ms,
-            failure_threshold: self.failure_threshold,
-            checkpoint_interval_ms: self.checkpoint_interval_ms,
+            mode: self.group.mode,
+            heartbeat_interval_ms: self.group.detectors.heartbeat_interval_ms,
+            failure_threshold: self.group.detectors.failure_threshold,
+            checkpoint_interval_ms: self.group.checkpoint_interval_ms,
             recreate_lost_epoch: None,
         };
         let problems = spec.problems();
@@ -96,7 +71,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!(
         "tandem up: {} replicas, {} mode; state and logs in {}",
         settings.spec.replicas,
-        crate::admin::mode_name(settings.spec.mode),
+        settings.spec.mode,
         settings.dir.display()
     );
     println!("endpoints: {}", addresses.join(","));

@@ -8,6 +8,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kube::ResourceExt;
 use support::kubernetes::{self as k8s, healthy, kubectl, kubectl_apply, manifest};
 use support::verdict;
 use support::workload::{self, Recorder, Workload};
@@ -39,10 +40,7 @@ async fn helm_install_and_a_passive_service_comes_up_with_its_status_and_columns
         k8s::run("helm", &["lint", &format!("{}/charts/tandem", env!("CARGO_MANIFEST_DIR"))], None);
     assert!(lint_ok && lint.contains("1 chart(s) linted, 0 failed"), "helm lint: {lint}{lint_err}");
     let ns = k8s::namespace(&client, "e2e-up").await;
-    let example = std::fs::read_to_string(format!("{}/examples/passive.yaml", env!("CARGO_MANIFEST_DIR")))
-        .expect("example");
-    kubectl_apply(&ns, &example.replace("spec:\n", &format!("spec:\n  image: {}\n", k8s::IMAGE)))
-        .expect("apply the example");
+    kubectl_apply(&ns, &k8s::example("passive.yaml")).expect("apply the example");
     let up = k8s::wait_for(&client, &ns, "demo", UP, "up", healthy(3, 0)).await;
     let status = up.status.clone().expect("status");
     assert_eq!(
@@ -308,4 +306,155 @@ async fn operator_restart_disturbs_nothing_and_a_failover_across_it_completes() 
         k8s::wait_for(&client, &ns, "steady", HEAL, "failed over across the restart", healthy(3, epoch + 1))
             .await;
     assert_ne!(healed.status.as_ref().and_then(|s| s.primary.clone()), Some(primary));
+}
+
+/// The README's walkthrough with the chart's defaults and the example manifest, as a
+/// user runs it: deletes the primary's pod, then a backup's, then a pod that cannot
+/// finish terminating (a finalizer holds it), each under writing clients. Each heals to
+/// full strength; the figures are printed: pod deleted -> first acknowledged write, and
+/// -> replacement ready as a member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn the_example_service_heals_from_primary_backup_and_stuck_pod_deletions() {
+    let client = k8s::installed().await;
+    let ns = k8s::namespace(&client, "e2e-heal").await;
+    kubectl_apply(&ns, &k8s::example("passive.yaml")).expect("apply the example");
+    let up = k8s::wait_for(&client, &ns, "demo", UP, "up", healthy(3, 0)).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), k8s::endpoints(&up), Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_secs(1)).await;
+
+    let primary = up.status.as_ref().and_then(|s| s.primary.clone()).expect("primary");
+    let after_primary = timed_pod_deletion(&client, &ns, "demo", &primary, &recorder, false).await;
+    let backup = k8s::a_backup(&after_primary);
+    let after_backup = timed_pod_deletion(&client, &ns, "demo", &backup, &recorder, false).await;
+    // A pod that takes its time to terminate (here: forever, until its finalizer goes)
+    // must not keep the group short: it is replaced under a new name.
+    let stuck = k8s::a_backup(&after_backup);
+    let healed = timed_pod_deletion(&client, &ns, "demo", &stuck, &recorder, true).await;
+    assert!(
+        healed.status.as_ref().is_some_and(|s| !s.members.iter().any(|m| m.name == stuck && m.ready)),
+        "the stuck pod is not a member"
+    );
+    kubectl(&[
+        "patch",
+        "pod",
+        &stuck,
+        "-n",
+        &ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    verify(&ns, &healed, &recorder, stop, writers).await;
+}
+
+/// Deletes `pod` (held by a finalizer when `stuck`) under the writing clients; waits for
+/// full strength at a higher epoch with a member that was not there before; prints how
+/// long clients waited for a write and how long the group ran short.
+async fn timed_pod_deletion(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    pod: &str,
+    recorder: &Arc<Recorder>,
+    stuck: bool,
+) -> tandem_operator::crd::ReplicatedService {
+    let before = k8s::rsvc(client, ns, name).await;
+    let epoch = before.status.as_ref().map_or(0, |s| s.epoch);
+    if stuck {
+        kubectl(&[
+            "patch",
+            "pod",
+            pod,
+            "-n",
+            ns,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"metadata":{"finalizers":["tandem.dev/test-hold"]}}"#,
+        ]);
+    }
+    let deleted_at = recorder.now();
+    let started = tokio::time::Instant::now();
+    k8s::delete_pod(client, ns, pod).await;
+    let old_uids = k8s::pod_uids(&k8s::pods(client, ns).await);
+    let healed = k8s::wait_for(client, ns, name, HEAL, &format!("whole again after deleting {pod}"), |r| {
+        healthy(3, epoch)(r)
+    })
+    .await;
+    let whole_ms = started.elapsed().as_millis();
+    let first_write = recorder.first_write_acknowledged_after(deleted_at).map(|d| d.as_millis());
+    let members: Vec<String> =
+        healed.status.iter().flat_map(|s| &s.members).map(|m| m.name.clone()).collect();
+    eprintln!(
+        "kubernetes: deleted {pod}{}: first acknowledged write after {first_write:?} ms, replacement ready as a member after {whole_ms} ms (members {members:?})",
+        if stuck { " (held by a finalizer)" } else { "" }
+    );
+    let pods = k8s::pods(client, ns).await;
+    assert!(
+        pods.iter().any(|p| p.uid().is_some_and(|uid| !old_uids.contains(&uid))),
+        "a new pod was created"
+    );
+    healed
+}
+
+/// What a node drain on a one-node cluster does: every pod of the service deleted at
+/// once. With state in memory, the data is gone; the user is told so (a condition and
+/// a Warning event, with the one command that recreates the group), and that command
+/// brings an empty group back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn deleting_every_pod_at_once_is_reported_and_the_annotation_recreates_the_group() {
+    let client = k8s::installed().await;
+    let ns = k8s::namespace(&client, "e2e-lost").await;
+    kubectl_apply(&ns, &k8s::example("passive.yaml")).expect("apply the example");
+    let up = k8s::wait_for(&client, &ns, "demo", UP, "up", healthy(3, 0)).await;
+    let mut writer =
+        tandem_replica::client::Client::new(tandem_replica::client::ClientSettings::new(k8s::endpoints(&up)))
+            .expect("client");
+    writer.put("before", "the loss").await.expect("put");
+    let epoch = up.status.as_ref().map_or(0, |s| s.epoch);
+
+    kubectl(&["delete", "pods", "-n", &ns, "-l", "tandem.dev/service=demo", "--wait=false"]);
+    let lost = k8s::wait_for(&client, &ns, "demo", HEAL, "reported lost", |r| {
+        r.status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Available" && c.reason == "GroupLost"))
+    })
+    .await;
+    let condition = lost
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Available").cloned())
+        .expect("condition");
+    let command = condition
+        .message
+        .split("To start over with an empty group: ")
+        .nth(1)
+        .expect("the command")
+        .to_owned();
+    assert!(command.starts_with("kubectl annotate rsvc demo"), "{}", condition.message);
+    let lost_epoch = lost.status.as_ref().map_or(0, |s| s.epoch);
+    assert!(lost_epoch >= epoch);
+    let reasons = k8s::event_reasons(&client, &ns, "demo").await;
+    assert!(reasons.iter().any(|r| r == "GroupLost"), "{reasons:?}");
+    // Nothing happens by itself: the loss is the user's to accept.
+    sleep(Duration::from_secs(5)).await;
+    let still = k8s::rsvc(&client, &ns, "demo").await;
+    assert_eq!(still.status.as_ref().map(|s| s.epoch), Some(lost_epoch), "no group was made up");
+
+    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+    kubectl(&args);
+    let recreated = k8s::wait_for(&client, &ns, "demo", HEAL, "recreated", healthy(3, lost_epoch)).await;
+    let mut client_lib = tandem_replica::client::Client::new(tandem_replica::client::ClientSettings::new(
+        k8s::endpoints(&recreated),
+    ))
+    .expect("client");
+    assert_eq!(client_lib.get("before").await.expect("get"), None, "an empty group, as announced");
+    client_lib.put("after", "recreation").await.expect("put");
+    assert_eq!(client_lib.get("after").await.expect("get").as_deref(), Some(&b"recreation"[..]));
 }

@@ -277,19 +277,209 @@ async fn chaos_commands_inject_their_faults_and_the_system_heals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bench_failover_prints_per_kill_numbers_and_the_summary_line() {
-    let port = support::local::free_base_port(6);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let out = tokio::process::Command::new(support::cluster::TANDEM)
-        .args(["bench", "failover", "--kills", "2", "--clients", "2", "--port", &port.to_string()])
-        .env("TMPDIR", dir.path())
-        .output()
-        .await
-        .expect("run the bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(stdout.lines().filter(|l| l.starts_with("kill ")).count(), 2, "{stdout}");
-    let summary = stdout.lines().find(|l| l.starts_with("failover_ms ")).expect("summary line");
-    for field in ["p50=", "p99=", "max=", "detect_ms p50=", "lost_acked=0", "failed_requests="] {
-        assert!(summary.contains(field), "{field} missing from {summary:?}");
+    for fault in ["kill", "pause"] {
+        let port = support::local::free_base_port(6);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = tokio::process::Command::new(support::cluster::TANDEM)
+            .args(["bench", "failover", "--kills", "2", "--clients", "2", "--fault", fault])
+            .args(["--port", &port.to_string()])
+            .env("TMPDIR", dir.path())
+            .output()
+            .await
+            .expect("run the bench");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(stdout.lines().filter(|l| l.starts_with("kill ")).count(), 2, "{stdout}");
+        let summary = stdout.lines().find(|l| l.starts_with("failover_ms ")).expect("summary line");
+        for field in
+            ["p50=", "p99=", "max=", "detect_ms p50=", "recover_ms", "lost_acked=0", "failed_requests="]
+        {
+            assert!(summary.contains(field), "{fault}: {field} missing from {summary:?}");
+        }
     }
+}
+
+/// Signals a process the state file names (its LFD, the GFD), if it is still that one.
+fn signal(process: Option<tandem_operator::local::ProcessId>, signal: Signal) {
+    assert!(process.expect("recorded").signal(signal), "the process is gone");
+}
+
+/// Issue 7, seen 3: a 1-3 s SIGSTOP of one LFD, or 5 s of the GFD, made the GFD drop
+/// the LFD's link while keeping its stream; the LFD never reconnected and its healthy
+/// replica was removed for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_detectors_leave_the_group_whole() {
+    let system = LocalSystem::start(3, &[]).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), system.endpoints(), Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_millis(300)).await;
+    let epoch = system.configuration().await.epoch;
+
+    for pause in [Duration::from_millis(1_500), Duration::from_millis(3_000)] {
+        let primary = system.configuration().await.primary;
+        let lfd = system.state().replicas[&primary].lfd_process();
+        signal(lfd, Signal::SIGSTOP);
+        sleep(pause).await;
+        signal(lfd, Signal::SIGCONT);
+        let whole = system
+            .wait_for(HEAL, "whole, every detector back", |d| {
+                d.membership_known
+                    && d.replicas.iter().filter(|r| r.alive && r.ready && r.member).count() == 3
+            })
+            .await;
+        assert_eq!(whole.configuration.map(|c| c.epoch), Some(epoch), "a healthy replica was removed");
+    }
+    let gfd = system.state().gfd_process();
+    signal(gfd, Signal::SIGSTOP);
+    sleep(Duration::from_secs(5)).await;
+    signal(gfd, Signal::SIGCONT);
+    let whole = system
+        .wait_for(HEAL, "whole after the GFD's pause", |d| {
+            d.membership_known && d.replicas.iter().filter(|r| r.alive && r.ready && r.member).count() == 3
+        })
+        .await;
+    // The replicas themselves answered all along: no member was removed for what its
+    // detectors could not say.
+    assert_eq!(whole.configuration.map(|c| c.epoch), Some(epoch), "a healthy replica was removed");
+    system.verify(&recorder, stop, writers).await;
+}
+
+/// Issue 7, seen 5: `tandem up` killed with kill -9 and started again on its directory
+/// killed the serving replicas and started an empty group: acknowledged writes lost, a
+/// counter back to 0. Its crash must be a non-event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tandem_up_killed_and_started_again_adopts_the_group_it_left() {
+    let mut system = LocalSystem::start(3, &[]).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), system.endpoints(), Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_millis(500)).await;
+    let before = system.configuration().await;
+    let pids: Vec<Option<u32>> = system.state().replicas.values().map(|r| r.pid).collect();
+
+    system.kill_up();
+    sleep(Duration::from_millis(700)).await;
+    system.start_up();
+    let after = system.wait_healthy(3, HEAL).await;
+    assert_eq!(after.configuration.as_ref().map(|c| c.epoch), Some(before.epoch), "no epoch wasted");
+    let now: Vec<Option<u32>> = system.state().replicas.values().map(|r| r.pid).collect();
+    assert_eq!(now, pids, "no replica was restarted");
+    assert!(system.output().contains("adopted"), "{}", system.output());
+
+    // And it still heals: kill the primary under the adopted processes.
+    kill_and_heal(&system, &before.primary).await;
+    system.verify(&recorder, stop, writers).await;
+}
+
+/// Issue 7, seen 6: every CLI process started at request id 1, so a second `put` of
+/// the same client id printed OK and did nothing, and three `incr` printed 1 1 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_id_used_by_one_process_after_another_neither_repeats_nor_swallows() {
+    let system = LocalSystem::start(3, &[]).await;
+    system.tandem(&["put", "--client-id", "c1", "a", "1"]);
+    system.tandem(&["put", "--client-id", "c1", "a", "2"]);
+    assert_eq!(system.tandem(&["get", "a"]).trim(), "2");
+    let counts: Vec<String> =
+        (0..3).map(|_| system.tandem(&["incr", "n", "--client-id", "x"]).trim().to_owned()).collect();
+    assert_eq!(counts, ["1", "2", "3"]);
+    // Random session ids carry 128 bits.
+    let out = std::process::Command::new(support::cluster::TANDEM)
+        .args(["put", "k", "v", "-v", "--dir"])
+        .arg(system.dir())
+        .output()
+        .expect("run tandem");
+    let tag = String::from_utf8_lossy(&out.stderr);
+    let client = tag.trim_start_matches('<').split(',').next().unwrap_or_default();
+    assert_eq!(client.len(), 33, "c + 32 hex digits: {tag}");
+}
+
+/// Issue 7, seen 7: a hung primary held a new client's write for its whole attempt
+/// timeout, although the failover was over in ~300 ms. The client must move on while
+/// the old primary still hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_leaves_a_hung_primary_while_it_still_hangs() {
+    let system = LocalSystem::start(3, &[]).await;
+    let primary = system.configuration().await.primary;
+    let mut settings = tandem_replica::client::ClientSettings::new(system.endpoints());
+    // Longer than the pause: only asking the others can get the write through in time.
+    settings.attempt_timeout = Duration::from_secs(60);
+    settings.deadline = Duration::from_secs(90);
+    let mut client = tandem_replica::client::Client::new(settings).expect("client");
+    client.put("warm", "up").await.expect("put");
+    system.signal_replica(&primary, Signal::SIGSTOP);
+    let reply = client
+        .execute(pb::operation::Kind::Put(pb::Put { key: "during".into(), value: "the hang".into() }))
+        .await;
+    let still_hung = system.state().replicas[&primary].process().is_some_and(|p| {
+        std::fs::read_to_string(format!("/proc/{}/stat", p.pid)).is_ok_and(|s| s.contains(") T "))
+    });
+    system.signal_replica(&primary, Signal::SIGCONT);
+    let reply = reply.expect("the write went through");
+    assert_ne!(reply.replica_id, primary, "answered by the new primary");
+    assert!(still_hung, "the write completed only after the old primary resumed");
+}
+
+/// Issue 7, seen 8: after `set replicas 3` from 5, up.json and endpoints still listed
+/// the removed replicas, and chaos signalled recycled pids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scaling_down_forgets_the_removed_replicas_everywhere() {
+    let system = LocalSystem::start(5, &[]).await;
+    let removed = system.state().replicas["r5"].process().expect("r5 runs");
+    system.tandem(&["set", "replicas", "3"]);
+    system.wait_healthy(3, HEAL).await;
+    let deadline = tokio::time::Instant::now() + HEAL;
+    while system.state().replicas.len() != 3 {
+        assert!(tokio::time::Instant::now() < deadline, "{:?}", system.state());
+        sleep(Duration::from_millis(50)).await;
+    }
+    let endpoints = std::fs::read_to_string(system.dir().join("endpoints")).expect("endpoints");
+    assert_eq!(endpoints.split(',').count(), 3, "{endpoints}");
+    assert!(!removed.alive(), "the removed replica's process is gone");
+    let refused = std::process::Command::new(support::cluster::TANDEM)
+        .args(["chaos", "kill", "r5", "--dir"])
+        .arg(system.dir())
+        .output()
+        .expect("run tandem chaos");
+    assert!(!refused.status.success(), "chaos does not signal a replica that is gone");
+}
+
+/// Issue 7, seen 10: a primary cut off from its backups (clients, its LFD and the RM
+/// still reach it) acknowledged nothing for as long as the cut lasted. It must be
+/// handled like a failed member, so the partition is no outage. Needs root (iptables).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_cut_off_from_its_backups_is_replaced_while_the_cut_lasts() {
+    let firewall = tandem_check::firewall::Firewall::new()
+        .expect("partitions need root and iptables (.ci/run installs it)");
+    let system = LocalSystem::start(3, &["--loopback-per-replica"]).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), system.endpoints(), Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_millis(300)).await;
+    let before = system.configuration().await;
+    let host = |id: &str| {
+        let address = before.members.iter().find(|m| m.id == id).expect("member").address.clone();
+        address.rsplit_once(':').expect("host:port").0.to_owned()
+    };
+    for backup in before.members.iter().filter(|m| m.id != before.primary) {
+        firewall.cut(&host(&before.primary), &host(&backup.id)).expect("cut");
+    }
+    let replaced = system
+        .wait_for(HEAL, "past the cut-off primary", |d| {
+            d.configuration.as_ref().is_some_and(|c| c.epoch > before.epoch && c.primary != before.primary)
+        })
+        .await;
+    let cut_at = recorder.now();
+    let deadline = tokio::time::Instant::now() + HEAL;
+    while recorder.first_write_acknowledged_after(cut_at).is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no write acknowledged while the cut lasts");
+        sleep(Duration::from_millis(50)).await;
+    }
+    firewall.heal().expect("heal");
+    assert!(replaced.failovers >= 1);
+    system.wait_healthy(3, HEAL).await;
+    system.verify(&recorder, stop, writers).await;
 }

@@ -32,8 +32,21 @@ impl Recorder {
         })
     }
 
-    fn now(&self) -> u64 {
+    /// Nanoseconds since the recorder started: the clock of every recorded event.
+    pub fn now(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
+    }
+
+    /// How long after `since` (a `now()`) the first write sent after it was
+    /// acknowledged: what clients saw of a fault that began at `since`.
+    pub fn first_write_acknowledged_after(&self, since: u64) -> Option<Duration> {
+        self.events()
+            .iter()
+            .filter(|e| e.invoked >= since && !matches!(e.op, Op::Get { .. }))
+            .filter(|e| !matches!(e.outcome, Outcome::Unknown))
+            .filter_map(|e| e.completed)
+            .min()
+            .map(|completed| Duration::from_nanos(completed - since))
     }
 
     pub fn events(&self) -> Vec<Event> {
@@ -206,15 +219,30 @@ pub fn start(
     tasks
 }
 
-/// Reads every acknowledged unique key back; returns those missing or wrong.
+/// Reads every acknowledged unique key back (eight readers at once); returns those
+/// missing or wrong.
 pub async fn lost_acknowledged_writes(endpoints: Vec<String>, recorder: &Arc<Recorder>) -> Vec<String> {
-    let mut reader = RecordingClient::new(endpoints, "verifier".into(), Arc::clone(recorder));
+    const READERS: usize = 8;
+    let acked = recorder.acked();
+    let mut readers = tokio::task::JoinSet::new();
+    for reader in 0..READERS {
+        let mine: Vec<(String, String)> = acked.iter().skip(reader).step_by(READERS).cloned().collect();
+        let mut client =
+            RecordingClient::new(endpoints.clone(), format!("verifier{reader}"), Arc::clone(recorder));
+        readers.spawn(async move {
+            let mut lost = Vec::new();
+            for (key, value) in mine {
+                match client.run(Op::Get { key: key.clone() }).await {
+                    Ok(Outcome::Get(Some(found))) if found == value.as_bytes() => {}
+                    other => lost.push(format!("{key}: wrote {value}, read {other:?}")),
+                }
+            }
+            lost
+        });
+    }
     let mut lost = Vec::new();
-    for (key, value) in recorder.acked() {
-        match reader.run(Op::Get { key: key.clone() }).await {
-            Ok(Outcome::Get(Some(found))) if found == value.as_bytes() => {}
-            other => lost.push(format!("{key}: wrote {value}, read {other:?}")),
-        }
+    while let Some(found) = readers.join_next().await {
+        lost.extend(found.unwrap_or_else(|e| vec![format!("a reader failed: {e}")]));
     }
     lost
 }

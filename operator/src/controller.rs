@@ -384,7 +384,8 @@ async fn ensure_services(
         .status
         .as_ref()
         .and_then(|s| s.mode.as_deref())
-        .map_or(spec.mode, |m| if m == "active" { pb::Mode::Active } else { pb::Mode::Passive });
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(spec.mode);
     for service in [pods::client_service(rsvc, mode), pods::peer_service(rsvc)] {
         services.patch(&service.name_any(), &apply, &Patch::Apply(&service)).await?;
     }
@@ -427,7 +428,10 @@ pub fn service_of(detector_id: &str) -> Option<ObjectRef<ReplicatedService>> {
 /// to it or its pods, on every membership change the GFD reports, and every RESYNC.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let (updates, mut received) = mpsc::unbounded_channel();
-    tokio::spawn(membership::follow(ctx.gfd_local.clone(), updates, shutdown.clone()));
+    if let Err(error) = membership::follow(&ctx.gfd_local, updates, shutdown.clone()) {
+        // The GFD sidecar's address comes from the operator's own settings.
+        warn!(%error, "cannot follow the GFD: membership stays unknown, only pod deletions count as failures");
+    }
     let (triggers, trigger_stream) = mpsc::unbounded_channel::<ObjectRef<ReplicatedService>>();
     let view = Arc::clone(&ctx.membership);
     tokio::spawn(async move {

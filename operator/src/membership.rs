@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tandem_replica::pb::{self, MembershipChange};
+use tandem_replica::wire::{BadAddress, dial};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 use crate::rm::Liveness;
 
@@ -20,40 +20,44 @@ pub enum MembershipUpdate {
     Lost(String),
 }
 
-/// Subscribes to the GFD's membership stream, resubscribing whenever it breaks.
-pub async fn follow(
-    gfd: String,
+/// Subscribes to the GFD's membership stream, resubscribing whenever it breaks, in a
+/// task of its own until `shutdown` (or until nobody listens). Err: the address is not
+/// one, and no membership would ever come.
+pub fn follow(
+    gfd: &str,
     updates: mpsc::UnboundedSender<MembershipUpdate>,
     shutdown: CancellationToken,
-) {
-    let Ok(endpoint) = Endpoint::from_shared(format!("http://{gfd}")) else { return };
-    let channel = endpoint.connect_timeout(Duration::from_millis(300)).connect_lazy();
-    loop {
-        let mut client = pb::fault_detector_client::FaultDetectorClient::new(channel.clone());
-        let reason = match client.subscribe(pb::SubscribeRequest {}).await {
-            Ok(stream) => {
-                let mut stream = stream.into_inner();
-                loop {
-                    tokio::select! {
-                        event = stream.next() => match event {
-                            Some(Ok(event)) => { let _ = updates.send(MembershipUpdate::Event(event)); }
-                            Some(Err(status)) => break status.message().to_owned(),
-                            None => break "stream closed".into(),
-                        },
-                        () = shutdown.cancelled() => return,
+) -> Result<(), BadAddress> {
+    let channel = dial(gfd, None)?;
+    tokio::spawn(async move {
+        loop {
+            let mut client = pb::fault_detector_client::FaultDetectorClient::new(channel.clone());
+            let reason = match client.subscribe(pb::SubscribeRequest {}).await {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    loop {
+                        tokio::select! {
+                            event = stream.next() => match event {
+                                Some(Ok(event)) => if updates.send(MembershipUpdate::Event(event)).is_err() { return },
+                                Some(Err(status)) => break status.message().to_owned(),
+                                None => break "stream closed".into(),
+                            },
+                            () = shutdown.cancelled() => return,
+                        }
                     }
                 }
+                Err(status) => status.message().to_owned(),
+            };
+            if updates.send(MembershipUpdate::Lost(reason)).is_err() {
+                return;
             }
-            Err(status) => status.message().to_owned(),
-        };
-        if updates.send(MembershipUpdate::Lost(reason)).is_err() {
-            return;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                () = shutdown.cancelled() => return,
+            }
         }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(200)) => {}
-            () = shutdown.cancelled() => return,
-        }
-    }
+    });
+    Ok(())
 }
 
 /// What the membership says of each replica (by its GFD id).

@@ -11,7 +11,7 @@ use tandem_replica::pb;
 use tandem_replica::wire::{Channels, within};
 use tracing::{debug, warn};
 
-use crate::rm::{self, Facts, Reason};
+use crate::rm::{Facts, Reason};
 
 /// How long the RM waits for one replica's answer (Status, a configuration push).
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
@@ -105,7 +105,7 @@ pub fn describe_configuration(
     format!(
         "epoch {} ({}): primary {}, members {} — {reason}",
         config.epoch,
-        rm::mode_name(config.mode()),
+        config.mode(),
         name(&config.primary),
         members.join(", ")
     )

@@ -273,7 +273,7 @@ impl fmt::Display for Reason {
         parts
             .extend(self.removed.iter().map(|id| format!("{id} removed (scale down to {})", self.scaled_to)));
         if let Some((from, to)) = self.mode_change {
-            parts.push(format!("mode {} -> {}", mode_name(from), mode_name(to)));
+            parts.push(format!("mode {from} -> {to}"));
         }
         write!(f, "{}", parts.join("; "))
     }
@@ -667,14 +667,6 @@ fn next_configuration(
     let mode = if matches!(spec.mode, Mode::Passive | Mode::Active) { spec.mode } else { config.mode() };
     let next = pb::Configuration { epoch: config.epoch + 1, mode: mode.into(), primary, members };
     Some((next, reason))
-}
-
-pub fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Passive => "passive",
-        Mode::Active => "active",
-        Mode::Unspecified => "unspecified",
-    }
 }
 
 /// Keeps `spec.replicas` instances running: restarts the gone ones (with back-off),

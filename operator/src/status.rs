@@ -17,7 +17,7 @@ use crate::crd::{
 };
 use crate::membership::MembershipView;
 use crate::pods::{REPLICA_LABEL, REPLICA_PORT, detector_id, pod_name};
-use crate::rm::{self, Instance, Liveness, Observed, Record, Restarts, Spec, Trouble};
+use crate::rm::{Instance, Liveness, Observed, Record, Restarts, Spec, Trouble};
 
 /// The RM's record: the configuration, join epochs and incarnations from the status,
 /// the back-off state the operator keeps in memory.
@@ -41,11 +41,9 @@ pub fn record_from_configuration(configuration: Option<&ConfigurationStatus>) ->
     let Some(c) = configuration else { return Record::default() };
     let config = pb::Configuration {
         epoch: c.epoch.max(0) as u64,
-        mode: match c.mode.as_str() {
-            "active" => Mode::Active,
-            _ => Mode::Passive,
-        }
-        .into(),
+        // An unknown mode (a status edited by hand) is unspecified, which the RM
+        // replaces with the spec's, never taken for passive.
+        mode: c.mode.parse().unwrap_or(Mode::Unspecified).into(),
         primary: c.primary.clone(),
         members: c
             .members
@@ -71,7 +69,7 @@ pub fn configuration_status(record: &Record) -> Option<ConfigurationStatus> {
     let config = record.config.as_ref()?;
     Some(ConfigurationStatus {
         epoch: config.epoch as i64,
-        mode: rm::mode_name(config.mode()).into(),
+        mode: config.mode().to_string(),
         primary: config.primary.clone(),
         members: config
             .members
@@ -278,7 +276,7 @@ pub fn build_status(
     ReplicatedServiceStatus {
         observed_generation: generation,
         epoch: config.map_or(record.epoch_floor as i64, |c| c.epoch as i64),
-        mode: config.map(|c| rm::mode_name(c.mode()).to_owned()),
+        mode: config.map(|c| c.mode().to_string()),
         primary: config.map(|c| pod_name(&service, &c.primary)),
         ready: Some(format!("{ready_members}/{wanted}")),
         ready_replicas: ready_members as i32,

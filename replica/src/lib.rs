@@ -22,3 +22,32 @@ pub mod pb {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("tandem.v1");
 }
+
+/// The replication mode's one name, everywhere (flags, files, status, logs):
+/// `passive` or `active`.
+impl std::fmt::Display for pb::Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            pb::Mode::Passive => "passive",
+            pb::Mode::Active => "active",
+            pb::Mode::Unspecified => "unspecified",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown replication mode {0:?} (expected passive or active)")]
+pub struct UnknownMode(pub String);
+
+impl std::str::FromStr for pb::Mode {
+    type Err = UnknownMode;
+
+    /// `passive` or `active`; anything else is refused, never taken for a default.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "passive" => Ok(pb::Mode::Passive),
+            "active" => Ok(pb::Mode::Active),
+            _ => Err(UnknownMode(text.to_owned())),
+        }
+    }
+}

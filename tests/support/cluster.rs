@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tandem_replica::pb::{self, Mode};
 use tokio::time::{Instant, sleep};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
 
@@ -42,10 +42,7 @@ pub struct Group {
 }
 
 pub fn channel(address: &str) -> Channel {
-    Endpoint::from_shared(format!("http://{address}"))
-        .expect("valid address")
-        .connect_timeout(Duration::from_secs(1))
-        .connect_lazy()
+    tandem_replica::wire::dial(address, None).expect("a valid address")
 }
 
 pub fn replica_client(address: &str) -> pb::replica_client::ReplicaClient<Channel> {

@@ -130,6 +130,26 @@ pub fn manifest(name: &str, mode: &str, replicas: i32, extra: &str) -> String {
     )
 }
 
+/// An example manifest from examples/, as a user applies it (with the suite's image:
+/// the cluster has no registry).
+pub fn example(file: &str) -> String {
+    let text =
+        std::fs::read_to_string(format!("{}/examples/{file}", env!("CARGO_MANIFEST_DIR"))).expect("example");
+    text.replace("spec:\n", &format!("spec:\n  image: {IMAGE}\n"))
+}
+
+/// A member of the configuration that is not the primary (its pod name).
+pub fn a_backup(rsvc: &ReplicatedService) -> String {
+    let status = rsvc.status.as_ref().expect("status");
+    let primary = status.primary.clone().unwrap_or_default();
+    status
+        .members
+        .iter()
+        .find(|m| m.name != primary && m.ready && m.role == "backup")
+        .map(|m| m.name.clone())
+        .expect("a ready backup")
+}
+
 pub async fn rsvc(client: &Client, namespace: &str, name: &str) -> ReplicatedService {
     Api::<ReplicatedService>::namespaced(client.clone(), namespace).get(name).await.expect("get rsvc")
 }

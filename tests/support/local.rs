@@ -19,6 +19,8 @@ pub struct LocalSystem {
     dir: tempfile::TempDir,
     pub base_port: u16,
     output: PathBuf,
+    /// What `tandem up` was started with (after `up`), to start it again.
+    args: Vec<String>,
 }
 
 /// A base port whose neighbourhood (GFD, RM API, replicas) is free right now.
@@ -38,21 +40,41 @@ impl LocalSystem {
         let dir = tempfile::tempdir().expect("temp dir");
         let base_port = free_base_port(replicas as u16 + 3);
         let output = dir.path().join("up.out");
-        let log = std::fs::File::create(&output).expect("output file");
+        let mut up_args: Vec<String> =
+            ["--replicas", &replicas.to_string(), "--port", &base_port.to_string(), "--dir"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        up_args.push(dir.path().display().to_string());
+        up_args.extend(["--child-log-level".to_owned(), "info,tandem_replica=debug".to_owned()]);
+        up_args.extend(args.iter().map(|s| s.to_string()));
+        let mut system = Self { child: None, dir, base_port, output, args: up_args };
+        system.start_up();
+        system.wait_healthy(replicas, Duration::from_secs(30)).await;
+        system
+    }
+
+    /// Starts `tandem up` (again), appending to its output.
+    pub fn start_up(&mut self) {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(&self.output).expect("output file");
         let child = Command::new(TANDEM)
-            .args(["up", "--replicas", &replicas.to_string(), "--port", &base_port.to_string()])
-            .arg("--dir")
-            .arg(dir.path())
-            .args(["--child-log-level", "info,tandem_replica=debug"])
-            .args(args)
+            .arg("up")
+            .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("start tandem up");
-        let system = Self { child: Some(child), dir, base_port, output };
-        system.wait_healthy(replicas, Duration::from_secs(30)).await;
-        system
+        self.child = Some(child);
+    }
+
+    /// kill -9 `tandem up` alone: the processes it started keep running.
+    pub fn kill_up(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill tandem up");
+            child.wait().expect("reap tandem up");
+        }
     }
 
     pub fn dir(&self) -> PathBuf {

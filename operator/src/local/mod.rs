@@ -101,6 +101,10 @@ pub enum LocalError {
     Spawn { what: String, source: std::io::Error },
     #[error("cannot read {path}: {reason} (move it away to start a new group)")]
     BadRecord { path: PathBuf, reason: String },
+    #[error(
+        "{address} is in use by a process this tandem up does not know (another system, or one left from an earlier run): stop it, or choose other ports with --port"
+    )]
+    PortInUse { address: String },
 }
 
 /// One line of `tandem up`'s output (the course-style trace), already formatted.
@@ -171,11 +175,14 @@ pub async fn run(
         settings,
     };
     local.adopt(previous.unwrap_or_default(), saved).await;
+    local.check_ports()?;
 
     let (spec_updates, spec_changes) = watch::channel(local.spec.clone());
     tokio::spawn(manager::serve(listener, Arc::clone(&local.shared), spec_updates, shutdown.clone()));
     let (membership_sender, membership) = mpsc::unbounded_channel();
-    tokio::spawn(membership::follow(local.settings.gfd_address(), membership_sender, shutdown.clone()));
+    membership::follow(&local.settings.gfd_address(), membership_sender, shutdown.clone()).map_err(
+        |error| LocalError::Bind { address: error.address.clone(), source: std::io::Error::other(error) },
+    )?;
     tokio::spawn(poll_statuses(local.poll_targets.subscribe(), Arc::clone(&local.facts), shutdown.clone()));
 
     if !local.supervisor.is_running(&Role::Gfd) {
@@ -186,7 +193,7 @@ pub async fn run(
         format!(
             "RM: managing {} {} replicas; GFD at {}, RM API at {}",
             local.spec.replicas,
-            rm::mode_name(local.spec.mode),
+            local.spec.mode,
             local.settings.gfd_address(),
             local.settings.manager_address()
         ),
@@ -319,6 +326,23 @@ impl Local {
             }
         }
         self.save_record();
+    }
+
+    /// Every address this system will listen on is free, or held by a process it
+    /// adopted: a stranger on one of them would answer in a replica's place.
+    fn check_ports(&self) -> Result<(), LocalError> {
+        let mut addresses = vec![(Role::Gfd, self.settings.gfd_address())];
+        let ids = self.instance_ids().into_iter().chain((1..=self.spec.replicas).map(rm::replica_id));
+        addresses.extend(ids.map(|id| (Role::Replica(id.clone()), self.address(&id))));
+        for (role, address) in addresses {
+            if self.supervisor.process(&role).is_some() {
+                continue;
+            }
+            if std::net::TcpListener::bind(&address).is_err() {
+                return Err(LocalError::PortInUse { address });
+            }
+        }
+        Ok(())
     }
 
     async fn run(
@@ -524,7 +548,7 @@ impl Local {
             format!(
                 "RM: spec now replicas={} mode={} heartbeat_interval={} ms failure_threshold={} checkpoint_interval={} ms",
                 spec.replicas,
-                rm::mode_name(spec.mode),
+                spec.mode,
                 spec.heartbeat_interval_ms,
                 spec.failure_threshold,
                 spec.checkpoint_interval_ms

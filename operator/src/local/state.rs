@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tandem_replica::pb::Mode;
 
 use super::supervisor::ProcessId;
 use crate::crd::ConfigurationStatus;
@@ -134,7 +133,7 @@ impl SavedRecord {
     pub fn of(spec: &Spec, record: &Record) -> Self {
         Self {
             replicas: spec.replicas,
-            mode: crate::rm::mode_name(spec.mode).into(),
+            mode: spec.mode.to_string(),
             heartbeat_interval_ms: spec.heartbeat_interval_ms,
             failure_threshold: spec.failure_threshold,
             checkpoint_interval_ms: spec.checkpoint_interval_ms,
@@ -148,7 +147,7 @@ impl SavedRecord {
     pub fn spec(&self, given: &Spec) -> Spec {
         Spec {
             replicas: self.replicas,
-            mode: Mode::from_str_name(&format!("MODE_{}", self.mode.to_uppercase())).unwrap_or(given.mode),
+            mode: self.mode.parse().unwrap_or(given.mode),
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             failure_threshold: self.failure_threshold,
             checkpoint_interval_ms: self.checkpoint_interval_ms,
@@ -172,7 +171,7 @@ impl SavedRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tandem_replica::pb;
+    use tandem_replica::pb::{self, Mode};
 
     #[test]
     fn the_record_survives_a_round_trip_through_the_file() {

@@ -1,7 +1,7 @@
-//! Partitions on loopback for the nemesis: iptables rules in a chain of its own
-//! (`TANDEM-NEMESIS-<pid>`, jumped to from OUTPUT), so that healing is flushing the
-//! chain and cleaning up is deleting it, at the end of the run whatever happens. Chains
-//! that a killed nemesis left behind are removed at start.
+//! Partitions on loopback, for the nemesis and the tests: iptables rules in a chain of
+//! this process's own (`TANDEM-NEMESIS-<pid>`, jumped to from OUTPUT), so that healing
+//! is flushing the chain and cleaning up is deleting it, whatever happens. Chains that
+//! a killed process left behind are removed at start. Needs root and iptables.
 
 use std::process::Command;
 
@@ -38,32 +38,21 @@ impl Firewall {
         Ok(Self { chain })
     }
 
-    fn drop_between(&self, from: &str, to: &str) {
-        if let Err(error) = iptables(&["-A", &self.chain, "-s", from, "-d", to, "-j", "DROP"]) {
-            println!("           {error}");
-        }
-    }
-
     /// No packet between the addresses `a` and `b`, either way.
-    pub fn cut(&self, a: &str, b: &str) {
-        self.drop_between(a, b);
-        self.drop_between(b, a);
+    pub fn cut(&self, a: &str, b: &str) -> Result<(), String> {
+        iptables(&["-A", &self.chain, "-s", a, "-d", b, "-j", "DROP"])?;
+        iptables(&["-A", &self.chain, "-s", b, "-d", a, "-j", "DROP"])
     }
 
     /// No packet to or from `address`.
-    pub fn isolate(&self, address: &str) {
-        for args in [["-s", address], ["-d", address]] {
-            if let Err(error) = iptables(&["-A", &self.chain, args[0], args[1], "-j", "DROP"]) {
-                println!("           {error}");
-            }
-        }
+    pub fn isolate(&self, address: &str) -> Result<(), String> {
+        iptables(&["-A", &self.chain, "-s", address, "-j", "DROP"])?;
+        iptables(&["-A", &self.chain, "-d", address, "-j", "DROP"])
     }
 
     /// Every cut healed.
-    pub fn heal(&self) {
-        if let Err(error) = iptables(&["-F", &self.chain]) {
-            println!("           {error}");
-        }
+    pub fn heal(&self) -> Result<(), String> {
+        iptables(&["-F", &self.chain])
     }
 }
 
