@@ -112,8 +112,8 @@ pub fn pod_address(pod: &Pod) -> Option<String> {
 }
 
 /// What the RM observes: one entry per replica pod, plus a gone entry for each member
-/// whose pod no longer exists and each replica being restarted (so the replacement gets
-/// the same id and pod name).
+/// whose pod no longer exists, each replica being restarted and each whose pod was
+/// terminating (so the replacement gets the same id and pod name).
 pub fn observe(
     rsvc: &ReplicatedService,
     pods: &[Pod],
@@ -138,9 +138,11 @@ pub fn observe(
             observed.insert(id, entry);
         }
     }
-    // Members without a pod, and replicas waiting to be restarted, keep their ids.
+    // Members without a pod, replicas waiting to be restarted, and pods that were just
+    // terminating keep their ids (so a replacement gets the same id and pod name).
     let members = record.config.iter().flat_map(|c| &c.members).map(|m| (m.id.clone(), m.address.clone()));
-    let restarting = record.restarts.keys().map(|id| (id.clone(), String::new()));
+    let restarting =
+        record.restarts.keys().chain(record.terminating_since.keys()).map(|id| (id.clone(), String::new()));
     for (id, address) in members.chain(restarting) {
         observed.entry(id.clone()).or_insert_with(|| Observed {
             id,
@@ -370,6 +372,12 @@ mod tests {
         assert_eq!(by_id["r1"].address, "10.0.0.1:7000");
         assert_eq!(by_id["r2"].instance, Instance::Terminating, "deletion timestamp: on its way out");
         assert_eq!(by_id["r3"].instance, Instance::Gone, "member without a pod");
+        // A removed member whose pod was terminating and is now gone keeps its id, so
+        // its replacement gets its name back.
+        let mut record = record();
+        record.terminating_since.insert("r9".into(), 0);
+        let observed = observe(&rsvc(), &pods, &MembershipView::default(), &BTreeMap::new(), &record);
+        assert!(observed.iter().any(|o| o.id == "r9" && o.instance == Instance::Gone), "{observed:?}");
     }
 
     #[test]

@@ -169,7 +169,8 @@ pub async fn run(
         output,
         last_trouble: None,
         shared: Arc::new(Mutex::new(Shared { gfd_address: settings.gfd_address(), ..Shared::default() })),
-        state_file: StateFile::default(),
+        known: BTreeMap::new(),
+        written: StateFile::default(),
         saved: None,
         channels: Channels::default(),
         settings,
@@ -251,8 +252,10 @@ struct Local {
     output: Output,
     last_trouble: Option<Trouble>,
     shared: Arc<Mutex<Shared>>,
-    /// What `up.json` says now (rewritten, atomically, whenever it changes).
-    state_file: StateFile,
+    /// Every replica id this RM knows of, and its address.
+    known: BTreeMap<String, String>,
+    /// What `up.json` says now (rewritten, atomically, whenever it would change).
+    written: StateFile,
     /// What `rm.json` says now (rewritten, atomically, before a change is acted on).
     saved: Option<SavedRecord>,
     channels: Channels,
@@ -270,10 +273,7 @@ impl Local {
             adopted.push("the GFD".to_owned());
         }
         for (id, entry) in &previous.replicas {
-            self.state_file.replicas.insert(
-                id.clone(),
-                ReplicaEntry { address: entry.address.clone(), ..ReplicaEntry::default() },
-            );
+            self.known.insert(id.clone(), entry.address.clone());
             if let Some(process) = entry.process()
                 && self.supervisor.adopt(Role::Replica(id.clone()), process)
             {
@@ -300,7 +300,7 @@ impl Local {
         // Replicas may know a newer configuration than the file (it was lost or old):
         // the newest one any of them reports is the group's.
         let targets: Vec<(String, String)> =
-            self.state_file.replicas.iter().map(|(id, e)| (id.clone(), e.address.clone())).collect();
+            self.known.iter().map(|(id, address)| (id.clone(), address.clone())).collect();
         let statuses = replicas::statuses(&self.channels, &targets).await;
         let newest = statuses.values().filter_map(|s| s.configuration.clone()).max_by_key(|c| c.epoch);
         if let Some(config) = newest.filter(|c| self.record.config.as_ref().is_none_or(|r| c.epoch > r.epoch))
@@ -413,10 +413,9 @@ impl Local {
 
     /// Where replica `id` listens: as recorded, else by its number.
     fn address(&self, id: &str) -> String {
-        self.state_file
-            .replicas
+        self.known
             .get(id)
-            .map(|e| e.address.clone())
+            .cloned()
             .filter(|a| !a.is_empty())
             .unwrap_or_else(|| self.settings.replica_address(id))
     }
@@ -450,7 +449,7 @@ impl Local {
             args.push("--bootstrap".into());
         }
         self.facts.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-        self.state_file.replicas.entry(id.into()).or_default().address = address;
+        self.known.insert(id.into(), address);
         if let Err(error) = self.supervisor.start(Role::Replica(id.into()), &args) {
             say(&self.output, format!("RM: cannot start {id}: {error}"));
             return;
@@ -462,7 +461,7 @@ impl Local {
 
     /// Every replica id the RM knows of (running or not).
     fn instance_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.state_file.replicas.keys().cloned().collect();
+        let mut ids: Vec<String> = self.known.keys().cloned().collect();
         if let Some(config) = &self.record.config {
             ids.extend(config.members.iter().map(|m| m.id.clone()));
         }
@@ -673,7 +672,7 @@ impl Local {
             }
             Action::Forget { id } => {
                 if !self.supervisor.is_stopping(&Role::Lfd(id.clone())) {
-                    self.state_file.replicas.remove(&id);
+                    self.known.remove(&id);
                     self.restarts.remove(&id);
                     self.membership.forget(&id);
                 }
@@ -773,18 +772,18 @@ impl Local {
             replicas: BTreeMap::new(),
         };
         state.set_gfd(self.supervisor.process(&Role::Gfd));
-        for id in self.state_file.replicas.keys() {
+        for id in self.known.keys() {
             let mut entry = ReplicaEntry { address: self.address(id), ..ReplicaEntry::default() };
             entry.set_process(self.supervisor.process(&Role::Replica(id.clone())));
             entry.set_lfd_process(self.supervisor.process(&Role::Lfd(id.clone())));
             state.replicas.insert(id.clone(), entry);
         }
-        if state != self.state_file {
+        if state != self.written {
             if let Err(error) = state.write(&self.settings.dir) {
                 say(&self.output, format!("RM: WARNING: cannot write the state files: {error}"));
                 return;
             }
-            self.state_file = state;
+            self.written = state;
         }
     }
 }
