@@ -132,7 +132,9 @@ pub fn replica_pod(
                 format!("127.0.0.1:{REPLICA_PORT}"),
             ]),
         }),
-        period_seconds: Some(1),
+        // An exec probe starts a process in the pod: not every second, or a small node
+        // spends its time starting them. Failover never waits for it (the LFD does).
+        period_seconds: Some(3),
         timeout_seconds: Some(1),
         failure_threshold: Some(2),
         success_threshold: Some(1),

@@ -17,7 +17,7 @@ use crate::pb;
 use crate::peers;
 use crate::replication::Route;
 use crate::state::op_digest;
-use crate::wire::MAX_MESSAGE_BYTES;
+use crate::wire::{MAX_MESSAGE_BYTES, serve_until_shutdown};
 
 /// Runs the background tasks and serves gRPC on `listener` until shutdown.
 pub async fn serve(
@@ -33,7 +33,7 @@ pub async fn serve(
     tokio::spawn(peers::run_senders(Arc::clone(&node)).instrument(span.clone()));
     let spans = Arc::clone(&node);
     let shutdown = node.shutdown.clone();
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // A client that stopped answering (paused, cut off) loses its connection, and
         // with it the calls it left waiting here.
@@ -49,12 +49,8 @@ pub async fn serve(
             pb::peer_server::PeerServer::new(Service(Arc::clone(&node)))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(pb::control_server::ControlServer::new(Service(Arc::clone(&node))))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown.cancelled_owned(),
-        )
-        .await
+        .add_service(pb::control_server::ControlServer::new(Service(Arc::clone(&node))));
+    serve_until_shutdown(router, listener, shutdown).await
 }
 
 /// Mirrors readiness into grpc.health.v1: SERVING only while the replica is ready.

@@ -90,6 +90,32 @@ pub async fn within<T>(
     })
 }
 
+/// How long a stopping server waits for open calls and connections before it closes
+/// them: clients keep HTTP/2 connections open for good, so waiting for them would hold
+/// a stopping process (a pod being deleted) until it is killed.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+/// Serves `incoming` with `router` until `shutdown`, then at most `SHUTDOWN_GRACE` more.
+pub async fn serve_until_shutdown(
+    router: tonic::transport::server::Router,
+    incoming: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let stopping = shutdown.clone();
+    let server = router.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::TcpListenerStream::new(incoming),
+        shutdown.cancelled_owned(),
+    );
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => served,
+        () = async {
+            stopping.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => Ok(()),
+    }
+}
+
 /// Wall-clock time in unix milliseconds (what detectors and the RM put in messages and
 /// status; timers use tokio's clock).
 pub fn unix_ms() -> u64 {

@@ -113,15 +113,39 @@ pub async fn installed() -> Client {
     Client::try_default().await.expect("KUBECONFIG points at the test cluster")
 }
 
+/// A namespace of one test, deleted (with everything in it) when the test ends, passed
+/// or not: the pods of finished tests must not load the one-node cluster for the next.
+pub struct TestNamespace(String);
+
+impl std::ops::Deref for TestNamespace {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TestNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        // Not waited for: nothing needs the old namespace gone, only its pods stopped.
+        let _ = run("kubectl", &["delete", "namespace", &self.0, "--wait=false"], None);
+    }
+}
+
 /// A fresh namespace for one test (a new name each run: deleting an old namespace can
 /// take a while, and nothing needs to wait for it).
-pub async fn namespace(client: &Client, prefix: &str) -> String {
+pub async fn namespace(client: &Client, prefix: &str) -> TestNamespace {
     let api: Api<Namespace> = Api::all(client.clone());
     let name = format!("{prefix}-{:04x}", rand::random::<u16>());
     let namespace: Namespace =
         serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("namespace");
     api.create(&PostParams::default(), &namespace).await.expect("create namespace");
-    name
+    TestNamespace(name)
 }
 
 pub fn manifest(name: &str, mode: &str, replicas: i32, extra: &str) -> String {

@@ -24,13 +24,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let service = pb::manager_server::ManagerServer::new(ManagerService { shared, spec });
-    let result = tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown.cancelled_owned(),
-        )
-        .await;
+    let router = tonic::transport::Server::builder().add_service(service);
+    let result = tandem_replica::wire::serve_until_shutdown(router, listener, shutdown).await;
     if let Err(error) = result {
         tracing::error!(%error, "the RM's API stopped");
     }
