@@ -156,8 +156,23 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             Err(error) => println!("{:<8} {:<21} unreachable: {error:#}", "?", address),
         }
     }
+    if let Some(trouble) = rm_trouble(&args.endpoints).await {
+        println!("RM: {trouble}");
+    }
     anyhow::ensure!(reachable > 0, "no replica answered");
     Ok(())
+}
+
+/// What the RM of a running `tandem up` cannot fix alone, if anything.
+async fn rm_trouble(target: &EndpointArgs) -> Option<String> {
+    let state = target.local_state().ok()?;
+    let mut manager = pb::manager_client::ManagerClient::new(dial(&state.manager, None).ok()?);
+    let description = tandem_replica::wire::within(CALL_TIMEOUT, manager.describe(pb::DescribeRequest {}))
+        .await
+        .ok()?
+        .into_inner();
+    (!description.trouble.is_empty())
+        .then(|| format!("{}: {}", description.trouble_reason, description.trouble))
 }
 
 pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {

@@ -487,3 +487,53 @@ async fn a_primary_cut_off_from_its_backups_is_replaced_while_the_cut_lasts() {
     system.wait_healthy(3, HEAL).await;
     system.verify(&recorder, stop, writers).await;
 }
+
+/// Issue 7, seen 2 (local mode): every replica lost at once. The state was in memory:
+/// the group is gone, and `tandem up` says so, with the one command that recreates it;
+/// nothing is made up meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_every_replica_at_once_is_reported_with_the_command_that_recreates_the_group() {
+    let system = LocalSystem::start(3, &[]).await;
+    system.tandem(&["put", "before", "the loss"]);
+    let epoch = system.configuration().await.epoch;
+    for id in ["r1", "r2", "r3"] {
+        system.signal_replica(id, Signal::SIGKILL);
+    }
+    let lost = system.wait_for(HEAL, "reported lost", |d| d.trouble_reason == "GroupLost").await;
+    // The kills land one after another: the RM may shrink the group before the last.
+    let lost_epoch = lost.configuration.as_ref().map_or(0, |c| c.epoch);
+    assert!(lost_epoch >= epoch && lost.trouble.contains(&format!("epoch {lost_epoch}")), "{}", lost.trouble);
+    let deadline = tokio::time::Instant::now() + HEAL;
+    let command = loop {
+        if let Some(line) = system.output().lines().find(|l| l.contains("tandem recreate")) {
+            break line.split("To start over with an empty group: ").nth(1).expect("the command").to_owned();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no command offered:\n{}", system.output());
+        sleep(Duration::from_millis(50)).await;
+    };
+    assert!(system.tandem(&["status"]).contains("GroupLost"), "tandem status shows it too");
+    // A wrong epoch changes nothing.
+    let refused = std::process::Command::new(support::cluster::TANDEM)
+        .args(["recreate", "--lost-epoch", "999", "--dir"])
+        .arg(system.dir())
+        .output()
+        .expect("run tandem recreate");
+    assert!(!refused.status.success(), "a stale epoch must not recreate anything");
+    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+    let out =
+        std::process::Command::new(support::cluster::TANDEM).args(&args).output().expect("run the command");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let recreated = system.wait_healthy(3, HEAL).await;
+    assert!(
+        recreated.configuration.is_some_and(|c| c.epoch > lost_epoch),
+        "a new group after the lost epoch"
+    );
+    let gone = std::process::Command::new(support::cluster::TANDEM)
+        .args(["get", "before", "--dir"])
+        .arg(system.dir())
+        .output()
+        .expect("run tandem get");
+    assert!(!gone.status.success(), "an empty group, as announced");
+    system.tandem(&["put", "after", "recreation"]);
+    assert_eq!(system.tandem(&["get", "after"]).trim(), "recreation");
+}

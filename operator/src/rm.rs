@@ -48,9 +48,11 @@ pub const RESTART_BACKOFF_MS: u64 = 100;
 pub const RESTART_BACKOFF_MAX_MS: u64 = 10_000;
 /// Restarts in a row, without the replica becoming ready, that count as a crash loop.
 pub const CRASH_LOOP_RESTARTS: u32 = 5;
-/// How long an instance being stopped (a terminating pod) is waited for before its
-/// replacement starts under a new id.
-pub const TERMINATING_PATIENCE_MS: u64 = 5_000;
+/// How long an instance being stopped is waited for before its replacement starts
+/// under a new id. A stopped process exits within a second; a deleted pod takes the
+/// kubelet several (7 s seen on a 1.20 node), or forever with a finalizer: the group
+/// does not wait for that, its replacement gets a new name.
+pub const TERMINATING_PATIENCE_MS: u64 = 2_000;
 /// A follower the leader could not replicate to for this long (at least; longer when
 /// the detection window is) fails like a dead member: three keepalives.
 pub const UNREACHABLE_MS: u64 = 3 * tandem_replica::peers::KEEPALIVE.as_millis() as u64;

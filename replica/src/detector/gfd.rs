@@ -13,6 +13,10 @@ use crate::pb::{self, MembershipChange};
 /// One connected LFD stream.
 pub type LinkId = u64;
 
+/// A member gone this long, with no stream left, is forgotten (replaced pods get new
+/// names: the membership must not grow for good).
+pub const FORGET_GONE_AFTER_MS: u64 = 10 * 60 * 1000;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GfdSettings {
     /// How often the GFD heartbeats each LFD.
@@ -223,6 +227,12 @@ impl GfdCore {
                 changes.extend(self.detector_lost(&replica_id, *link, now, &reason));
             }
         }
+        let links = &self.links;
+        self.members.retain(|id, member| {
+            member.alive
+                || now.saturating_sub(member.since_ms) < FORGET_GONE_AFTER_MS
+                || links.values().any(|l| l.replica_id.as_deref() == Some(id.as_str()))
+        });
         if !self.settled && now.saturating_sub(self.started_ms) >= self.settings.settle_ms {
             self.settled = true;
             changes.push(Change {
@@ -334,6 +344,23 @@ mod tests {
         let back = gfd.report(2, &report(true, true), 451);
         assert_eq!(kinds(&back), vec![MembershipChange::Joined, MembershipChange::Ready]);
         assert_eq!(gfd.alive(), vec!["r1".to_string()]);
+    }
+
+    #[test]
+    fn a_member_gone_for_long_is_forgotten() {
+        let mut gfd = GfdCore::new(GfdSettings::default(), 0);
+        gfd.link_opened(1, 0);
+        gfd.hello(1, "ns/pod-r1", "a", 0);
+        gfd.report(1, &report(true, true), 0);
+        gfd.link_closed(1, 10);
+        let mut now = 10;
+        while now + 100 < 10 + FORGET_GONE_AFTER_MS {
+            now += 100;
+            gfd.tick(now);
+        }
+        assert_eq!(gfd.snapshot(now).members.len(), 1, "remembered a while");
+        gfd.tick(now + 100);
+        assert!(gfd.snapshot(now + 100).members.is_empty(), "then forgotten");
     }
 
     #[test]
