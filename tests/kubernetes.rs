@@ -141,13 +141,7 @@ async fn failover_story(mode: &str, ns_name: &str) -> Arc<Recorder> {
     sleep(Duration::from_secs(1)).await;
 
     // Then a backup's pod.
-    let backup = after_primary
-        .status
-        .as_ref()
-        .and_then(|s| s.members.iter().find(|m| Some(&m.name) != s.primary.as_ref()))
-        .expect("a backup")
-        .name
-        .clone();
+    let backup = k8s::a_backup(&after_primary);
     let healed = kill_pod_and_heal(&client, &ns, "svc", &backup, 3).await;
     assert_eq!(
         healed.status.as_ref().and_then(|s| s.primary.clone()),

@@ -116,14 +116,18 @@ impl Context {
         }
     }
 
-    async fn event(&self, rsvc: &ReplicatedService, type_: EventType, reason: &str, note: String) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
+    /// Records an event about `rsvc`. `action` tells apart events of one reason that are
+    /// not repeats (a new epoch, another pod): events with the same reason and action
+    /// are counted as a series of the first, keeping its note.
+    async fn event(
+        &self,
+        rsvc: &ReplicatedService,
+        type_: EventType,
+        reason: &str,
+        action: String,
+        note: String,
+    ) {
+        let event = Event { type_, reason: reason.into(), note: Some(note), action, secondary: None };
         if let Err(error) = self.recorder.publish(&event, &rsvc.object_ref(&())).await {
             warn!(%error, reason, "could not record an event");
         }
@@ -195,14 +199,15 @@ async fn reconcile_service(
     if !problems.is_empty()
         && previous.conditions.iter().all(|c| c.type_ != "SpecValid" || c.status != "False")
     {
-        ctx.event(&rsvc, EventType::Warning, "InvalidSpec", problems.join("; ")).await;
+        ctx.event(&rsvc, EventType::Warning, "InvalidSpec", "Validate".into(), problems.join("; ")).await;
     }
 
     if record.trouble != previous_trouble
         && let Some(trouble) = &record.trouble
     {
         warn!(service = %name, "{trouble}");
-        ctx.event(&rsvc, EventType::Warning, trouble.reason(), status::trouble_message(trouble, &rsvc)).await;
+        let note = status::trouble_message(trouble, &rsvc);
+        ctx.event(&rsvc, EventType::Warning, trouble.reason(), "Report".into(), note).await;
     }
 
     for action in actions {
@@ -238,7 +243,7 @@ async fn act(
             let note = replicas::describe_configuration(&config, &reason, |id| pods::pod_name(&name, id));
             info!(service = %name, "{note}");
             let kind = if reason.is_failover() { "Failover" } else { "Reconfigured" };
-            ctx.event(rsvc, EventType::Normal, kind, note).await;
+            ctx.event(rsvc, EventType::Normal, kind, format!("Install epoch {}", config.epoch), note).await;
         }
         Action::Start { id, bootstrap, attempt } => {
             let pod_name = pods::pod_name(&name, &id);
@@ -272,7 +277,7 @@ async fn act(
                 )
             };
             info!(service = %name, "{note}");
-            ctx.event(rsvc, EventType::Normal, reason, note).await;
+            ctx.event(rsvc, EventType::Normal, reason, format!("Create {pod_name}"), note).await;
         }
         Action::Stop { id, reason } => {
             let pod_name = pods::pod_name(&name, &id);
@@ -281,7 +286,8 @@ async fn act(
                 Err(kube::Error::Api(status)) if status.code == 404 => {}
                 Err(error) => return Err(error.into()),
             }
-            ctx.event(rsvc, EventType::Normal, "Removed", format!("deleted {pod_name}: {reason}")).await;
+            let note = format!("deleted {pod_name}: {reason}");
+            ctx.event(rsvc, EventType::Normal, "Removed", format!("Delete {pod_name}"), note).await;
         }
         Action::Forget { .. } => {}
     }
@@ -458,6 +464,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         })
         .await;
 }
+
+#[cfg(test)]
+mod fixtures;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,204 @@
+//! The reconciler against a scripted fake API server (the shape of kube-rs's
+//! controller-rs fixtures): each test lists the calls the reconciler must make, in
+//! order, with the answers to give; any other call fails the test. The real-cluster
+//! suite (tests/kubernetes.rs) stays; this covers controller.rs without a cluster.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::Pod;
+use kube::client::Body;
+use kube::{Client, Resource};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+use super::{Context, reconcile};
+use crate::crd::{Defaults, ReplicatedService, ReplicatedServiceSpec};
+use crate::pods::PodSettings;
+use crate::rm::Spec;
+
+type ApiHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// One call the reconciler must make: its method, a path it starts with, and the
+/// status and body of the answer. `check` looks at the request body.
+struct Expect {
+    method: Method,
+    path: &'static str,
+    status: StatusCode,
+    answer: Answer,
+    check: fn(&Value),
+}
+
+enum Answer {
+    /// The request's own body (what a create or a replace returns).
+    Echo,
+    Json(Value),
+}
+
+fn conflict() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict",
+           "message": "the object has been modified", "code": 409})
+}
+
+fn nothing(_: &Value) {}
+
+/// Answers the calls in `script`, in order; returns what each request carried.
+fn serve(mut handle: ApiHandle, script: Vec<Expect>) -> JoinHandle<Vec<Value>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for expect in script {
+            let (request, respond) =
+                handle.next_request().await.expect("the reconciler stopped calling early");
+            let path = request.uri().path().to_owned();
+            assert_eq!(
+                (request.method(), path.starts_with(expect.path)),
+                (&expect.method, true),
+                "expected {} {}, got {} {path}",
+                expect.method,
+                expect.path,
+                request.method()
+            );
+            let bytes = request.into_body().collect_bytes().await.expect("request body");
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            (expect.check)(&body);
+            let answer = match expect.answer {
+                Answer::Echo => body.clone(),
+                Answer::Json(value) => value,
+            };
+            let response = Response::builder()
+                .status(expect.status)
+                .body(Body::from(serde_json::to_vec(&answer).expect("json")))
+                .expect("response");
+            respond.send_response(response);
+            seen.push(body);
+        }
+        seen
+    })
+}
+
+fn context() -> (Arc<Context>, ApiHandle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "test");
+    let defaults = Defaults { image: "tandem:test".into(), spec: Spec::default() };
+    // Nothing listens there: detector settings pushes fail fast, and are retried later.
+    let pod_settings = PodSettings { gfd_address: "127.0.0.1:9".into(), log_level: "info".into() };
+    let ctx =
+        Context::new(client, defaults, pod_settings, "127.0.0.1:9".into(), false, "test-operator".into());
+    (Arc::new(ctx), handle)
+}
+
+fn service() -> ReplicatedService {
+    let mut rsvc = ReplicatedService::new("demo", ReplicatedServiceSpec::default());
+    rsvc.meta_mut().namespace = Some("test".into());
+    rsvc.meta_mut().uid = Some("0123-4567".into());
+    rsvc.meta_mut().resource_version = Some("1".into());
+    rsvc
+}
+
+const PODS: &str = "/api/v1/namespaces/test/pods";
+const STATUS: &str = "/apis/tandem.dev/v1alpha1/namespaces/test/replicatedservices/demo/status";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/test/events";
+
+fn list_no_pods() -> Expect {
+    Expect {
+        method: Method::GET,
+        path: PODS,
+        status: StatusCode::OK,
+        answer: Answer::Json(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []})),
+        check: nothing,
+    }
+}
+
+#[tokio::test]
+async fn a_status_conflict_stops_the_round_before_anything_is_created() {
+    let (ctx, handle) = context();
+    let script = vec![
+        list_no_pods(),
+        Expect {
+            method: Method::PUT,
+            path: STATUS,
+            status: StatusCode::CONFLICT,
+            answer: Answer::Json(conflict()),
+            check: |body| {
+                assert_eq!(body["metadata"]["resourceVersion"], "1", "written against what was read");
+            },
+        },
+    ];
+    let api = serve(handle, script);
+    let requeue = reconcile(Arc::new(service()), Arc::clone(&ctx)).await.expect("a conflict is no error");
+    assert_eq!(requeue, kube::runtime::controller::Action::requeue(std::time::Duration::from_millis(50)));
+    assert_eq!(api.await.expect("api").len(), 2, "no pod was created after the conflict");
+}
+
+#[tokio::test]
+async fn a_new_service_starts_its_three_bootstrap_pods_and_records_each_with_an_event() {
+    let (ctx, handle) = context();
+    let pod_created = || {
+        [
+            Expect {
+                method: Method::POST,
+                path: PODS,
+                status: StatusCode::CREATED,
+                answer: Answer::Echo,
+                check: |body| {
+                    let pod: Pod = serde_json::from_value(body.clone()).expect("a pod");
+                    let env = &pod.spec.as_ref().expect("spec").containers[0].env;
+                    let bootstrap = env.iter().flatten().any(|e| e.name == "TANDEM_BOOTSTRAP");
+                    assert!(bootstrap, "the first replicas found the group: {pod:?}");
+                    assert_eq!(
+                        pod.metadata.owner_references.as_ref().map(|o| o[0].uid.as_str()),
+                        Some("0123-4567"),
+                        "owned by the service, deleted with it"
+                    );
+                },
+            },
+            Expect {
+                method: Method::POST,
+                path: EVENTS,
+                status: StatusCode::CREATED,
+                answer: Answer::Echo,
+                check: |body| assert_eq!(body["reason"], "Created", "{body}"),
+            },
+        ]
+    };
+    let mut script = vec![
+        list_no_pods(),
+        Expect {
+            method: Method::PUT,
+            path: STATUS,
+            status: StatusCode::OK,
+            answer: Answer::Echo,
+            check: |body| {
+                let conditions = body["status"]["conditions"].as_array().expect("conditions");
+                assert!(conditions.iter().any(|c| c["type"] == "Progressing" && c["status"] == "True"));
+            },
+        },
+    ];
+    script.extend((0..3).flat_map(|_| pod_created()));
+    let services = ["/api/v1/namespaces/test/services/demo", "/api/v1/namespaces/test/services/demo-peers"];
+    for path in services {
+        script.push(Expect {
+            method: Method::PATCH,
+            path,
+            status: StatusCode::OK,
+            answer: Answer::Echo,
+            check: nothing,
+        });
+    }
+    script.push(Expect {
+        method: Method::PATCH,
+        path: "/apis/policy/v1beta1/namespaces/test/poddisruptionbudgets/demo",
+        status: StatusCode::OK,
+        answer: Answer::Echo,
+        check: nothing,
+    });
+    let api = serve(handle, script);
+    reconcile(Arc::new(service()), Arc::clone(&ctx)).await.expect("reconciled");
+    let seen = api.await.expect("api");
+    let names: Vec<&str> = seen
+        .iter()
+        .filter_map(|b| b["metadata"]["name"].as_str())
+        .filter(|n| n.starts_with("demo-r"))
+        .collect();
+    assert_eq!(names, ["demo-r1", "demo-r2", "demo-r3"]);
+}
