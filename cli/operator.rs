@@ -74,16 +74,16 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.context("cannot reach the Kubernetes API")?;
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    if args.leader_election {
-        let lease = LeaseSettings {
-            namespace: args.namespace.clone(),
-            name: "tandem-operator".into(),
-            identity: identity.clone(),
-            duration: Duration::from_secs(15),
-            renew_every: Duration::from_secs(3),
-        };
+    let lease = args.leader_election.then(|| LeaseSettings {
+        namespace: args.namespace.clone(),
+        name: "tandem-operator".into(),
+        identity: identity.clone(),
+        duration: Duration::from_secs(15),
+        renew_every: Duration::from_secs(3),
+    });
+    if let Some(lease) = &lease {
         tokio::select! {
-            led = leader::lead(client.clone(), lease, shutdown.clone()) => led.context("leader election")?,
+            led = leader::lead(client.clone(), lease.clone(), shutdown.clone()) => led.context("leader election")?,
             () = shutdown.cancelled() => return Ok(()),
         }
     }
@@ -94,8 +94,14 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         log_level: args.replica_log_level,
     };
     let gfd_local = format!("127.0.0.1:{}", args.gfd_port);
-    let ctx = Arc::new(Context::new(client, defaults, pod_settings, gfd_local, pdb_v1, identity));
+    let ctx = Arc::new(Context::new(client.clone(), defaults, pod_settings, gfd_local, pdb_v1, identity));
     controller::run(ctx, shutdown.clone()).await;
+    if let Some(lease) = &lease {
+        // A successor takes over at once instead of waiting out the lease.
+        if let Err(error) = leader::release(client, lease).await {
+            tracing::warn!(%error, "could not give the operator lease up; a successor waits for it to expire");
+        }
+    }
     info!("operator stopped");
     // Stopped on a signal, or lost the lease: exit, so a restart competes for it afresh.
     Ok(())

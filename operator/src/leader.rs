@@ -113,6 +113,26 @@ async fn attempt(api: &Api<Lease>, settings: &LeaseSettings) -> Result<bool, kub
     }
 }
 
+/// Gives the lease up, if this operator holds it, so that a successor need not wait for
+/// it to expire (an operator that stops on a signal calls this once it stopped acting).
+pub async fn release(client: Client, settings: &LeaseSettings) -> Result<(), kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client, &settings.namespace);
+    let Some(mut lease) = api.get_opt(&settings.name).await? else { return Ok(()) };
+    let held =
+        lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(settings.identity.as_str());
+    if !held {
+        return Ok(());
+    }
+    if let Some(spec) = lease.spec.as_mut() {
+        spec.holder_identity = None;
+    }
+    // Carries the resourceVersion read: if someone took it meanwhile, it stays theirs.
+    match api.replace(&settings.name, &PostParams::default(), &lease).await {
+        Ok(_) | Err(kube::Error::Api(_)) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
 /// Waits until this operator holds the lease, then keeps renewing it in the background;
 /// `lost` is cancelled if a renewal does not succeed within the lease duration.
 pub async fn lead(
@@ -133,13 +153,18 @@ pub async fn lead(
             }
             Err(error) => warn!(%error, "leader election failed; retrying"),
         }
-        tokio::time::sleep(settings.renew_every).await;
+        // Standing by: a lease given up is taken within a second.
+        tokio::time::sleep(settings.renew_every.min(Duration::from_secs(1))).await;
     }
     info!(identity = %settings.identity, lease = %settings.name, "leading");
     tokio::spawn(async move {
         let mut last_renewal = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(settings.renew_every).await;
+            tokio::select! {
+                () = tokio::time::sleep(settings.renew_every) => {}
+                // Stopping: the operator gives the lease up itself once it stopped acting.
+                () = lost.cancelled() => return,
+            }
             match attempt(&api, &settings).await {
                 Ok(true) => last_renewal = tokio::time::Instant::now(),
                 Ok(false) => {
@@ -170,6 +195,12 @@ mod tests {
             renew_time: Some(MicroTime(Timestamp::from_millisecond(renewed_ms).expect("time"))),
             ..LeaseSpec::default()
         }
+    }
+
+    #[test]
+    fn a_lease_given_up_is_taken_at_once() {
+        let given_up = LeaseSpec { holder_identity: None, ..held_by("b", 100_000) };
+        assert_eq!(decide(Some(&given_up), "a", 100_001), Decision::TakeOver { from: String::new() });
     }
 
     #[test]
