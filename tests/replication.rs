@@ -353,3 +353,41 @@ async fn checkpoint_interval_changes_at_run_time() {
     assert_eq!(group.status("r1").await.expect("r1").checkpoint_interval_ms, 100);
     group.wait_converged(&["r1", "r2", "r3"], CONVERGE).await;
 }
+
+/// Issue 7, seen 6: a request id reused for another operation was answered with the
+/// earlier request's reply, so the write "succeeded" and never happened. Both modes: the
+/// reuse is refused with a typed error, while a true retry is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_id_reused_for_another_operation_is_refused_in_both_modes() {
+    for mode in [Mode::Passive, Mode::Active] {
+        let group = Group::start(3, mode).await;
+        let request = |value: &str| pb::ExecuteRequest {
+            client_id: "reuser".into(),
+            request_id: 1,
+            op: Some(pb::Operation {
+                kind: Some(pb::operation::Kind::Put(pb::Put {
+                    key: "a".into(),
+                    value: value.to_owned().into(),
+                })),
+            }),
+            epoch: 0,
+        };
+        let mut leader = replica_client(&group.address("r1"));
+        leader.execute(request("1")).await.expect("the first request executes");
+        let retry = leader.execute(request("1")).await.expect("a true retry is answered");
+        assert!(retry.get_ref().result.is_some());
+        let refused = leader.execute(request("2")).await.expect_err("a reused id was answered");
+        assert_eq!(refused.code(), Code::AlreadyExists, "{mode:?}: {refused:?}");
+        assert!(
+            matches!(error_detail(&refused), Some(Detail::RequestIdReused(r)) if r.request_id == 1),
+            "{refused:?}"
+        );
+        let mut client = Client::new(ClientSettings::new(group.endpoints())).expect("client");
+        assert_eq!(
+            client.get("a").await.expect("get").as_deref(),
+            Some(&b"1"[..]),
+            "{mode:?}: nothing changed"
+        );
+        group.wait_converged(&["r1", "r2", "r3"], CONVERGE).await;
+    }
+}

@@ -360,8 +360,7 @@ async fn label_roles(pod_api: &Api<Pod>, record: &rm::Record, pods: &[Pod]) {
     for pod in pods.iter().filter(|p| status::pod_running(p)) {
         let Some(id) = pod.labels().get(REPLICA_LABEL) else { continue };
         let role = pods::role_label(config, id);
-        let member =
-            if config.is_some_and(|c| c.members.iter().any(|m| &m.id == id)) { "true" } else { "false" };
+        let member = if config.is_some_and(|c| c.has_member(id)) { "true" } else { "false" };
         if pod.labels().get(ROLE_LABEL).map(String::as_str) == Some(role)
             && pod.labels().get(MEMBER_LABEL).map(String::as_str) == Some(member)
         {

@@ -42,6 +42,17 @@ pub fn detector_id(namespace: &str, pod: &str) -> String {
     format!("{namespace}/{pod}")
 }
 
+/// Metadata of an object the service owns (deleted with it), named `name`.
+fn owned_metadata(rsvc: &ReplicatedService, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: rsvc.namespace(),
+        labels: Some(common_labels(&rsvc.name_any())),
+        owner_references: Some(vec![owner(rsvc)]),
+        ..ObjectMeta::default()
+    }
+}
+
 fn owner(rsvc: &ReplicatedService) -> OwnerReference {
     rsvc.controller_owner_ref(&()).expect("a ReplicatedService read from the API server has a name and uid")
 }
@@ -62,7 +73,7 @@ fn common_labels(service: &str) -> BTreeMap<String, String> {
 pub fn role_label(config: Option<&tandem_replica::pb::Configuration>, id: &str) -> &'static str {
     match config {
         Some(c) if c.primary == id => "primary",
-        Some(c) if c.members.iter().any(|m| m.id == id) => "backup",
+        Some(c) if c.has_member(id) => "backup",
         _ => "joining",
     }
 }
@@ -227,13 +238,7 @@ pub fn client_service(rsvc: &ReplicatedService, mode: Mode) -> Service {
         _ => selector.insert(ROLE_LABEL.into(), "primary".into()),
     };
     Service {
-        metadata: ObjectMeta {
-            name: Some(service.clone()),
-            namespace: rsvc.namespace(),
-            labels: Some(common_labels(&service)),
-            owner_references: Some(vec![owner(rsvc)]),
-            ..ObjectMeta::default()
-        },
+        metadata: owned_metadata(rsvc, &service),
         spec: Some(ServiceSpec {
             selector: Some(selector),
             ports: Some(vec![grpc_port()]),
@@ -258,13 +263,7 @@ fn grpc_port() -> ServicePort {
 pub fn peer_service(rsvc: &ReplicatedService) -> Service {
     let service = rsvc.name_any();
     Service {
-        metadata: ObjectMeta {
-            name: Some(format!("{service}-peers")),
-            namespace: rsvc.namespace(),
-            labels: Some(common_labels(&service)),
-            owner_references: Some(vec![owner(rsvc)]),
-            ..ObjectMeta::default()
-        },
+        metadata: owned_metadata(rsvc, &format!("{service}-peers")),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
             publish_not_ready_addresses: Some(true),
@@ -280,13 +279,7 @@ pub fn peer_service(rsvc: &ReplicatedService) -> Service {
 pub fn disruption_budget(rsvc: &ReplicatedService) -> PodDisruptionBudget {
     let service = rsvc.name_any();
     PodDisruptionBudget {
-        metadata: ObjectMeta {
-            name: Some(service.clone()),
-            namespace: rsvc.namespace(),
-            labels: Some(common_labels(&service)),
-            owner_references: Some(vec![owner(rsvc)]),
-            ..ObjectMeta::default()
-        },
+        metadata: owned_metadata(rsvc, &service),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(LabelSelector {

@@ -488,8 +488,8 @@ fn install(record: &mut Record, (config, reason): (pb::Configuration, Reason), a
     if reason.is_failover() {
         record.failovers += 1;
     }
-    record.joined_epoch.retain(|id, _| config.members.iter().any(|m| &m.id == id));
-    record.incarnations.retain(|id, _| config.members.iter().any(|m| &m.id == id));
+    record.joined_epoch.retain(|id, _| config.has_member(id));
+    record.incarnations.retain(|id, _| config.has_member(id));
     for member in &config.members {
         record.joined_epoch.entry(member.id.clone()).or_insert(config.epoch);
     }
@@ -521,7 +521,7 @@ fn failures(
         let followers: Vec<&(String, u64)> = leader
             .follower_silence
             .iter()
-            .filter(|(id, _)| config.members.iter().any(|m| &m.id == id) && *id != config.primary)
+            .filter(|(id, _)| config.has_member(id) && *id != config.primary)
             .collect();
         let silent: Vec<&(String, u64)> = followers.iter().copied().filter(|(_, ms)| *ms >= limit).collect();
         if followers.len() >= 2 && silent.len() == followers.len() {
@@ -683,7 +683,7 @@ fn replace_instances(
     actions: &mut Vec<Action>,
 ) {
     let config = record.config.clone().unwrap_or_default();
-    let is_member = |id: &str| config.members.iter().any(|m| m.id == id);
+    let is_member = |id: &str| config.has_member(id);
     let wanted = spec.replicas.max(1) as usize;
 
     // A replica that made it back to ready starts its restart count afresh.

@@ -190,7 +190,7 @@ pub fn build_status(
         .iter()
         .map(|o| {
             let name = pod_name(&service, &o.id);
-            let member = config.is_some_and(|c| c.members.iter().any(|m| m.id == o.id));
+            let member = config.is_some_and(|c| c.has_member(&o.id));
             let role = match (o.instance, config) {
                 (Instance::Gone, _) => "gone",
                 (Instance::Terminating, _) => "terminating",
@@ -216,10 +216,8 @@ pub fn build_status(
             }
         })
         .collect();
-    let ready_members = members
-        .iter()
-        .filter(|m| m.ready && config.is_some_and(|c| c.members.iter().any(|x| x.id == m.id)))
-        .count();
+    let ready_members =
+        members.iter().filter(|m| m.ready && config.is_some_and(|c| c.has_member(&m.id))).count();
     let primary_ready = config.is_some_and(|c| members.iter().any(|m| m.id == c.primary && m.ready));
     let running = observed.iter().filter(|o| o.instance == Instance::Running).count();
     let wanted = spec.replicas as usize;

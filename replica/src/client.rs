@@ -104,7 +104,7 @@ impl View {
         Self {
             epoch: config.epoch,
             mode: config.mode(),
-            primary: config.members.iter().find(|m| m.id == config.primary).map(|m| m.address.clone()),
+            primary: config.leader().map(|m| m.address.clone()),
             members: config.members.iter().map(|m| m.address.clone()).collect(),
         }
     }

@@ -23,6 +23,22 @@ pub mod pb {
     tonic::include_proto!("tandem.v1");
 }
 
+impl pb::Configuration {
+    /// The member with this id, if it is one.
+    pub fn member(&self, id: &str) -> Option<&pb::Member> {
+        self.members.iter().find(|m| m.id == id)
+    }
+
+    pub fn has_member(&self, id: &str) -> bool {
+        self.member(id).is_some()
+    }
+
+    /// The primary (passive) or order-keeper (active), when it is a member.
+    pub fn leader(&self) -> Option<&pb::Member> {
+        self.member(&self.primary)
+    }
+}
+
 /// The replication mode's one name, everywhere (flags, files, status, logs):
 /// `passive` or `active`.
 impl std::fmt::Display for pb::Mode {

@@ -103,8 +103,7 @@ async fn replicate_to(node: Arc<Node>, peer: String, address: String) {
             }
             Err(()) => {
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
-                let is_learner =
-                    !node.read(|core| core.config().is_some_and(|c| c.members.iter().any(|m| m.id == peer)));
+                let is_learner = !node.read(|core| core.config().is_some_and(|c| c.has_member(&peer)));
                 if is_learner && since.elapsed() > LEARNER_GIVE_UP {
                     info!(%peer, "learner unreachable, forgetting it");
                     node.apply(|inner| inner.core.forget_learner(&peer));

@@ -192,7 +192,7 @@ impl Core {
     }
 
     fn member(&self, id: &str) -> Option<&pb::Member> {
-        self.config.as_ref()?.members.iter().find(|m| m.id == id)
+        self.config.as_ref()?.member(id)
     }
 
     pub fn is_member(&self) -> bool {
@@ -240,7 +240,7 @@ impl Core {
     }
 
     pub fn leader(&self) -> Option<&pb::Member> {
-        self.member(&self.config.as_ref()?.primary)
+        self.config.as_ref()?.leader()
     }
 
     pub fn last_seq(&self) -> u64 {

@@ -120,7 +120,7 @@ impl pb::manager_server::Manager for ManagerService {
                 .into(),
                 alive: matches!(o.liveness, Liveness::Alive { .. }),
                 ready: matches!(o.liveness, Liveness::Alive { ready: true }),
-                member: config.as_ref().is_some_and(|c| c.members.iter().any(|m| m.id == o.id)),
+                member: config.as_ref().is_some_and(|c| c.has_member(&o.id)),
                 last_heartbeat_unix_ms: shared.heartbeats.get(&o.id).copied().unwrap_or_default(),
                 last_seq: o.facts.as_ref().map_or(0, |f| f.last_seq),
                 checkpoint_seq: shared.checkpoint_seqs.get(&o.id).copied().unwrap_or_default(),

@@ -369,18 +369,21 @@ impl Local {
         }
     }
 
-    fn start_gfd(&mut self) -> Result<(), LocalError> {
-        let args = vec![
-            "gfd".into(),
-            "--listen".into(),
-            self.settings.gfd_address(),
+    /// What every detector process is started with: its heartbeat settings, its logs.
+    fn detector_args(&self) -> [String; 6] {
+        [
             "--heartbeat-interval-ms".into(),
             self.spec.heartbeat_interval_ms.to_string(),
             "--failure-threshold".into(),
             self.spec.failure_threshold.to_string(),
             "--log-level".into(),
             self.settings.log_level.clone(),
-        ];
+        ]
+    }
+
+    fn start_gfd(&mut self) -> Result<(), LocalError> {
+        let mut args = vec!["gfd".into(), "--listen".into(), self.settings.gfd_address()];
+        args.extend(self.detector_args());
         self.supervisor
             .start(Role::Gfd, &args)
             .map_err(|source| LocalError::Spawn { what: "the GFD".into(), source })?;
@@ -396,13 +399,8 @@ impl Local {
             self.address(id),
             "--gfd".into(),
             self.settings.gfd_address(),
-            "--heartbeat-interval-ms".into(),
-            self.spec.heartbeat_interval_ms.to_string(),
-            "--failure-threshold".into(),
-            self.spec.failure_threshold.to_string(),
-            "--log-level".into(),
-            self.settings.log_level.clone(),
         ];
+        args.extend(self.detector_args());
         if let Some(ip) = self.settings.lfd_ip(id) {
             args.extend(["--dial-from".into(), ip.to_string()]);
         }
