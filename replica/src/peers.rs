@@ -92,16 +92,16 @@ async fn replicate_to(node: Arc<Node>, peer: String, address: String) {
             }
         };
         match outcome {
-            Ok(progressed) => {
+            Sent::Matched | Sent::Mismatched => {
                 failing_since = None;
                 backoff.reset();
-                if !progressed {
+                if outcome == Sent::Mismatched {
                     // A mismatch while the follower waits for its checkpoint header:
                     // give it a moment rather than spin.
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
-            Err(()) => {
+            Sent::Failed => {
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                 let is_learner = !node.read(|core| core.config().is_some_and(|c| c.has_member(&peer)));
                 if is_learner && since.elapsed() > LEARNER_GIVE_UP {
@@ -118,25 +118,36 @@ async fn replicate_to(node: Arc<Node>, peer: String, address: String) {
     }
 }
 
-/// One append. Ok(matched) when the follower answered, Err when it could not be reached
-/// or refused (in which case the refusal has been acted on).
-async fn send_append(
-    node: &Arc<Node>,
-    peer: &str,
-    address: &str,
-    request: pb::AppendRequest,
-) -> Result<bool, ()> {
-    let mut client = node.peer_client(address).map_err(|e| warn!(%peer, error = %e, "no channel"))?;
+/// How one append went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// The follower took the entries.
+    Matched,
+    /// The follower answered, but its log did not match (the core backs up).
+    Mismatched,
+    /// No answer, or a refusal (already acted on and logged).
+    Failed,
+}
+
+/// One append, and what the core makes of the answer.
+async fn send_append(node: &Arc<Node>, peer: &str, address: &str, request: pb::AppendRequest) -> Sent {
+    let mut client = match node.peer_client(address) {
+        Ok(client) => client,
+        Err(error) => {
+            warn!(%peer, %address, error = %error.message(), "cannot dial the follower");
+            return Sent::Failed;
+        }
+    };
     match within(node.settings.peer_timeout, client.append(request.clone())).await {
         Ok(reply) => {
             let reply = reply.into_inner();
             node.follower_answered(peer);
             node.apply(|inner| inner.core.on_append_reply(peer, &request, &reply));
-            Ok(reply.matched)
+            if reply.matched { Sent::Matched } else { Sent::Mismatched }
         }
         Err(status) => {
             handle_refusal(node, peer, address, &status).await;
-            Err(())
+            Sent::Failed
         }
     }
 }
@@ -195,11 +206,11 @@ async fn send_checkpoint(node: Arc<Node>, peer: String, address: String, checkpo
         Ok(reply) => {
             info!(%peer, seq, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint installed by follower");
             node.follower_answered(&peer);
-            node.apply(|inner| inner.core.on_checkpoint_sent(&peer, seq, Ok(reply.get_ref())));
+            node.apply(|inner| inner.core.on_checkpoint_sent(&peer, seq, Some(reply.get_ref())));
         }
         Err(status) => {
             warn!(%peer, seq, error = %status.message(), "checkpoint transfer failed");
-            node.apply(|inner| inner.core.on_checkpoint_sent(&peer, seq, Err(())));
+            node.apply(|inner| inner.core.on_checkpoint_sent(&peer, seq, None));
         }
     }
     if result.is_err() {

@@ -636,19 +636,20 @@ impl Core {
         self.advance();
     }
 
-    /// A checkpoint transfer to `peer` ended (`installed`: the follower's answer).
+    /// A checkpoint transfer to `peer` ended: the follower's answer, or `None` when the
+    /// transfer failed (the shell logged why; it is retried).
     pub fn on_checkpoint_sent(
         &mut self,
         peer: &str,
         seq: u64,
-        installed: Result<&pb::InstallCheckpointReply, ()>,
+        installed: Option<&pb::InstallCheckpointReply>,
     ) {
         let Some(progress) = self.peers.get_mut(peer) else {
             return;
         };
         progress.checkpoint_in_flight = false;
         match installed {
-            Ok(reply) => {
+            Some(reply) => {
                 progress.checkpoint_seq = progress.checkpoint_seq.max(reply.installed_seq);
                 progress.has_state = true;
                 progress.match_seq = progress.match_seq.max(reply.installed_seq.min(seq));
@@ -656,7 +657,7 @@ impl Core {
                     progress.next_seq = reply.installed_seq + 1;
                 }
             }
-            Err(()) => progress.checkpoint_wanted = true,
+            None => progress.checkpoint_wanted = true,
         }
         self.checkpoint_seq = self.checkpoint_seq.max(seq);
     }

@@ -324,7 +324,7 @@ impl Sim {
             }
             Message::CheckpointDone { to, from, seq, reply } => {
                 let core = self.core(&to).expect("alive");
-                core.on_checkpoint_sent(&from, seq, reply.as_ref().ok_or(()));
+                core.on_checkpoint_sent(&from, seq, reply.as_ref());
             }
             Message::Order { to, request } => {
                 let core = self.core(&to).expect("alive");
