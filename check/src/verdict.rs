@@ -100,13 +100,21 @@ pub async fn judge(
     verdict
 }
 
-/// Stops the writers and checks the run; Err: what failed, with the evidence.
+/// Acknowledged unique writes a run needs before its checks prove anything.
+const MIN_PROGRESS: usize = 20;
+
+/// Stops the writers (once they made enough progress to prove something, waiting up to
+/// 30 s for it) and checks the run; Err: what failed, with the evidence.
 pub async fn stop_and_verify(
     live: &[String],
     recorder: &Arc<Recorder>,
     stop: CancellationToken,
     writers: tokio::task::JoinSet<()>,
 ) -> Result<pb::DigestReply, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while recorder.acked().len() <= MIN_PROGRESS && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let verdict = judge(live, &Workload::default(), recorder, stop, writers).await;
     let (acked, unanswered) = (verdict.acknowledged_writes, verdict.unanswered);
     let operations = verdict.operations;
@@ -115,7 +123,7 @@ pub async fn stop_and_verify(
         "linearizable ({operations} operations); converged at seq {} ({} keys); {acked} acknowledged unique writes; {unanswered} unanswered requests",
         digest.seq, digest.keys
     );
-    if acked <= 20 {
+    if acked <= MIN_PROGRESS {
         return Err("the workload made too little progress to prove anything".into());
     }
     Ok(digest)

@@ -24,12 +24,7 @@ pub fn facts(status: &pb::ReplicaStatus) -> Facts {
         synced_epoch: status.synced_epoch,
         has_state: status.has_state,
         incarnation: status.incarnation.clone(),
-        follower_silence: status
-            .followers
-            .iter()
-            .filter(|f| f.member)
-            .map(|f| (f.replica_id.clone(), f.ack_age_ms))
-            .collect(),
+        follower_silence: status.followers.iter().map(|f| (f.replica_id.clone(), f.ack_age_ms)).collect(),
     }
 }
 

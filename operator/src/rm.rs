@@ -154,8 +154,8 @@ pub struct Facts {
     pub has_state: bool,
     /// Which start of the replica answered (random per process).
     pub incarnation: String,
-    /// Leader only: each member follower and how long it has left the leader
-    /// unanswered (ms).
+    /// Leader only: each follower (member, or learner joining) and how long it has left
+    /// the leader unanswered (ms).
     pub follower_silence: Vec<(String, u64)>,
 }
 
@@ -621,8 +621,16 @@ fn next_configuration(
     }
     if reason.failed.is_empty() {
         // Only without failures: grow by ready joiners, shrink to the spec.
-        let primary_seq =
-            by_id.get(primary.as_str()).and_then(|o| o.facts.as_ref()).map_or(0, |f| f.last_seq);
+        let leader =
+            by_id.get(primary.as_str()).and_then(|o| o.facts.as_ref()).filter(|f| f.epoch == config.epoch);
+        let primary_seq = leader.map_or(0, |f| f.last_seq);
+        // A joiner must be fed by the leader right now: one that merely looks caught up
+        // (a primary just replaced for being cut off) would be added, found unreachable,
+        // removed, and added again for as long as the cut lasts.
+        let limit = spec.unreachable_ms();
+        let leader_hears = |id: &str| {
+            leader.is_some_and(|f| f.follower_silence.iter().any(|(f_id, ms)| f_id == id && *ms < limit))
+        };
         let mut joiners: Vec<&&Observed> = by_id
             .values()
             .filter(|o| !members.iter().any(|m| m.id == o.id))
@@ -637,6 +645,7 @@ fn next_configuration(
                         && primary_seq.saturating_sub(f.last_seq) <= JOIN_LAG
                 })
             })
+            .filter(|o| leader_hears(&o.id))
             .collect();
         joiners.sort_by_key(|o| order(&o.id));
         let room = (spec.replicas as usize).saturating_sub(members.len());

@@ -41,6 +41,12 @@ fn restarted(id: &str, epoch: u64) -> Observed {
     o
 }
 
+/// A leader's facts that say it hears `followers` (they answered it just now).
+fn leading(id: &str, epoch: u64, last_seq: u64, followers: &[&str]) -> Facts {
+    let follower_silence = followers.iter().map(|f| ((*f).to_owned(), 10)).collect();
+    Facts { follower_silence, ..facts(id, epoch, last_seq, epoch) }
+}
+
 fn installs(actions: &[Action]) -> Vec<pb::Configuration> {
     actions
         .iter()
@@ -177,7 +183,7 @@ fn a_member_restarted_in_place_is_removed_and_rejoins_as_a_new_replica() {
     let Some(Action::Install { reason, .. }) = actions.first() else { panic!() };
     assert_eq!(reason.failed, vec![("r3".to_owned(), Failure::Restarted)]);
     // It joins through a checkpoint, turns ready, and is added back as itself anew.
-    observed[0].facts = Some(facts("r1", 2, 20, 2));
+    observed[0].facts = Some(leading("r1", 2, 20, &["r2", "r3"]));
     observed[2] = alive("r3", 20, 2, 0);
     observed[2].facts.as_mut().expect("facts").incarnation = "r3#2".into();
     let config = installs(&reconcile(&spec, &mut record, &observed, true, 200)).pop().expect("r3 back");
@@ -208,7 +214,7 @@ fn a_lost_detector_gets_a_grace_period_and_unknown_membership_changes_nothing() 
     let config = installs(&reconcile(&spec, &mut record, &observed, true, later)).pop().expect("removal");
     assert_eq!((config.primary.as_str(), member_ids(&config)), ("r1", vec!["r1", "r3"]));
     // Its detector comes back: the replica, still holding its state, is re-admitted.
-    observed[0].facts = Some(facts("r1", 2, 10, 2));
+    observed[0].facts = Some(leading("r1", 2, 10, &["r2", "r3"]));
     observed[1] = alive("r2", 10, 2, 1);
     let config = installs(&reconcile(&spec, &mut record, &observed, true, 4_000)).pop().expect("re-admitted");
     assert_eq!(member_ids(&config), vec!["r1", "r2", "r3"]);
@@ -337,13 +343,43 @@ fn a_ready_caught_up_joiner_is_added_and_a_lagging_one_waits() {
     observed[2] = with(observed[2].clone(), Liveness::Failed, Instance::Gone);
     let config = installs(&reconcile(&spec, &mut record, &observed, true, 0)).pop().expect("r3 removed");
     assert_eq!(member_ids(&config), vec!["r1", "r2"]);
-    observed[0].facts = Some(facts("r1", 2, 5_000, 2));
+    observed[0].facts = Some(leading("r1", 2, 5_000, &["r2", "r3"]));
     observed[2] = alive("r3", 5_000 - JOIN_LAG - 1, 2, 0);
     assert!(installs(&reconcile(&spec, &mut record, &observed, true, 10)).is_empty(), "still catching up");
     observed[2].facts = Some(facts("r3", 2, 4_990, 0));
     let config = installs(&reconcile(&spec, &mut record, &observed, true, 20)).pop().expect("r3 added");
     assert_eq!((config.epoch, member_ids(&config)), (3, vec!["r1", "r2", "r3"]));
     assert_eq!(record.joined_epoch["r3"], 3);
+}
+
+/// Seen in CI: a primary replaced for being cut off from its backups looked caught up
+/// (same log, same epoch), was added back at once, found unreachable, removed, and so on
+/// for as long as the cut lasted, stalling writes each round.
+#[test]
+fn a_replica_the_leader_does_not_hear_is_not_added_however_caught_up_it_looks() {
+    let spec = Spec::default();
+    let (mut record, mut observed) = booted(&spec);
+    observed[0].facts.as_mut().expect("facts").follower_silence =
+        vec![("r2".into(), 5_000), ("r3".into(), 5_000)];
+    let config = installs(&reconcile(&spec, &mut record, &observed, true, 100)).pop().expect("r1 replaced");
+    assert!(!member_ids(&config).contains(&"r1"));
+    let leader = config.primary.clone();
+    let follower = if leader == "r2" { "r3" } else { "r2" };
+    let index = |id: &str| observed.iter().position(|o| o.id == id).expect("observed");
+    let (l, f) = (index(&leader), index(follower));
+    observed[l].facts = Some(leading(&leader, 2, 10, &[follower]));
+    observed[f].facts = Some(facts(follower, 2, 10, 2));
+    observed[0].facts = Some(facts("r1", 2, 10, 1));
+    for now in [200, 1_000, 5_000] {
+        assert!(
+            installs(&reconcile(&spec, &mut record, &observed, true, now)).is_empty(),
+            "r1 added while cut off"
+        );
+    }
+    // The cut heals: the leader feeds r1 as a learner, and then it is added.
+    observed[l].facts = Some(leading(&leader, 2, 10, &[follower, "r1"]));
+    let config = installs(&reconcile(&spec, &mut record, &observed, true, 6_000)).pop().expect("r1 back");
+    assert_eq!(member_ids(&config), vec!["r1", "r2", "r3"]);
 }
 
 #[test]
@@ -429,12 +465,19 @@ impl World {
 
     fn observed(&self) -> Vec<Observed> {
         let mut observed: Vec<Observed> = self.instances.values().cloned().collect();
-        if let (Some((cut, until)), Some(config)) = (&self.cut, &self.record.config)
-            && self.now < *until
-            && let Some(leader) = observed.iter_mut().find(|o| o.id == config.primary)
+        // The leader hears every running follower with a state, but the one cut off.
+        let Some(config) = &self.record.config else { return observed };
+        let cut = self.cut.as_ref().filter(|(_, until)| self.now < *until).map(|(id, _)| id.clone());
+        let heard: Vec<(String, u64)> = observed
+            .iter()
+            .filter(|o| o.id != config.primary && o.instance == Instance::Running)
+            .filter(|o| o.facts.as_ref().is_some_and(|f| f.has_state))
+            .map(|o| (o.id.clone(), if Some(&o.id) == cut.as_ref() { 10_000 } else { 10 }))
+            .collect();
+        if let Some(leader) = observed.iter_mut().find(|o| o.id == config.primary)
             && let Some(facts) = leader.facts.as_mut()
         {
-            facts.follower_silence = vec![(cut.clone(), 10_000)];
+            facts.follower_silence = heard;
         }
         observed
     }
