@@ -524,12 +524,18 @@ fn failures(
             .filter(|(id, _)| config.has_member(id) && *id != config.primary)
             .collect();
         let silent: Vec<&(String, u64)> = followers.iter().copied().filter(|(_, ms)| *ms >= limit).collect();
+        // A leader cut off from all its followers loses them one by one as each crosses
+        // the limit; blaming the first would leave the cut-off leader alone. So a
+        // follower is blamed only while the leader still hears another one.
+        let hears_another = |id: &str| followers.iter().any(|(other, ms)| other != id && *ms < limit / 2);
         if followers.len() >= 2 && silent.len() == followers.len() {
             let ms = silent.iter().map(|(_, ms)| *ms).min().unwrap_or(limit);
             failed.insert(config.primary.clone(), Failure::Isolated { ms });
         } else {
             for (id, ms) in silent {
-                failed.entry(id.clone()).or_insert(Failure::Unreachable { ms: *ms });
+                if followers.len() < 2 || hears_another(id) {
+                    failed.entry(id.clone()).or_insert(Failure::Unreachable { ms: *ms });
+                }
             }
         }
     }

@@ -328,7 +328,14 @@ fn a_follower_the_leader_cannot_reach_is_removed_and_a_leader_that_reaches_none_
     let config = installs(&reconcile(&spec, &mut record, &observed, true, 200)).pop().expect("r2 removed");
     assert_eq!((config.primary.as_str(), member_ids(&config)), ("r1", vec!["r1", "r3"]));
 
+    // Seen in CI: cut off from both, the leader lost r2 first, then r3, and stayed alone.
     let (mut record, mut observed) = booted(&spec);
+    observed[0].facts.as_mut().expect("facts").follower_silence =
+        silent(UNREACHABLE_MS, UNREACHABLE_MS * 7 / 8);
+    assert!(
+        installs(&reconcile(&spec, &mut record, &observed, true, 100)).is_empty(),
+        "the leader hears neither: no follower is to blame yet"
+    );
     observed[0].facts.as_mut().expect("facts").follower_silence = silent(UNREACHABLE_MS + 5, UNREACHABLE_MS);
     let actions = reconcile(&spec, &mut record, &observed, true, 100);
     let config = installs(&actions).pop().expect("the isolated primary replaced");
