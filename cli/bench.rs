@@ -75,6 +75,15 @@ pub struct FailoverArgs {
     pub verbose: bool,
 }
 
+impl BenchArgs {
+    /// Whether the system's own lines are printed (`--verbose`).
+    pub fn prints_events(&self) -> bool {
+        match &self.bench {
+            Bench::Failover(args) => args.verbose,
+        }
+    }
+}
+
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     match args.bench {
         Bench::Failover(args) => failover(args).await,
@@ -97,6 +106,8 @@ struct Load {
 }
 
 struct Measured {
+    victim: String,
+    epoch: u64,
     detect_ms: u64,
     failover_ms: u64,
     recover_ms: u64,
@@ -120,17 +131,8 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
                 log_level: "info".into(),
                 loopback_per_replica: false,
             };
-            let (output, mut lines) = tokio::sync::mpsc::unbounded_channel();
-            let verbose = args.verbose;
-            tokio::spawn(async move {
-                while let Some(line) = lines.recv().await {
-                    if verbose {
-                        println!("  | {line}");
-                    }
-                }
-            });
             let stop = system.clone();
-            (dir, Some(tokio::spawn(async move { local::run(settings, output, stop).await })))
+            (dir, Some(tokio::spawn(async move { local::run(settings, stop).await })))
         }
     };
     let outcome = run_kills(&args, &dir).await;
@@ -176,6 +178,9 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
 
 type Outcome = (Vec<Measured>, usize, usize, usize);
 
+/// Every membership event the GFD streamed.
+type Events = Arc<Mutex<Vec<pb::MembershipEvent>>>;
+
 async fn run_kills(args: &FailoverArgs, dir: &std::path::Path) -> anyhow::Result<Outcome> {
     let state = wait_for_state(dir).await?;
     let endpoints: Vec<String> = state.replicas.values().map(|r| r.address.clone()).collect();
@@ -183,17 +188,47 @@ async fn run_kills(args: &FailoverArgs, dir: &std::path::Path) -> anyhow::Result
         .await
         .context("the system never became healthy")?;
 
-    let events = Arc::new(Mutex::new(Vec::<pb::MembershipEvent>::new()));
+    let events = Events::default();
     let stop = CancellationToken::new();
     tokio::spawn(record_membership(state.gfd.clone(), Arc::clone(&events), stop.clone()));
     let load = Arc::new(Load::default());
+    let mut writers = start_writers(args.clients, &endpoints, &load, &stop)?;
+    let mut measured = Vec::new();
+    for kill in 1..=args.kills {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let m = fault_the_primary(args, dir, &events, &load).await.with_context(|| format!("kill {kill}"))?;
+        println!(
+            "kill {kill}: primary {} (epoch {}): detected {} ms, writes resumed {} ms, replacement ready {} ms",
+            m.victim, m.epoch, m.detect_ms, m.failover_ms, m.recover_ms
+        );
+        measured.push(m);
+    }
+    stop.cancel();
+    while writers.join_next().await.is_some() {}
+
+    let acks = load.acks.lock().expect("lock").clone();
+    let lost = count_lost(&endpoints, &acks).await?;
+    let failures = load.failures.lock().expect("lock").clone();
+    for failure in failures.iter().take(5) {
+        eprintln!("failed request: {failure}");
+    }
+    Ok((measured, lost, failures.len(), acks.len()))
+}
+
+/// `clients` sessions, each putting `bench/c<c>/<n>` for n = 1, 2, … until `stop`.
+fn start_writers(
+    clients: u32,
+    endpoints: &[String],
+    load: &Arc<Load>,
+    stop: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinSet<()>> {
     let mut writers = tokio::task::JoinSet::new();
-    for c in 0..args.clients {
-        let mut settings = ClientSettings::new(endpoints.clone());
+    for c in 0..clients {
+        let mut settings = ClientSettings::new(endpoints.to_vec());
         settings.client_id = Some(format!("bench{c}"));
         settings.deadline = Duration::from_secs(20);
         let mut client = Client::new(settings)?;
-        let (load, stop) = (Arc::clone(&load), stop.clone());
+        let (load, stop) = (Arc::clone(load), stop.clone());
         writers.spawn(async move {
             let mut n = 0u64;
             while !stop.is_cancelled() {
@@ -212,89 +247,70 @@ async fn run_kills(args: &FailoverArgs, dir: &std::path::Path) -> anyhow::Result
             }
         });
     }
+    Ok(writers)
+}
 
-    let mut measured = Vec::new();
-    for kill in 1..=args.kills {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        let state = StateFile::read(dir).context("the local system's state file vanished")?;
-        let (victim, epoch, killed_at) = match args.fault {
-            PrimaryFault::Kill => kill_primary(&state).await?,
-            PrimaryFault::Pause => pause_primary(&state, Duration::from_millis(args.pause_ms)).await?,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let detected = loop {
-            let seen = events
-                .lock()
-                .expect("lock")
-                .iter()
-                .find(|e| {
-                    e.at_unix_ms >= killed_at
-                        && e.replica_id == victim
-                        && matches!(e.change(), MembershipChange::Failed | MembershipChange::DetectorLost)
-                })
-                .map(|e| e.at_unix_ms);
-            if let Some(at) = seen {
-                break at;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "kill {kill}: the GFD never reported {victim} gone");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        let served = loop {
-            let first = load
-                .acks
-                .lock()
-                .expect("lock")
-                .iter()
-                .filter(|a| a.epoch > epoch && a.at >= killed_at)
-                .map(|a| a.at)
-                .min();
-            if let Some(at) = first {
-                break at;
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "kill {kill}: no write acknowledged by a new configuration"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        let recovered = loop {
-            let ready = events
-                .lock()
-                .expect("lock")
-                .iter()
-                .find(|e| {
-                    e.at_unix_ms > killed_at
-                        && e.replica_id == victim
-                        && e.change() == MembershipChange::Ready
-                })
-                .map(|e| e.at_unix_ms);
-            if let Some(at) = ready {
-                break at;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "kill {kill}: {victim} never came back ready");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        wait_until_healthy(dir, args.replicas, Duration::from_secs(30))
-            .await
-            .with_context(|| format!("kill {kill}: no full recovery"))?;
-        let m = Measured {
-            detect_ms: detected.saturating_sub(killed_at),
-            failover_ms: served.saturating_sub(killed_at),
-            recover_ms: recovered.saturating_sub(killed_at),
-        };
-        println!(
-            "kill {kill}: primary {victim} (epoch {epoch}): detected {} ms, writes resumed {} ms, replacement ready {} ms",
-            m.detect_ms, m.failover_ms, m.recover_ms
-        );
-        measured.push(m);
+/// Kills (or pauses) the primary once and measures, from the fault, when the GFD saw
+/// it, when a new configuration acknowledged a write, and when its replacement was ready;
+/// then waits for the whole group.
+async fn fault_the_primary(
+    args: &FailoverArgs,
+    dir: &std::path::Path,
+    events: &Events,
+    load: &Load,
+) -> anyhow::Result<Measured> {
+    let state = StateFile::read(dir).context("the local system's state file vanished")?;
+    let (victim, epoch, faulted_at) = match args.fault {
+        PrimaryFault::Kill => kill_primary(&state).await?,
+        PrimaryFault::Pause => pause_primary(&state, Duration::from_millis(args.pause_ms)).await?,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let event_of_victim = |wanted: &dyn Fn(MembershipChange) -> bool| {
+        let events = events.lock().expect("lock");
+        events
+            .iter()
+            .find(|e| e.at_unix_ms >= faulted_at && e.replica_id == victim && wanted(e.change()))
+            .map(|e| e.at_unix_ms)
+    };
+    let detected = first_seen(deadline, "the GFD never reported the primary gone", || {
+        event_of_victim(&|c| matches!(c, MembershipChange::Failed | MembershipChange::DetectorLost))
+    })
+    .await?;
+    let served = first_seen(deadline, "no write acknowledged by a new configuration", || {
+        let acks = load.acks.lock().expect("lock");
+        acks.iter().filter(|a| a.epoch > epoch && a.at >= faulted_at).map(|a| a.at).min()
+    })
+    .await?;
+    let recovered = first_seen(deadline, "the old primary never came back ready", || {
+        event_of_victim(&|c| c == MembershipChange::Ready)
+    })
+    .await?;
+    wait_until_healthy(dir, args.replicas, Duration::from_secs(30)).await.context("no full recovery")?;
+    Ok(Measured {
+        victim,
+        epoch,
+        detect_ms: detected.saturating_sub(faulted_at),
+        failover_ms: served.saturating_sub(faulted_at),
+        recover_ms: recovered.saturating_sub(faulted_at),
+    })
+}
+
+/// Polls `found` until it finds a time, or fails with `never` at `deadline`.
+async fn first_seen(deadline: Instant, never: &str, found: impl Fn() -> Option<u64>) -> anyhow::Result<u64> {
+    loop {
+        if let Some(at) = found() {
+            return Ok(at);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{never}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    stop.cancel();
-    while writers.join_next().await.is_some() {}
+}
 
-    let acks = load.acks.lock().expect("lock").clone();
-    let mut reader = Client::new(ClientSettings::new(endpoints))?;
+/// Reads every acknowledged write back; counts (and prints) those not there.
+async fn count_lost(endpoints: &[String], acks: &[Ack]) -> anyhow::Result<usize> {
+    let mut reader = Client::new(ClientSettings::new(endpoints.to_vec()))?;
     let mut lost = 0;
-    for ack in &acks {
+    for ack in acks {
         match reader.get(&ack.key).await {
             Ok(Some(value)) if value == ack.value.as_bytes() => {}
             other => {
@@ -303,11 +319,7 @@ async fn run_kills(args: &FailoverArgs, dir: &std::path::Path) -> anyhow::Result
             }
         }
     }
-    let failures = load.failures.lock().expect("lock").clone();
-    for failure in failures.iter().take(5) {
-        eprintln!("failed request: {failure}");
-    }
-    Ok((measured, lost, failures.len(), acks.len()))
+    Ok(lost)
 }
 
 async fn wait_for_state(dir: &std::path::Path) -> anyhow::Result<StateFile> {
@@ -347,11 +359,7 @@ async fn wait_until_healthy(dir: &std::path::Path, replicas: u32, limit: Duratio
 }
 
 /// Keeps every membership event the GFD streams, until `stop`.
-async fn record_membership(
-    gfd: String,
-    events: Arc<Mutex<Vec<pb::MembershipEvent>>>,
-    stop: CancellationToken,
-) {
+async fn record_membership(gfd: String, events: Events, stop: CancellationToken) {
     let (updates, mut received) = tokio::sync::mpsc::unbounded_channel();
     if let Err(error) = tandem_operator::membership::follow(&gfd, updates, stop.clone()) {
         eprintln!("cannot follow the GFD: {error}");

@@ -22,7 +22,7 @@ pub struct DetectorFlags {
 
 impl DetectorFlags {
     pub fn check(&self) -> anyhow::Result<()> {
-        limits::check(self.heartbeat_interval_ms, self.failure_threshold).map_err(anyhow::Error::msg)
+        Ok(limits::check(self.heartbeat_interval_ms, self.failure_threshold)?)
     }
 
     pub fn lfd_settings(&self) -> LfdSettings {

@@ -79,7 +79,12 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    telemetry::init(&cli.telemetry);
+    let prints_events = match &cli.command {
+        Command::Up(_) => true,
+        Command::Bench(args) => args.prints_events(),
+        _ => false,
+    };
+    telemetry::init(&cli.telemetry, prints_events);
     let outcome = match cli.command {
         Command::Up(args) => up::up(args).await,
         Command::Replica(args) => replica::run(args).await,

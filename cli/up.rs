@@ -68,25 +68,21 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let settings = args.settings()?;
     let addresses: Vec<String> =
         (1..=settings.spec.replicas).map(|n| settings.replica_address(&format!("r{n}"))).collect();
-    println!(
+    // Through the events target, so that with `--log-format json` stdout is JSON only.
+    tracing::info!(
+        target: local::EVENTS,
         "tandem up: {} replicas, {} mode; state and logs in {}",
         settings.spec.replicas,
         settings.spec.mode,
         settings.dir.display()
     );
-    println!("endpoints: {}", addresses.join(","));
-    println!(
+    tracing::info!(target: local::EVENTS, "endpoints: {}", addresses.join(","));
+    tracing::info!(
+        target: local::EVENTS,
         "try: tandem put greeting hello; tandem get greeting; tandem status; tandem chaos kill-primary  (Ctrl-C stops everything)"
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    let (output, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    let printer = tokio::spawn(async move {
-        while let Some(line) = lines.recv().await {
-            println!("{line}");
-        }
-    });
-    let result = local::run(settings, output, shutdown).await;
-    let _ = printer.await;
+    let result = local::run(settings, shutdown).await;
     result.context("tandem up failed")
 }

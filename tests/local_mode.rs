@@ -537,3 +537,53 @@ async fn losing_every_replica_at_once_is_reported_with_the_command_that_recreate
     system.tandem(&["put", "after", "recreation"]);
     assert_eq!(system.tandem(&["get", "after"]).trim(), "recreation");
 }
+
+/// `--log-format json` covers `tandem up`'s own lines too: its stdout is JSON lines only,
+/// for a log pipeline to take as they are, and its lines keep their meaning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tandem_up_prints_its_own_lines_as_json_when_asked() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = support::local::free_base_port(5);
+    let mut up = std::process::Command::new(support::cluster::TANDEM)
+        .args(["--log-format", "json", "up", "--port", &port.to_string(), "--dir"])
+        .arg(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start tandem up");
+    let stdout = up.stdout.take().expect("stdout");
+    let (lines, received) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + HEAL;
+    while !seen.iter().any(|l: &String| l.contains("new group")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match received.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no new group within {HEAL:?}; stdout so far:\n{}", seen.join("\n")),
+        }
+    }
+    kill(Pid::from_raw(up.id() as i32), Signal::SIGTERM).expect("SIGTERM tandem up");
+    let status = up.wait().expect("tandem up stops");
+    reader.join().expect("reader");
+    seen.extend(received.try_iter());
+    assert!(status.success(), "tandem up stopped with {status}");
+    let messages: Vec<String> = seen
+        .iter()
+        .map(|line| {
+            let event: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            assert_eq!(event["target"], "tandem::events", "{line}");
+            event["fields"]["message"].as_str().unwrap_or_else(|| panic!("no message: {line}")).to_owned()
+        })
+        .collect();
+    assert!(messages.iter().any(|m| m.starts_with("endpoints: ")), "{messages:?}");
+    assert!(messages.iter().any(|m| m.starts_with("RM: epoch 1 (passive)")), "{messages:?}");
+    assert!(messages.iter().any(|m| m.contains("stopped every replica")), "{messages:?}");
+}

@@ -96,8 +96,9 @@ fn env_from_field(name: &str, path: &str) -> EnvVar {
     }
 }
 
-/// The Pod of replica `id`. `bootstrap`: it is one of the first replicas of a new group.
-/// `peers`: addresses of the other replicas, to learn the configuration from at start.
+/// The Pod of replica `id`: the replica and its LFD, sharing the `run` volume.
+/// `bootstrap`: it is one of the first replicas of a new group. `peers`: addresses of the
+/// other replicas, to learn the configuration from at start.
 pub fn replica_pod(
     rsvc: &ReplicatedService,
     defaults: &Defaults,
@@ -107,103 +108,23 @@ pub fn replica_pod(
     bootstrap: bool,
     peers: &[String],
 ) -> Pod {
-    let service = rsvc.name_any();
-    let namespace = rsvc.namespace().unwrap_or_default();
-    let name = pod_name(&service, id);
-    let image = rsvc.spec.image(defaults).to_owned();
-    let mut labels = common_labels(&service);
+    let name = pod_name(&rsvc.name_any(), id);
+    let overrides = rsvc.spec.pod_template.clone().unwrap_or_default();
+    let mut metadata = owned_metadata(rsvc, &name);
+    let labels = metadata.labels.get_or_insert_default();
     labels.insert(REPLICA_LABEL.into(), id.into());
     labels.insert(ROLE_LABEL.into(), "joining".into());
     labels.insert(MEMBER_LABEL.into(), "false".into());
-    let overrides = rsvc.spec.pod_template.clone().unwrap_or_default();
     labels.extend(overrides.labels.clone().unwrap_or_default());
-
-    let mut replica_env = vec![
-        env_from_field("POD_IP", "status.podIP"),
-        env("TANDEM_REPLICA_ID", id),
-        env("TANDEM_LISTEN", format!("0.0.0.0:{REPLICA_PORT}")),
-        env("TANDEM_ADVERTISE", format!("$(POD_IP):{REPLICA_PORT}")),
-        env("TANDEM_CHECKPOINT_INTERVAL_MS", spec.checkpoint_interval_ms.to_string()),
-        env("TANDEM_STATE_DIR", "/var/run/tandem"),
-        env("TANDEM_LOG", settings.log_level.clone()),
-        env("TANDEM_GFD", settings.gfd_address.clone()),
-    ];
-    if bootstrap {
-        replica_env.push(env("TANDEM_BOOTSTRAP", "true"));
-    }
-    if !peers.is_empty() {
-        replica_env.push(env("TANDEM_PEERS", peers.join(",")));
-    }
-    let health = Probe {
-        exec: Some(ExecAction {
-            command: Some(vec![
-                "tandem".into(),
-                "health".into(),
-                "--address".into(),
-                format!("127.0.0.1:{REPLICA_PORT}"),
-            ]),
-        }),
-        // An exec probe starts a process in the pod: not every second, or a small node
-        // spends its time starting them. Failover never waits for it (the LFD does).
-        period_seconds: Some(3),
-        timeout_seconds: Some(1),
-        failure_threshold: Some(2),
-        success_threshold: Some(1),
-        ..Probe::default()
-    };
-    let replica = Container {
-        name: "replica".into(),
-        image: Some(image.clone()),
-        image_pull_policy: Some("IfNotPresent".into()),
-        args: Some(vec!["replica".into()]),
-        env: Some(replica_env),
-        ports: Some(vec![ContainerPort {
-            name: Some("grpc".into()),
-            container_port: i32::from(REPLICA_PORT),
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
-        readiness_probe: Some(health),
-        resources: rsvc.spec.resources.clone(),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "run".into(),
-            mount_path: "/var/run/tandem".into(),
-            ..VolumeMount::default()
-        }]),
-        ..Container::default()
-    };
-    let lfd = Container {
-        name: "lfd".into(),
-        image: Some(image),
-        image_pull_policy: Some("IfNotPresent".into()),
-        args: Some(vec!["lfd".into()]),
-        env: Some(vec![
-            env("TANDEM_REPLICA_ID", detector_id(&namespace, &name)),
-            env("TANDEM_REPLICA_ADDRESS", format!("127.0.0.1:{REPLICA_PORT}")),
-            env("TANDEM_GFD", settings.gfd_address.clone()),
-            env("TANDEM_HEARTBEAT_INTERVAL_MS", spec.heartbeat_interval_ms.to_string()),
-            env("TANDEM_FAILURE_THRESHOLD", spec.failure_threshold.to_string()),
-            env("TANDEM_LOG", settings.log_level.clone()),
-        ]),
-        resources: Some(k8s_openapi::api::core::v1::ResourceRequirements {
-            requests: Some(BTreeMap::from([
-                ("cpu".into(), k8s_openapi::apimachinery::pkg::api::resource::Quantity("10m".into())),
-                ("memory".into(), k8s_openapi::apimachinery::pkg::api::resource::Quantity("16Mi".into())),
-            ])),
-            ..Default::default()
-        }),
-        ..Container::default()
-    };
+    let image = rsvc.spec.image(defaults);
+    let detector = detector_id(&rsvc.namespace().unwrap_or_default(), &name);
     Pod {
-        metadata: ObjectMeta {
-            name: Some(name),
-            namespace: Some(namespace),
-            labels: Some(labels),
-            owner_references: Some(vec![owner(rsvc)]),
-            ..ObjectMeta::default()
-        },
+        metadata,
         spec: Some(PodSpec {
-            containers: vec![replica, lfd],
+            containers: vec![
+                replica_container(rsvc, image, settings, spec, id, bootstrap, peers),
+                lfd_container(image, settings, spec, &detector),
+            ],
             // The kubelet restarts a crashed container in place; the replica then rejoins
             // (its marker in the `run` volume stops it from bootstrapping twice). The RM
             // decides when a whole pod is recreated.
@@ -219,13 +140,112 @@ pub fn replica_pod(
             tolerations: overrides.tolerations,
             priority_class_name: overrides.priority_class_name,
             volumes: Some(vec![Volume {
-                name: "run".into(),
+                name: RUN_VOLUME.into(),
                 empty_dir: Some(EmptyDirVolumeSource::default()),
                 ..Volume::default()
             }]),
             ..PodSpec::default()
         }),
         status: None,
+    }
+}
+
+const RUN_VOLUME: &str = "run";
+const RUN_DIR: &str = "/var/run/tandem";
+
+fn replica_container(
+    rsvc: &ReplicatedService,
+    image: &str,
+    settings: &PodSettings,
+    spec: &Spec,
+    id: &str,
+    bootstrap: bool,
+    peers: &[String],
+) -> Container {
+    let mut replica_env = vec![
+        env_from_field("POD_IP", "status.podIP"),
+        env("TANDEM_REPLICA_ID", id),
+        env("TANDEM_LISTEN", format!("0.0.0.0:{REPLICA_PORT}")),
+        env("TANDEM_ADVERTISE", format!("$(POD_IP):{REPLICA_PORT}")),
+        env("TANDEM_CHECKPOINT_INTERVAL_MS", spec.checkpoint_interval_ms.to_string()),
+        env("TANDEM_STATE_DIR", RUN_DIR),
+        env("TANDEM_LOG", settings.log_level.clone()),
+        env("TANDEM_GFD", settings.gfd_address.clone()),
+    ];
+    if bootstrap {
+        replica_env.push(env("TANDEM_BOOTSTRAP", "true"));
+    }
+    if !peers.is_empty() {
+        replica_env.push(env("TANDEM_PEERS", peers.join(",")));
+    }
+    Container {
+        name: "replica".into(),
+        image: Some(image.to_owned()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(vec!["replica".into()]),
+        env: Some(replica_env),
+        ports: Some(vec![ContainerPort {
+            name: Some("grpc".into()),
+            container_port: i32::from(REPLICA_PORT),
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(readiness_probe()),
+        resources: rsvc.spec.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: RUN_VOLUME.into(),
+            mount_path: RUN_DIR.into(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    }
+}
+
+/// `tandem health` in the pod. An exec probe starts a process in the pod: not every
+/// second, or a small node spends its time starting them. Failover never waits for it
+/// (the LFD does).
+fn readiness_probe() -> Probe {
+    Probe {
+        exec: Some(ExecAction {
+            command: Some(vec![
+                "tandem".into(),
+                "health".into(),
+                "--address".into(),
+                format!("127.0.0.1:{REPLICA_PORT}"),
+            ]),
+        }),
+        period_seconds: Some(3),
+        timeout_seconds: Some(1),
+        failure_threshold: Some(2),
+        success_threshold: Some(1),
+        ..Probe::default()
+    }
+}
+
+/// The LFD: heartbeats the replica over loopback, reports to the GFD as `detector_id`.
+fn lfd_container(image: &str, settings: &PodSettings, spec: &Spec, detector_id: &str) -> Container {
+    let quantity = |q: &str| k8s_openapi::apimachinery::pkg::api::resource::Quantity(q.into());
+    Container {
+        name: "lfd".into(),
+        image: Some(image.to_owned()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(vec!["lfd".into()]),
+        env: Some(vec![
+            env("TANDEM_REPLICA_ID", detector_id),
+            env("TANDEM_REPLICA_ADDRESS", format!("127.0.0.1:{REPLICA_PORT}")),
+            env("TANDEM_GFD", settings.gfd_address.clone()),
+            env("TANDEM_HEARTBEAT_INTERVAL_MS", spec.heartbeat_interval_ms.to_string()),
+            env("TANDEM_FAILURE_THRESHOLD", spec.failure_threshold.to_string()),
+            env("TANDEM_LOG", settings.log_level.clone()),
+        ]),
+        resources: Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), quantity("10m")),
+                ("memory".into(), quantity("16Mi")),
+            ])),
+            ..Default::default()
+        }),
+        ..Container::default()
     }
 }
 

@@ -99,7 +99,7 @@ impl Spec {
             problems.push("mode must be passive or active".into());
         }
         if let Err(problem) = limits::check(self.heartbeat_interval_ms, self.failure_threshold) {
-            problems.push(problem);
+            problems.push(problem.to_string());
         }
         if self.checkpoint_interval_ms != 0 && self.checkpoint_interval_ms < self.heartbeat_interval_ms {
             problems.push(format!(

@@ -99,26 +99,20 @@ pub enum LocalError {
     AlreadyRunning(PathBuf),
     #[error("cannot start {what}: {source}")]
     Spawn { what: String, source: std::io::Error },
-    #[error("cannot read {path}: {reason} (move it away to start a new group)")]
-    BadRecord { path: PathBuf, reason: String },
+    #[error("cannot read {path}: {source} (move it away to start a new group)")]
+    BadRecord { path: PathBuf, source: std::io::Error },
     #[error(
         "{address} is in use by a process this tandem up does not know (another system, or one left from an earlier run): stop it, or choose other ports with --port"
     )]
     PortInUse { address: String },
 }
 
-/// One line of `tandem up`'s output (the course-style trace), already formatted.
-pub type Output = mpsc::UnboundedSender<String>;
+/// The tracing target of `tandem up`'s own lines (the course-style trace: membership
+/// changes, failovers, restarts). The CLI prints them on stdout, as text or JSON.
+pub const EVENTS: &str = "tandem::events";
 
-fn say(output: &Output, line: impl AsRef<str>) {
-    let now = clock(unix_ms());
-    let _ = output.send(format!("{now}  {}", line.as_ref()));
-}
-
-/// `HH:MM:SS.mmm` (UTC), without a date-time dependency.
-fn clock(ms: u64) -> String {
-    let (s, ms) = (ms / 1000, ms % 1000);
-    format!("{:02}:{:02}:{:02}.{ms:03}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+fn say(line: impl AsRef<str>) {
+    tracing::info!(target: EVENTS, "{}", line.as_ref());
 }
 
 /// What the RM shares with its API (Describe) and takes from it (UpdateSpec).
@@ -135,11 +129,7 @@ pub struct Shared {
 }
 
 /// Runs the whole local system until `shutdown`, then stops every child.
-pub async fn run(
-    settings: LocalSettings,
-    output: Output,
-    shutdown: CancellationToken,
-) -> Result<(), LocalError> {
+pub async fn run(settings: LocalSettings, shutdown: CancellationToken) -> Result<(), LocalError> {
     let log_dir = settings.dir.join("logs");
     std::fs::create_dir_all(&log_dir)
         .map_err(|source| LocalError::Dir { dir: settings.dir.clone(), source })?;
@@ -149,8 +139,7 @@ pub async fn run(
     {
         return Err(LocalError::AlreadyRunning(settings.dir.clone()));
     }
-    let saved = SavedRecord::read(&settings.dir)
-        .map_err(|reason| LocalError::BadRecord { path: SavedRecord::path(&settings.dir), reason })?;
+    let saved = SavedRecord::read(&settings.dir)?;
     let listener = tokio::net::TcpListener::bind(settings.manager_address())
         .await
         .map_err(|source| LocalError::Bind { address: settings.manager_address(), source })?;
@@ -166,7 +155,6 @@ pub async fn run(
         last_push: BTreeMap::new(),
         restarted_at: BTreeMap::new(),
         restarts: BTreeMap::new(),
-        output,
         last_trouble: None,
         shared: Arc::new(Mutex::new(Shared { gfd_address: settings.gfd_address(), ..Shared::default() })),
         known: BTreeMap::new(),
@@ -189,16 +177,13 @@ pub async fn run(
     if !local.supervisor.is_running(&Role::Gfd) {
         local.start_gfd()?;
     }
-    say(
-        &local.output,
-        format!(
-            "RM: managing {} {} replicas; GFD at {}, RM API at {}",
-            local.spec.replicas,
-            local.spec.mode,
-            local.settings.gfd_address(),
-            local.settings.manager_address()
-        ),
-    );
+    say(format!(
+        "RM: managing {} {} replicas; GFD at {}, RM API at {}",
+        local.spec.replicas,
+        local.spec.mode,
+        local.settings.gfd_address(),
+        local.settings.manager_address()
+    ));
     local.run(exits, membership, spec_changes, shutdown).await;
     local.supervisor.stop_all(STOP_GRACE).await;
     for file in [
@@ -208,7 +193,7 @@ pub async fn run(
     ] {
         let _ = std::fs::remove_file(file);
     }
-    say(&local.output, "RM: stopped every replica, LFD and the GFD");
+    say("RM: stopped every replica, LFD and the GFD");
     Ok(())
 }
 
@@ -249,7 +234,6 @@ struct Local {
     last_push: BTreeMap<String, Instant>,
     restarted_at: BTreeMap<String, Instant>,
     restarts: BTreeMap<String, u32>,
-    output: Output,
     last_trouble: Option<Trouble>,
     shared: Arc<Mutex<Shared>>,
     /// Every replica id this RM knows of, and its address.
@@ -286,13 +270,10 @@ impl Local {
             }
         }
         if let Some(saved) = saved {
-            say(
-                &self.output,
-                format!(
-                    "RM: resuming the group recorded in {}",
-                    SavedRecord::path(&self.settings.dir).display()
-                ),
-            );
+            say(format!(
+                "RM: resuming the group recorded in {}",
+                SavedRecord::path(&self.settings.dir).display()
+            ));
             self.spec = saved.spec(&self.settings.spec);
             self.record = saved.record();
             self.saved = Some(saved);
@@ -305,16 +286,13 @@ impl Local {
         let newest = statuses.values().filter_map(|s| s.configuration.clone()).max_by_key(|c| c.epoch);
         if let Some(config) = newest.filter(|c| self.record.config.as_ref().is_none_or(|r| c.epoch > r.epoch))
         {
-            say(&self.output, format!("RM: adopting epoch {} from the running replicas", config.epoch));
+            say(format!("RM: adopting epoch {} from the running replicas", config.epoch));
             self.record.joined_epoch = config.members.iter().map(|m| (m.id.clone(), config.epoch)).collect();
             self.record.incarnations.clear();
             self.record.config = Some(config);
         }
         if !adopted.is_empty() {
-            say(
-                &self.output,
-                format!("RM: adopted what a previous tandem up left running: {}", adopted.join(", ")),
-            );
+            say(format!("RM: adopted what a previous tandem up left running: {}", adopted.join(", ")));
         }
         // Replicas and LFDs that did not survive are restarted by the reconciliation; an
         // LFD without its replica has nothing to watch.
@@ -405,7 +383,7 @@ impl Local {
             args.extend(["--dial-from".into(), ip.to_string()]);
         }
         if let Err(error) = self.supervisor.start(Role::Lfd(id.into()), &args) {
-            say(&self.output, format!("RM: cannot start the LFD of {id}: {error}"));
+            say(format!("RM: cannot start the LFD of {id}: {error}"));
         }
     }
 
@@ -449,7 +427,7 @@ impl Local {
         self.facts.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         self.known.insert(id.into(), address);
         if let Err(error) = self.supervisor.start(Role::Replica(id.into()), &args) {
-            say(&self.output, format!("RM: cannot start {id}: {error}"));
+            say(format!("RM: cannot start {id}: {error}"));
             return;
         }
         if !self.supervisor.is_running(&Role::Lfd(id.into())) {
@@ -476,23 +454,21 @@ impl Local {
         }
         match &exit.role {
             Role::Gfd => {
-                say(&self.output, format!("RM: the GFD exited ({}); restarting it", exit.status));
+                say(format!("RM: the GFD exited ({}); restarting it", exit.status));
                 if let Err(error) = self.start_gfd() {
-                    say(&self.output, format!("RM: {error}"));
+                    say(format!("RM: {error}"));
                 }
             }
             Role::Lfd(id) => {
                 let id = id.clone();
                 if self.supervisor.is_running(&Role::Replica(id.clone())) {
-                    say(&self.output, format!("RM: the LFD of {id} exited ({}); restarting it", exit.status));
+                    say(format!("RM: the LFD of {id} exited ({}); restarting it", exit.status));
                     self.start_lfd(&id);
                 }
             }
-            Role::Replica(id) if stopped => {
-                say(&self.output, format!("RM: replica {id} stopped ({})", exit.status))
-            }
+            Role::Replica(id) if stopped => say(format!("RM: replica {id} stopped ({})", exit.status)),
             Role::Replica(id) => {
-                say(&self.output, format!("RM: replica {id} exited ({})", exit.status));
+                say(format!("RM: replica {id} exited ({})", exit.status));
                 // Its LFD has nothing left to watch; a restart brings a new one.
                 self.supervisor.stop(&Role::Lfd(id.clone()), STOP_GRACE);
             }
@@ -507,50 +483,38 @@ impl Local {
         };
         let event = self.membership.apply(update);
         if let (Some(reason), true) = (lost, was_known) {
-            say(
-                &self.output,
-                format!(
-                    "RM: lost the GFD's membership stream ({reason}); ignoring membership until it is back"
-                ),
-            );
+            say(format!(
+                "RM: lost the GFD's membership stream ({reason}); ignoring membership until it is back"
+            ));
         }
         let Some(event) = event else { return };
         let change = event.change();
         if change != MembershipChange::Snapshot {
-            say(
-                &self.output,
-                format!("GFD: {} {} ({})", event.replica_id, describe_change(change), event.reason),
-            );
+            say(format!("GFD: {} {} ({})", event.replica_id, describe_change(change), event.reason));
             let alive = alive_members(&event);
-            say(&self.output, format!("GFD: {} members: {}", alive.len(), alive.join(", ")));
+            say(format!("GFD: {} members: {}", alive.len(), alive.join(", ")));
         }
         if change == MembershipChange::Ready
             && let Some(started) = self.restarted_at.remove(&event.replica_id)
         {
             let elapsed = started.elapsed().as_millis();
-            say(
-                &self.output,
-                format!("RM: {} recovered: ready {elapsed} ms after its restart", event.replica_id),
-            );
+            say(format!("RM: {} recovered: ready {elapsed} ms after its restart", event.replica_id));
         }
         if self.membership.known() && !was_known {
-            say(&self.output, "RM: following the GFD's membership");
+            say("RM: following the GFD's membership");
         }
     }
 
     async fn on_spec(&mut self, spec: Spec) {
         let old = std::mem::replace(&mut self.spec, spec.clone());
-        say(
-            &self.output,
-            format!(
-                "RM: spec now replicas={} mode={} heartbeat_interval={} ms failure_threshold={} checkpoint_interval={} ms",
-                spec.replicas,
-                spec.mode,
-                spec.heartbeat_interval_ms,
-                spec.failure_threshold,
-                spec.checkpoint_interval_ms
-            ),
-        );
+        say(format!(
+            "RM: spec now replicas={} mode={} heartbeat_interval={} ms failure_threshold={} checkpoint_interval={} ms",
+            spec.replicas,
+            spec.mode,
+            spec.heartbeat_interval_ms,
+            spec.failure_threshold,
+            spec.checkpoint_interval_ms
+        ));
         self.save_record();
         if (old.heartbeat_interval_ms, old.failure_threshold)
             != (spec.heartbeat_interval_ms, spec.failure_threshold)
@@ -569,10 +533,7 @@ impl Local {
                 Err(error) => Err(tonic::Status::invalid_argument(error.to_string())),
             };
             if let Err(status) = answer {
-                say(
-                    &self.output,
-                    format!("RM: could not change the detector settings: {}", status.message()),
-                );
+                say(format!("RM: could not change the detector settings: {}", status.message()));
             }
         }
         if old.checkpoint_interval_ms != spec.checkpoint_interval_ms {
@@ -641,30 +602,24 @@ impl Local {
     fn act(&mut self, action: Action) {
         match action {
             Action::Install { config, reason } => {
-                say(
-                    &self.output,
-                    format!("RM: {}", replicas::describe_configuration(&config, &reason, str::to_owned)),
-                );
+                say(format!("RM: {}", replicas::describe_configuration(&config, &reason, str::to_owned)));
                 self.last_push.clear();
             }
             Action::Start { id, bootstrap, attempt } => {
                 if attempt > 0 {
-                    say(
-                        &self.output,
-                        format!(
-                            "RM: restarting {id} (attempt {attempt}); it will rejoin through a checkpoint"
-                        ),
-                    );
+                    say(format!(
+                        "RM: restarting {id} (attempt {attempt}); it will rejoin through a checkpoint"
+                    ));
                     self.restarted_at.insert(id.clone(), Instant::now());
                     *self.restarts.entry(id.clone()).or_default() += 1;
                 } else {
-                    say(&self.output, format!("RM: starting {id} at {}", self.address(&id)));
+                    say(format!("RM: starting {id} at {}", self.address(&id)));
                 }
                 self.membership.forget(&id);
                 self.start_replica(&id, bootstrap);
             }
             Action::Stop { id, reason } => {
-                say(&self.output, format!("RM: stopping {id}: {reason}"));
+                say(format!("RM: stopping {id}: {reason}"));
                 self.supervisor.stop(&Role::Replica(id.clone()), STOP_GRACE);
                 self.supervisor.stop(&Role::Lfd(id), STOP_GRACE);
             }
@@ -685,15 +640,12 @@ impl Local {
         }
         self.last_trouble = self.record.trouble.clone();
         match &self.record.trouble {
-            Some(trouble @ Trouble::GroupLost { epoch, .. }) => say(
-                &self.output,
-                format!(
-                    "RM: WARNING: {}: {trouble}. To start over with an empty group: tandem recreate --lost-epoch {epoch} --dir {}",
-                    trouble.reason(),
-                    self.settings.dir.display()
-                ),
-            ),
-            Some(trouble) => say(&self.output, format!("RM: WARNING: {}: {trouble}", trouble.reason())),
+            Some(trouble @ Trouble::GroupLost { epoch, .. }) => say(format!(
+                "RM: WARNING: {}: {trouble}. To start over with an empty group: tandem recreate --lost-epoch {epoch} --dir {}",
+                trouble.reason(),
+                self.settings.dir.display()
+            )),
+            Some(trouble) => say(format!("RM: WARNING: {}: {trouble}", trouble.reason())),
             None => {}
         }
     }
@@ -725,12 +677,9 @@ impl Local {
             return;
         }
         if let Err(error) = saved.write(&self.settings.dir) {
-            say(
-                &self.output,
-                format!(
-                    "RM: WARNING: cannot save the RM's record: {error}; a restart of tandem up would not find it"
-                ),
-            );
+            say(format!(
+                "RM: WARNING: cannot save the RM's record: {error}; a restart of tandem up would not find it"
+            ));
             return;
         }
         self.saved = Some(saved);
@@ -778,7 +727,7 @@ impl Local {
         }
         if state != self.written {
             if let Err(error) = state.write(&self.settings.dir) {
-                say(&self.output, format!("RM: WARNING: cannot write the state files: {error}"));
+                say(format!("RM: WARNING: cannot write the state files: {error}"));
                 return;
             }
             self.written = state;

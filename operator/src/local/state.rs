@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::LocalError;
 use super::supervisor::ProcessId;
 use crate::crd::ConfigurationStatus;
 use crate::rm::{Record, Spec};
@@ -122,11 +123,12 @@ impl SavedRecord {
 
     /// The saved record, if there is one. An unreadable one is an error: starting a
     /// new group over it could hand out an epoch twice.
-    pub fn read(dir: &Path) -> Result<Option<Self>, String> {
+    pub fn read(dir: &Path) -> Result<Option<Self>, LocalError> {
+        let bad = |source: std::io::Error| LocalError::BadRecord { path: Self::path(dir), source };
         match std::fs::read_to_string(Self::path(dir)) {
-            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| e.to_string()),
+            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| bad(e.into())),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(error.to_string()),
+            Err(error) => Err(bad(error)),
         }
     }
 

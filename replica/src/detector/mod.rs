@@ -20,23 +20,32 @@ pub mod limits {
     /// interval x threshold: below this, scheduling noise alone reads as death.
     pub const MIN_DETECTION_WINDOW_MS: u64 = 100;
 
+    /// Heartbeat settings that cannot work, and why.
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum Unworkable {
+        #[error(
+            "heartbeat interval {0} ms is outside {MIN_HEARTBEAT_INTERVAL_MS}..{MAX_HEARTBEAT_INTERVAL_MS} ms"
+        )]
+        Interval(u64),
+        #[error("failure threshold {0} is outside 1..{MAX_FAILURE_THRESHOLD}")]
+        Threshold(u32),
+        #[error(
+            "heartbeat interval x failure threshold is {0} ms; it must be at least {MIN_DETECTION_WINDOW_MS} ms, or a busy machine's scheduling delays read as failures (raise either)"
+        )]
+        Window(u64),
+    }
+
     /// Why a heartbeat interval and failure threshold cannot work, if they cannot.
-    pub fn check(heartbeat_interval_ms: u64, failure_threshold: u32) -> Result<(), String> {
+    pub fn check(heartbeat_interval_ms: u64, failure_threshold: u32) -> Result<(), Unworkable> {
         if !(MIN_HEARTBEAT_INTERVAL_MS..=MAX_HEARTBEAT_INTERVAL_MS).contains(&heartbeat_interval_ms) {
-            return Err(format!(
-                "heartbeat interval {heartbeat_interval_ms} ms is outside {MIN_HEARTBEAT_INTERVAL_MS}..{MAX_HEARTBEAT_INTERVAL_MS} ms"
-            ));
+            return Err(Unworkable::Interval(heartbeat_interval_ms));
         }
         if !(1..=MAX_FAILURE_THRESHOLD).contains(&failure_threshold) {
-            return Err(format!(
-                "failure threshold {failure_threshold} is outside 1..{MAX_FAILURE_THRESHOLD}"
-            ));
+            return Err(Unworkable::Threshold(failure_threshold));
         }
         let window = heartbeat_interval_ms * u64::from(failure_threshold);
         if window < MIN_DETECTION_WINDOW_MS {
-            return Err(format!(
-                "heartbeat interval x failure threshold is {window} ms; it must be at least {MIN_DETECTION_WINDOW_MS} ms, or a busy machine's scheduling delays read as failures (raise either)"
-            ));
+            return Err(Unworkable::Window(window));
         }
         Ok(())
     }
@@ -49,11 +58,11 @@ pub mod limits {
         fn settings_a_machine_cannot_keep_are_refused_with_the_reason() {
             assert!(check(100, 3).is_ok());
             assert!(check(20, 5).is_ok());
-            assert!(check(5, 3).expect_err("5 ms").contains("outside 20..60000"));
-            assert!(check(20, 3).expect_err("60 ms window").contains("at least 100 ms"));
-            assert!(check(100, 0).is_err());
-            assert!(check(100, 101).is_err());
-            assert!(check(60_001, 1).is_err());
+            assert!(check(5, 3).expect_err("5 ms").to_string().contains("outside 20..60000"));
+            assert!(check(20, 3).expect_err("60 ms window").to_string().contains("at least 100 ms"));
+            assert_eq!(check(100, 0), Err(Unworkable::Threshold(0)));
+            assert_eq!(check(100, 101), Err(Unworkable::Threshold(101)));
+            assert_eq!(check(60_001, 1), Err(Unworkable::Interval(60_001)));
         }
     }
 }
