@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use futures::future::join_all;
 use tandem_replica::pb::{self, Mode};
-use tandem_replica::wire::dial;
+use tandem_replica::wire::{dial, within};
 
 use crate::endpoints::EndpointArgs;
 
@@ -43,27 +43,37 @@ pub struct ConfigureArgs {
     pub also: Vec<String>,
 }
 
-async fn replica_client(
-    address: &str,
-) -> anyhow::Result<pb::replica_client::ReplicaClient<tonic::transport::Channel>> {
-    Ok(pb::replica_client::ReplicaClient::new(dial(address, None)?))
+/// Asks every address at once; each answer, or why there is none, beside its address.
+async fn ask_each<T, Answer>(
+    addresses: Vec<String>,
+    ask: impl Fn(tonic::transport::Channel) -> Answer,
+) -> Vec<(String, anyhow::Result<T>)>
+where
+    Answer: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    join_all(addresses.into_iter().map(|address| {
+        let call = dial(&address, None).map(|channel| within(CALL_TIMEOUT, ask(channel)));
+        async move {
+            let answer = match call {
+                Ok(call) => call.await.map(tonic::Response::into_inner).map_err(anyhow::Error::from),
+                Err(bad) => Err(bad.into()),
+            };
+            (address, answer)
+        }
+    }))
+    .await
 }
 
-async fn status_of(address: String) -> (String, anyhow::Result<pb::ReplicaStatus>) {
-    let answer = async {
-        let mut client = replica_client(&address).await?;
-        let reply = tokio::time::timeout(CALL_TIMEOUT, client.status(pb::StatusRequest {}))
-            .await
-            .context("timed out")??;
-        Ok(reply.into_inner())
-    }
-    .await;
-    (address, answer)
+async fn statuses_of(addresses: Vec<String>) -> Vec<(String, anyhow::Result<pb::ReplicaStatus>)> {
+    ask_each(addresses, |channel| async move {
+        pb::replica_client::ReplicaClient::new(channel).status(pb::StatusRequest {}).await
+    })
+    .await
 }
 
 /// The given endpoints plus every member their configurations name.
 async fn all_statuses(endpoints: Vec<String>) -> Vec<(String, anyhow::Result<pb::ReplicaStatus>)> {
-    let mut statuses = join_all(endpoints.iter().cloned().map(status_of)).await;
+    let mut statuses = statuses_of(endpoints).await;
     let known: Vec<String> = statuses.iter().map(|(a, _)| a.clone()).collect();
     let mut more: Vec<String> = statuses
         .iter()
@@ -73,7 +83,7 @@ async fn all_statuses(endpoints: Vec<String>) -> Vec<(String, anyhow::Result<pb:
         .collect();
     more.sort();
     more.dedup();
-    statuses.extend(join_all(more.into_iter().map(status_of)).await);
+    statuses.extend(statuses_of(more).await);
     statuses
 }
 
@@ -93,8 +103,8 @@ async fn heartbeats(target: &EndpointArgs) -> std::collections::BTreeMap<String,
     let Ok(state) = target.local_state() else { return Default::default() };
     let Ok(channel) = dial(&state.gfd, None) else { return Default::default() };
     let mut gfd = pb::fault_detector_client::FaultDetectorClient::new(channel);
-    match tokio::time::timeout(CALL_TIMEOUT, gfd.members(pb::MembersRequest {})).await {
-        Ok(Ok(members)) => members
+    match within(CALL_TIMEOUT, gfd.members(pb::MembersRequest {})).await {
+        Ok(members) => members
             .into_inner()
             .members
             .into_iter()
@@ -167,10 +177,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 async fn rm_trouble(target: &EndpointArgs) -> Option<String> {
     let state = target.local_state().ok()?;
     let mut manager = pb::manager_client::ManagerClient::new(dial(&state.manager, None).ok()?);
-    let description = tandem_replica::wire::within(CALL_TIMEOUT, manager.describe(pb::DescribeRequest {}))
-        .await
-        .ok()?
-        .into_inner();
+    let description = within(CALL_TIMEOUT, manager.describe(pb::DescribeRequest {})).await.ok()?.into_inner();
     (!description.trouble.is_empty())
         .then(|| format!("{}: {}", description.trouble_reason, description.trouble))
 }
@@ -178,17 +185,9 @@ async fn rm_trouble(target: &EndpointArgs) -> Option<String> {
 pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {
     let addresses: Vec<String> =
         all_statuses(args.endpoints.resolve()?).await.into_iter().map(|(a, _)| a).collect();
-    let digests = join_all(addresses.into_iter().map(|address| async move {
-        let answer = async {
-            let mut client = replica_client(&address).await?;
-            let reply = tokio::time::timeout(CALL_TIMEOUT, client.digest(pb::DigestRequest {}))
-                .await
-                .context("timed out")??;
-            anyhow::Ok(reply.into_inner())
-        }
-        .await;
-        (address, answer)
-    }))
+    let digests = ask_each(addresses, |channel| async move {
+        pb::replica_client::ReplicaClient::new(channel).digest(pb::DigestRequest {}).await
+    })
     .await;
     for (address, answer) in digests {
         match answer {
@@ -216,20 +215,10 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
     tandem_replica::replication::check_configuration(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut targets: Vec<String> = config.members.iter().map(|m| m.address.clone()).collect();
     targets.extend(args.also);
-    let results = join_all(targets.into_iter().map(|address| {
+    let results = ask_each(targets, |channel| {
         let config = config.clone();
-        async move {
-            let answer = async {
-                let mut client = pb::control_client::ControlClient::new(dial(&address, None)?);
-                let reply = tokio::time::timeout(CALL_TIMEOUT, client.install_configuration(config))
-                    .await
-                    .context("timed out")??;
-                anyhow::Ok(reply.into_inner())
-            }
-            .await;
-            (address, answer)
-        }
-    }))
+        async move { pb::control_client::ControlClient::new(channel).install_configuration(config).await }
+    })
     .await;
     let mut failures = 0;
     for (address, answer) in results {
@@ -291,7 +280,7 @@ pub async fn recreate(args: RecreateArgs) -> anyhow::Result<()> {
 
 async fn update_spec(manager: &str, update: pb::SpecUpdate) -> anyhow::Result<pb::ServiceSpec> {
     let mut manager = pb::manager_client::ManagerClient::new(tandem_replica::wire::dial(manager, None)?);
-    let spec = tandem_replica::wire::within(CALL_TIMEOUT, manager.update_spec(update))
+    let spec = within(CALL_TIMEOUT, manager.update_spec(update))
         .await
         .map_err(|status| anyhow::anyhow!("{}", status.message()))
         .context("the RM refused")?;
