@@ -188,33 +188,7 @@ pub fn build_status(
 
     let members: Vec<MemberStatus> = observed
         .iter()
-        .map(|o| {
-            let name = pod_name(&service, &o.id);
-            let member = config.is_some_and(|c| c.has_member(&o.id));
-            let role = match (o.instance, config) {
-                (Instance::Gone, _) => "gone",
-                (Instance::Terminating, _) => "terminating",
-                (_, Some(c)) if c.primary == o.id => "primary",
-                _ if member => "backup",
-                _ if matches!(o.liveness, Liveness::Alive { ready: true }) => "standby",
-                _ => "joining",
-            };
-            let heartbeat = membership
-                .heartbeat(&detector_id(&namespace, &name))
-                .and_then(|ms| Timestamp::from_millisecond(ms as i64).ok().map(|t| t.to_string()));
-            let status = statuses.get(&o.id);
-            MemberStatus {
-                name,
-                id: o.id.clone(),
-                role: role.into(),
-                ready: o.instance == Instance::Running
-                    && matches!(o.liveness, Liveness::Alive { ready: true }),
-                address: (!o.address.is_empty()).then(|| o.address.clone()),
-                last_heartbeat: heartbeat,
-                checkpoint_seq: status.map_or(0, |s| s.checkpoint_seq as i64),
-                last_seq: status.map_or(0, |s| s.last_seq as i64),
-            }
-        })
+        .map(|o| member_status(o, config, statuses.get(&o.id), &service, &namespace, membership))
         .collect();
     let ready_members =
         members.iter().filter(|m| m.ready && config.is_some_and(|c| c.has_member(&m.id))).count();
@@ -285,6 +259,40 @@ pub fn build_status(
         failovers: record.failovers as i64,
         last_failover_time: if failover_happened { Some(now) } else { previous.last_failover_time },
         configuration: configuration_status(record),
+    }
+}
+
+/// One replica's line in the status: its pod, role, readiness and progress.
+fn member_status(
+    o: &Observed,
+    config: Option<&pb::Configuration>,
+    status: Option<&pb::ReplicaStatus>,
+    service: &str,
+    namespace: &str,
+    membership: &MembershipView,
+) -> MemberStatus {
+    let name = pod_name(service, &o.id);
+    let member = config.is_some_and(|c| c.has_member(&o.id));
+    let role = match (o.instance, config) {
+        (Instance::Gone, _) => "gone",
+        (Instance::Terminating, _) => "terminating",
+        (_, Some(c)) if c.primary == o.id => "primary",
+        _ if member => "backup",
+        _ if matches!(o.liveness, Liveness::Alive { ready: true }) => "standby",
+        _ => "joining",
+    };
+    let heartbeat = membership
+        .heartbeat(&detector_id(namespace, &name))
+        .and_then(|ms| Timestamp::from_millisecond(ms as i64).ok().map(|t| t.to_string()));
+    MemberStatus {
+        name,
+        id: o.id.clone(),
+        role: role.into(),
+        ready: o.instance == Instance::Running && matches!(o.liveness, Liveness::Alive { ready: true }),
+        address: (!o.address.is_empty()).then(|| o.address.clone()),
+        last_heartbeat: heartbeat,
+        checkpoint_seq: status.map_or(0, |s| s.checkpoint_seq as i64),
+        last_seq: status.map_or(0, |s| s.last_seq as i64),
     }
 }
 
