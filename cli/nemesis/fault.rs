@@ -57,6 +57,12 @@ pub enum Fault {
         b: String,
         ms: u64,
     },
+    /// No packet between a replica and any other replica for `ms` (its detectors still
+    /// hear it): a primary cut off this way must be replaced while the cut lasts.
+    IsolateReplica {
+        id: String,
+        ms: u64,
+    },
     /// No packet between a replica and its detectors for `ms`.
     CutDetectors {
         id: String,
@@ -90,6 +96,7 @@ impl fmt::Display for Fault {
                 write!(f, "starve the CPU with {burners} busy processes for {ms} ms")
             }
             Self::CutReplicas { a, b, ms } => write!(f, "cut the link {a} <-> {b} for {ms} ms"),
+            Self::IsolateReplica { id, ms } => write!(f, "cut {id} off every other replica for {ms} ms"),
             Self::CutDetectors { id, ms } => write!(f, "cut {id} off its detectors for {ms} ms"),
             Self::RapidKills { id, times } => {
                 write!(f, "kill -9 replica {id} {times} times as soon as it is back")
@@ -136,11 +143,14 @@ impl Plan {
                 Fault::Both(Box::new(replica), Box::new(other(rng)))
             }
             56..70 if self.partitions => {
-                if rng.random_bool(0.5) && !backups.is_empty() {
-                    let b = backups.choose(rng).cloned().unwrap_or_default();
-                    Fault::CutReplicas { a: config.primary.clone(), b, ms: rng.random_range(200..2_000) }
-                } else {
-                    Fault::CutDetectors { id: target(rng), ms: rng.random_range(200..2_000) }
+                let ms = rng.random_range(200..2_000);
+                match rng.random_range(0..3) {
+                    0 if !backups.is_empty() => {
+                        let b = backups.choose(rng).cloned().unwrap_or_default();
+                        Fault::CutReplicas { a: config.primary.clone(), b, ms }
+                    }
+                    1 => Fault::IsolateReplica { id: target(rng), ms },
+                    _ => Fault::CutDetectors { id: target(rng), ms },
                 }
             }
             _ => other(rng),
@@ -227,6 +237,19 @@ pub async fn inject(fault: &Fault, system: &System, firewall: Option<&Firewall>)
                 (firewall, address_of(system, a), address_of(system, b))
             {
                 report(firewall.cut(&a, &b));
+                tokio::time::sleep(Duration::from_millis(*ms)).await;
+                report(firewall.heal());
+            }
+        }
+        Fault::IsolateReplica { id, ms } => {
+            let others: Vec<String> = system
+                .state()
+                .map(|state| state.replicas.keys().filter(|other| *other != id).cloned().collect())
+                .unwrap_or_default();
+            if let (Some(firewall), Some(host)) = (firewall, address_of(system, id)) {
+                for other in others.iter().filter_map(|other| address_of(system, other)) {
+                    report(firewall.cut(&host, &other));
+                }
                 tokio::time::sleep(Duration::from_millis(*ms)).await;
                 report(firewall.heal());
             }
