@@ -66,6 +66,9 @@ pub struct MembershipView {
     liveness: BTreeMap<String, Liveness>,
     heartbeats: BTreeMap<String, u64>,
     known: bool,
+    /// The version of the last membership taken from the GFD (0: none since the stream
+    /// was (re)opened).
+    version: u64,
 }
 
 impl MembershipView {
@@ -74,10 +77,17 @@ impl MembershipView {
         let event = match update {
             MembershipUpdate::Lost(_) => {
                 self.known = false;
+                self.version = 0;
                 return None;
             }
             MembershipUpdate::Event(event) => event,
         };
+        let membership = event.membership.clone().unwrap_or_default();
+        if self.version > 0 && membership.version <= self.version {
+            // Published before what this view already has: a late arrival.
+            return Some(event);
+        }
+        self.version = membership.version;
         match event.change() {
             MembershipChange::Failed => {
                 self.liveness.insert(event.replica_id.clone(), Liveness::Failed);
@@ -88,7 +98,6 @@ impl MembershipView {
             }
             _ => {}
         }
-        let membership = event.membership.clone().unwrap_or_default();
         for member in &membership.members {
             self.heartbeats.insert(member.replica_id.clone(), member.last_heartbeat_unix_ms);
             if member.alive {
@@ -144,5 +153,60 @@ pub fn describe_change(change: MembershipChange) -> &'static str {
         MembershipChange::Ready => "is ready",
         MembershipChange::NotReady => "is not ready",
         MembershipChange::Snapshot | MembershipChange::Unspecified => "changed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `change` of `replica`, with the membership after it: (id, alive, ready) each.
+    fn event(
+        version: u64,
+        change: MembershipChange,
+        replica: &str,
+        members: &[(&str, bool, bool)],
+    ) -> MembershipUpdate {
+        MembershipUpdate::Event(pb::MembershipEvent {
+            change: change.into(),
+            replica_id: replica.into(),
+            membership: Some(pb::Membership {
+                members: members
+                    .iter()
+                    .map(|(id, alive, ready)| pb::MemberState {
+                        replica_id: (*id).into(),
+                        alive: *alive,
+                        ready: *ready,
+                        ..Default::default()
+                    })
+                    .collect(),
+                settled: true,
+                version,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// Seen on Kubernetes: two changes published at once reached the operator in the
+    /// other order, and a ready replica stayed "not ready" for good.
+    #[test]
+    fn a_late_older_membership_does_not_overwrite_a_newer_one() {
+        let mut view = MembershipView::default();
+        let ready = Liveness::Alive { ready: true };
+        view.apply(event(1, MembershipChange::Snapshot, "", &[("r1", true, false), ("r2", true, false)]));
+        view.apply(event(3, MembershipChange::Ready, "r2", &[("r1", true, true), ("r2", true, true)]));
+        view.apply(event(2, MembershipChange::Ready, "r1", &[("r1", true, true), ("r2", true, false)]));
+        assert_eq!((view.liveness("r1"), view.liveness("r2")), (ready, ready));
+        // A late failure report is as old as the rest of its event.
+        view.apply(event(3, MembershipChange::Failed, "r2", &[("r1", true, true), ("r2", false, false)]));
+        assert_eq!(view.liveness("r2"), ready);
+
+        // A restarted GFD counts from 0 again: after the stream was lost, its first
+        // event is taken whatever its version.
+        view.apply(MembershipUpdate::Lost("GFD restarted".into()));
+        assert!(!view.known());
+        view.apply(event(1, MembershipChange::Failed, "r2", &[("r1", true, true), ("r2", false, false)]));
+        assert_eq!((view.liveness("r2"), view.known()), (Liveness::Failed, true));
     }
 }

@@ -72,6 +72,8 @@ pub struct GfdCore {
     settled: bool,
     members: BTreeMap<String, Member>,
     links: HashMap<LinkId, Link>,
+    /// How many changes were published: the version of the next snapshot.
+    published: u64,
 }
 
 impl GfdCore {
@@ -83,6 +85,7 @@ impl GfdCore {
             settled: false,
             members: BTreeMap::new(),
             links: HashMap::new(),
+            published: 0,
         }
     }
 
@@ -263,6 +266,11 @@ impl GfdCore {
         self.members.iter().filter(|(_, m)| m.alive).map(|(id, _)| id.clone()).collect()
     }
 
+    /// Marks a change as published: snapshots from now on carry a higher version.
+    pub fn publish(&mut self) {
+        self.published += 1;
+    }
+
     pub fn snapshot(&self, now: u64) -> pb::Membership {
         pb::Membership {
             members: self
@@ -279,6 +287,7 @@ impl GfdCore {
                 .collect(),
             settled: self.settled,
             at_unix_ms: now,
+            version: self.published,
         }
     }
 }
