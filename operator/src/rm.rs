@@ -378,7 +378,10 @@ pub fn reconcile(
                     recreate(record, &config);
                     return actions;
                 }
+                // Nothing to start: a new instance could only join through a checkpoint
+                // from a member, and none is left. It waits for the user's word.
                 record.trouble = Some(lost);
+                return actions;
             } else if let Some(next) = next_configuration(spec, record, &config, &by_id, failures) {
                 install(record, next, &mut actions);
             }

@@ -292,6 +292,17 @@ fn losing_every_member_at_once_is_reported_and_recreated_only_when_the_user_says
     };
     assert_eq!((epoch, members.len()), (1, 3));
     assert!(record.trouble.as_ref().is_some_and(|t| t.to_string().contains("is gone")));
+    // Seen on Kubernetes: while lost, the RM started new replicas "to rejoin through a
+    // checkpoint" that nobody was left to send.
+    let (mut record_gone, mut gone) = booted(&spec);
+    for o in &mut gone {
+        *o = with(o.clone(), Liveness::Unknown, Instance::Gone);
+    }
+    for now in [100, 3_000, 30_000] {
+        let actions = reconcile(&spec, &mut record_gone, &gone, true, now);
+        assert!(actions.is_empty(), "{actions:?}");
+        assert_eq!(record_gone.trouble.as_ref().map(Trouble::reason), Some("GroupLost"));
+    }
     // A stale request (another epoch) changes nothing.
     spec.recreate_lost_epoch = Some(7);
     assert!(installs(&reconcile(&spec, &mut record, &observed, true, 200)).is_empty());
