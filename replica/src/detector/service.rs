@@ -301,6 +301,14 @@ pub struct Gfd {
     next_link: AtomicU64,
 }
 
+/// How often the whole membership goes out even when nothing changed: a subscriber
+/// whose view lost a replica's state (the RM forgets a restarted replica's old verdict;
+/// a change may reach it before its subscription) has it back within this long, instead
+/// of waiting for that replica's next change (seen: a caught-up replica left out of the
+/// group for 10 s, its LFD having reattached during a GFD pause with nothing new to say).
+const PERIODIC_SNAPSHOT_MS: u64 = 1_000;
+const PERIODIC_SNAPSHOT: &str = "periodic snapshot";
+
 impl Gfd {
     pub fn new(settings: GfdSettings, lfd: LfdSettings) -> Arc<Self> {
         let lfd_settings = pb::DetectorSettings {
@@ -354,6 +362,7 @@ impl Gfd {
         if changes.is_empty() {
             return;
         }
+        let routine = changes.iter().all(|c| c.reason == PERIODIC_SNAPSHOT);
         let now = unix_ms();
         // Versioned, taken and sent under the core's lock: two publishers racing could
         // otherwise send an older snapshot last, and a subscriber keep a replica's stale
@@ -370,7 +379,9 @@ impl Gfd {
                 MembershipChange::NotReady => "not ready",
                 _ => "snapshot",
             };
-            if change.replica_id.is_empty() {
+            if change.reason == PERIODIC_SNAPSHOT {
+                debug!("GFD: {}", change.reason);
+            } else if change.replica_id.is_empty() {
                 info!("GFD: {}", change.reason);
             } else {
                 info!("GFD: {} {what} ({})", change.replica_id, change.reason);
@@ -384,12 +395,15 @@ impl Gfd {
             });
         }
         drop(core);
-        info!("GFD: {} members: {}", alive.len(), alive.join(", "));
+        if !routine {
+            info!("GFD: {} members: {}", alive.len(), alive.join(", "));
+        }
     }
 
     /// Heartbeats every LFD and lets the core notice silent ones.
     async fn heartbeat_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let mut n = 0u64;
+        let mut last_snapshot = 0u64;
         loop {
             let interval = Duration::from_millis(self.core().settings().heartbeat_interval_ms);
             tokio::select! {
@@ -397,8 +411,20 @@ impl Gfd {
                 () = shutdown.cancelled() => return,
             }
             n += 1;
-            let tick = self.core().tick(unix_ms());
+            let now = unix_ms();
+            let (tick, settled) = {
+                let mut core = self.core();
+                (core.tick(now), core.is_settled())
+            };
             self.publish(tick.changes);
+            if settled && now.saturating_sub(last_snapshot) >= PERIODIC_SNAPSHOT_MS {
+                last_snapshot = now;
+                self.publish(vec![Change {
+                    kind: MembershipChange::Snapshot,
+                    replica_id: String::new(),
+                    reason: PERIODIC_SNAPSHOT.into(),
+                }]);
+            }
             let outbounds: Vec<Outbound> = {
                 let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
                 for link in tick.close {
@@ -635,5 +661,60 @@ mod tests {
             assert_eq!(summary(&last), summary(&gfd.core().snapshot(unix_ms())));
             assert!(last.members.iter().all(|m| m.ready), "{last:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod periodic_tests {
+    use super::*;
+
+    /// A view that lost a replica's state gets it back without waiting for that replica
+    /// to change: the whole membership goes out every second even when nothing changes.
+    #[tokio::test]
+    async fn the_whole_membership_goes_out_every_second_while_nothing_changes() {
+        let gfd = Gfd::new(GfdSettings { settle_ms: 0, ..GfdSettings::default() }, LfdSettings::default());
+        {
+            let mut core = gfd.core();
+            core.link_opened(1, unix_ms());
+            core.hello(1, "r1", "127.0.0.1:1", unix_ms());
+            let changes = core.report(
+                1,
+                &pb::ReplicaReport { alive: true, ready: true, ..Default::default() },
+                unix_ms(),
+            );
+            assert!(!changes.is_empty());
+        }
+        let mut events = gfd.events.subscribe();
+        let stop = CancellationToken::new();
+        tokio::spawn(Arc::clone(&gfd).heartbeat_loop(stop.clone()));
+        // The LFD answers every heartbeat: r1 stays alive and ready, nothing changes.
+        let lfd = Arc::clone(&gfd);
+        let answering = stop.clone();
+        tokio::spawn(async move {
+            while !answering.is_cancelled() {
+                lfd.core().answered(1, unix_ms());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let mut periodic = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while periodic.len() < 2 {
+            let event = tokio::time::timeout_at(deadline, events.recv())
+                .await
+                .expect("two periodic snapshots within 30 s")
+                .expect("the GFD publishes");
+            assert!(event.replica_id.is_empty(), "nothing changed, yet: {event:?}");
+            if event.reason == PERIODIC_SNAPSHOT {
+                periodic.push(event);
+            }
+        }
+        stop.cancel();
+        for event in &periodic {
+            assert_eq!(event.change(), MembershipChange::Snapshot);
+            let members = &event.membership.as_ref().expect("membership").members;
+            assert!(members.iter().any(|m| m.replica_id == "r1" && m.alive && m.ready), "{members:?}");
+        }
+        let gap = periodic[1].at_unix_ms.saturating_sub(periodic[0].at_unix_ms);
+        assert!(gap >= PERIODIC_SNAPSHOT_MS, "{gap} ms apart");
     }
 }
