@@ -368,9 +368,12 @@ impl Gfd {
         // otherwise send an older snapshot last, and a subscriber keep a replica's stale
         // state until the next change (seen: a ready replica shown not ready for good).
         let mut core = self.core();
-        core.publish();
-        let (membership, alive) = (core.snapshot(now), core.alive());
+        let alive = core.alive();
         for change in changes {
+            // One version per event: a subscriber skips an event whose version it has
+            // seen, and each event's own change (a failure) must count.
+            core.publish();
+            let membership = core.snapshot(now);
             let what = match change.kind {
                 MembershipChange::Joined => "joined",
                 MembershipChange::Failed => "failed",
@@ -391,7 +394,7 @@ impl Gfd {
                 change: change.kind.into(),
                 replica_id: change.replica_id,
                 reason: change.reason,
-                membership: Some(membership.clone()),
+                membership: Some(membership),
             });
         }
         drop(core);
@@ -661,6 +664,32 @@ mod tests {
             assert_eq!(summary(&last), summary(&gfd.core().snapshot(unix_ms())));
             assert!(last.members.iter().all(|m| m.ready), "{last:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    /// One call can bring several changes (a replica joins and is ready; a tick loses two
+    /// LFDs). Each event carries a version of its own, or a subscriber that skips versions
+    /// it has seen would drop the second change.
+    #[test]
+    fn each_change_of_a_batch_has_its_own_version() {
+        let gfd = Gfd::new(GfdSettings::default(), LfdSettings::default());
+        let mut events = gfd.events.subscribe();
+        let changes = {
+            let mut core = gfd.core();
+            core.link_opened(1, unix_ms());
+            core.hello(1, "r1", "127.0.0.1:1", unix_ms());
+            core.report(1, &pb::ReplicaReport { alive: true, ready: true, ..Default::default() }, unix_ms())
+        };
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        gfd.publish(changes);
+        let versions: Vec<u64> = std::iter::from_fn(|| events.try_recv().ok())
+            .map(|e| e.membership.expect("membership").version)
+            .collect();
+        assert_eq!(versions, vec![1, 2]);
     }
 }
 
