@@ -665,11 +665,6 @@ mod tests {
             assert!(last.members.iter().all(|m| m.ready), "{last:?}");
         }
     }
-}
-
-#[cfg(test)]
-mod batch_tests {
-    use super::*;
 
     /// One call can bring several changes (a replica joins and is ready; a tick loses two
     /// LFDs). Each event carries a version of its own, or a subscriber that skips versions
@@ -691,11 +686,6 @@ mod batch_tests {
             .collect();
         assert_eq!(versions, vec![1, 2]);
     }
-}
-
-#[cfg(test)]
-mod periodic_tests {
-    use super::*;
 
     /// A view that lost a replica's state gets it back without waiting for that replica
     /// to change: the whole membership goes out every second even when nothing changes.
