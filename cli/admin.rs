@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use futures::future::join_all;
 use tandem_replica::pb::{self, Mode};
-use tandem_replica::wire::{dial, within};
+use tandem_replica::wire::{Plane, dial, dial_internal, internal_address, within};
 
 use crate::endpoints::EndpointArgs;
 
@@ -41,10 +41,15 @@ pub struct ConfigureArgs {
     /// Also send the configuration to these replicas (host:port), e.g. one that joins.
     #[arg(long, value_delimiter = ',')]
     pub also: Vec<String>,
+    /// Where the group's manager certificate is (DIR/tls/manager), unless --tls-dir.
+    #[command(flatten)]
+    pub target: EndpointArgs,
 }
 
 /// Asks every address at once; each answer, or why there is none, beside its address.
+/// `plane`: the replicas' client ports, or their internal ones (client port + 10000).
 async fn ask_each<T, Answer>(
+    plane: Plane,
     addresses: Vec<String>,
     ask: impl Fn(tonic::transport::Channel) -> Answer,
 ) -> Vec<(String, anyhow::Result<T>)>
@@ -52,7 +57,11 @@ where
     Answer: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     join_all(addresses.into_iter().map(|address| {
-        let call = dial(&address, None).map(|channel| within(CALL_TIMEOUT, ask(channel)));
+        let dialled = match plane {
+            Plane::Client => dial(&address, None),
+            Plane::Internal => internal_address(&address).and_then(|internal| dial_internal(&internal, None)),
+        };
+        let call = dialled.map(|channel| within(CALL_TIMEOUT, ask(channel)));
         async move {
             let answer = match call {
                 Ok(call) => call.await.map(tonic::Response::into_inner).map_err(anyhow::Error::from),
@@ -65,7 +74,7 @@ where
 }
 
 async fn statuses_of(addresses: Vec<String>) -> Vec<(String, anyhow::Result<pb::ReplicaStatus>)> {
-    ask_each(addresses, |channel| async move {
+    ask_each(Plane::Client, addresses, |channel| async move {
         pb::replica_client::ReplicaClient::new(channel).status(pb::StatusRequest {}).await
     })
     .await
@@ -101,7 +110,7 @@ fn role_name(role: i32) -> &'static str {
 /// Last heartbeat per replica, from the GFD of a running `tandem up` (if any).
 async fn heartbeats(target: &EndpointArgs) -> std::collections::BTreeMap<String, u64> {
     let Ok(state) = target.local_state() else { return Default::default() };
-    let Ok(channel) = dial(&state.gfd, None) else { return Default::default() };
+    let Ok(channel) = dial_internal(&state.gfd, None) else { return Default::default() };
     let mut gfd = pb::fault_detector_client::FaultDetectorClient::new(channel);
     match within(CALL_TIMEOUT, gfd.members(pb::MembersRequest {})).await {
         Ok(members) => members
@@ -176,7 +185,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 /// What the RM of a running `tandem up` cannot fix alone, if anything.
 async fn rm_trouble(target: &EndpointArgs) -> Option<String> {
     let state = target.local_state().ok()?;
-    let mut manager = pb::manager_client::ManagerClient::new(dial(&state.manager, None).ok()?);
+    let mut manager = pb::manager_client::ManagerClient::new(dial_internal(&state.manager, None).ok()?);
     let description = within(CALL_TIMEOUT, manager.describe(pb::DescribeRequest {})).await.ok()?.into_inner();
     (!description.trouble.is_empty())
         .then(|| format!("{}: {}", description.trouble_reason, description.trouble))
@@ -185,7 +194,7 @@ async fn rm_trouble(target: &EndpointArgs) -> Option<String> {
 pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {
     let addresses: Vec<String> =
         all_statuses(args.endpoints.resolve()?).await.into_iter().map(|(a, _)| a).collect();
-    let digests = ask_each(addresses, |channel| async move {
+    let digests = ask_each(Plane::Client, addresses, |channel| async move {
         pb::replica_client::ReplicaClient::new(channel).digest(pb::DigestRequest {}).await
     })
     .await;
@@ -213,9 +222,10 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
     let mode = args.mode;
     let config = pb::Configuration { epoch: args.epoch, mode: mode.into(), primary: args.primary, members };
     tandem_replica::replication::check_configuration(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    args.target.use_local_identity()?;
     let mut targets: Vec<String> = config.members.iter().map(|m| m.address.clone()).collect();
     targets.extend(args.also);
-    let results = ask_each(targets, |channel| {
+    let results = ask_each(Plane::Internal, targets, |channel| {
         let config = config.clone();
         async move { pb::control_client::ControlClient::new(channel).install_configuration(config).await }
     })
@@ -279,7 +289,7 @@ pub async fn recreate(args: RecreateArgs) -> anyhow::Result<()> {
 }
 
 async fn update_spec(manager: &str, update: pb::SpecUpdate) -> anyhow::Result<pb::ServiceSpec> {
-    let mut manager = pb::manager_client::ManagerClient::new(tandem_replica::wire::dial(manager, None)?);
+    let mut manager = pb::manager_client::ManagerClient::new(dial_internal(manager, None)?);
     let spec = within(CALL_TIMEOUT, manager.update_spec(update))
         .await
         .map_err(|status| anyhow::anyhow!("{}", status.message()))

@@ -1,11 +1,12 @@
 //! Where the client and admin commands find the group: `--endpoints`, else
 //! TANDEM_ENDPOINTS, else the endpoints a running `tandem up` wrote into its directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 use tandem_operator::local::StateFile;
+use tandem_replica::tls::{self, Identity, Material};
 
 #[derive(Debug, Clone, Args)]
 pub struct EndpointArgs {
@@ -33,10 +34,31 @@ impl EndpointArgs {
         Ok(endpoints)
     }
 
-    /// The running local system's state file.
+    /// The running local system's state file; this process then speaks on the
+    /// group's internal plane as its manager (see `use_local_identity`).
     pub fn local_state(&self) -> anyhow::Result<StateFile> {
-        StateFile::read(&self.dir).with_context(|| {
+        let state = StateFile::read(&self.dir).with_context(|| {
             format!("no running `tandem up` found in {} (start one, or pass --dir)", self.dir.display())
-        })
+        })?;
+        self.use_local_identity()?;
+        Ok(state)
     }
+
+    /// Takes the manager's certificate that `tandem up` keeps in DIR/tls/manager, when
+    /// there is one and no --tls-dir was given: the administrator of a local group is
+    /// whoever can read its directory.
+    pub fn use_local_identity(&self) -> anyhow::Result<()> {
+        use_identity(&self.dir.join("tls").join(Identity::Manager.file_name()), false)
+    }
+}
+
+/// Installs the certificate in `dir` as this process's internal-plane identity, unless
+/// one is installed already; `required`: a missing directory is an error.
+pub fn use_identity(dir: &Path, required: bool) -> anyhow::Result<()> {
+    if tls::installed().is_some() || (!required && !dir.exists()) {
+        return Ok(());
+    }
+    let material = Material::load(dir).with_context(|| format!("cannot use the certificate in {}", dir.display()))?;
+    tls::install(material)?;
+    Ok(())
 }

@@ -27,6 +27,11 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(flatten)]
     telemetry: telemetry::LogArgs,
+    /// This process's certificate for the internal plane (mutual TLS): a directory with
+    /// ca.crt, tls.crt and tls.key. `tandem up` makes them in DIR/tls and passes them on;
+    /// the admin commands take DIR/tls/manager by themselves.
+    #[arg(long, env = "TANDEM_TLS_DIR", global = true)]
+    tls_dir: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -85,6 +90,12 @@ async fn main() -> std::process::ExitCode {
         _ => false,
     };
     telemetry::init(&cli.telemetry, prints_events);
+    if let Some(dir) = &cli.tls_dir
+        && let Err(error) = endpoints::use_identity(dir, true)
+    {
+        eprintln!("error: {error:#}");
+        return std::process::ExitCode::FAILURE;
+    }
     let outcome = match cli.command {
         Command::Up(args) => up::up(args).await,
         Command::Replica(args) => replica::run(args).await,

@@ -15,7 +15,8 @@ pub struct ReplicaArgs {
     /// Replica id, unique in the group (e.g. r1).
     #[arg(long, env = "TANDEM_REPLICA_ID")]
     pub id: String,
-    /// Address to listen on.
+    /// Address to listen on for clients; peers, the RM and the detectors use the
+    /// internal port, this port + 10000 (mutual TLS with --tls-dir).
     #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7101")]
     pub listen: SocketAddr,
     /// Address others use to reach this replica (default: the listen address).
@@ -74,12 +75,19 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     settings.request_timeout = Duration::from_millis(args.request_timeout_ms);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        .with_context(|| format!("cannot listen on {} for clients", settings.listen))?;
+    let internal_address = tandem_replica::wire::internal_listen(settings.listen)?;
+    let internal = tokio::net::TcpListener::bind(internal_address)
+        .await
+        .with_context(|| format!("cannot listen on {internal_address} for peers, the RM and the detectors"))?;
+    if tandem_replica::tls::installed().is_none() {
+        tracing::warn!(%internal_address, "no --tls-dir: the internal port is plaintext and unchecked; anyone who reaches it can change the group");
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let node = Node::new(settings, shutdown);
     let span = node.span();
-    server::serve(node, listener).instrument(span).await.context("gRPC server failed")?;
+    server::serve(node, listener, internal).instrument(span).await.context("gRPC server failed")?;
     info!("replica stopped");
     Ok(())
 }

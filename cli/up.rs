@@ -34,6 +34,11 @@ pub struct UpArgs {
     /// rules (what `tandem nemesis` does).
     #[arg(long, env = "TANDEM_LOOPBACK_PER_REPLICA")]
     pub loopback_per_replica: bool,
+    /// Plaintext internal plane: no CA, no certificates. Anyone who can reach a
+    /// replica's internal port (client port + 10000) can then change the group; for
+    /// measuring what TLS costs, not for use.
+    #[arg(long, env = "TANDEM_NO_TLS")]
+    pub no_tls: bool,
 }
 
 impl UpArgs {
@@ -60,6 +65,7 @@ impl UpArgs {
             binary: std::env::current_exe().context("cannot find the tandem executable")?,
             log_level: self.child_log_level.clone(),
             loopback_per_replica: self.loopback_per_replica,
+            tls: !self.no_tls,
         })
     }
 }

@@ -112,7 +112,7 @@ impl Context {
             volatile: Mutex::default(),
             pushed: Mutex::default(),
             pdb_v1,
-            channels: Channels::default(),
+            channels: Channels::replicas_internal(None),
         }
     }
 
@@ -317,7 +317,7 @@ async fn push_settings(
     let last = ctx.pushed.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
     if last.as_ref().is_none_or(|l| {
         (l.heartbeat_interval_ms, l.failure_threshold) != (spec.heartbeat_interval_ms, spec.failure_threshold)
-    }) && let Ok(channel) = ctx.channels.get(&ctx.gfd_local)
+    }) && let Ok(channel) = tandem_replica::wire::dial_internal(&ctx.gfd_local, None)
     {
         let (namespace, name) = key.split_once('/').unwrap_or_default();
         let settings = pb::DetectorSettings {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tandem_replica::pb::{self, MembershipChange};
-use tandem_replica::wire::{BadAddress, dial};
+use tandem_replica::wire::{BadAddress, dial_internal};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +28,7 @@ pub fn follow(
     updates: mpsc::UnboundedSender<MembershipUpdate>,
     shutdown: CancellationToken,
 ) -> Result<(), BadAddress> {
-    let channel = dial(gfd, None)?;
+    let channel = dial_internal(gfd, None)?;
     tokio::spawn(async move {
         loop {
             let mut client = pb::fault_detector_client::FaultDetectorClient::new(channel.clone());

@@ -15,6 +15,7 @@ pub mod peers;
 pub mod replication;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod wire;
 
 /// Generated code of the `tandem.v1` protobuf package.

@@ -192,7 +192,7 @@ impl Node {
         let core = Core::new(settings.id.clone(), settings.bootstrap);
         Arc::new(Self {
             incarnation: format!("{:016x}", rand::random::<u64>()),
-            channels: Channels::from_local(settings.dial_from()),
+            channels: Channels::replicas_internal(settings.dial_from()),
             checkpoint_interval: watch::Sender::new(settings.checkpoint_interval),
             gfd_address: watch::Sender::new(settings.gfd_address.clone()),
             inner: Mutex::new(Inner { core, waiters: HashMap::new() }),

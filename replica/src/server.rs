@@ -17,40 +17,56 @@ use crate::pb;
 use crate::peers;
 use crate::replication::Route;
 use crate::state::op_digest;
-use crate::wire::{MAX_MESSAGE_BYTES, serve_until_shutdown};
+use crate::tls::{self, Identity};
+use crate::wire::{self, MAX_MESSAGE_BYTES, Plane, serve_until_shutdown};
 
-/// Runs the background tasks and serves gRPC on `listener` until shutdown.
+/// Runs the background tasks and serves gRPC until shutdown: clients on `listener`
+/// (Execute, Status, Digest, health), and peers, the RM and the detectors on `internal`
+/// (those too, plus Peer and Control; mutual TLS when this process has an identity).
 pub async fn serve(
     node: Arc<Node>,
     listener: tokio::net::TcpListener,
+    internal: tokio::net::TcpListener,
 ) -> Result<(), tonic::transport::Error> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let span = node.span();
     tokio::spawn(publish_health(Arc::clone(&node), health_reporter).instrument(span.clone()));
     tokio::spawn(checkpoint_timer(Arc::clone(&node)).instrument(span.clone()));
     tokio::spawn(peers::keep_joined(Arc::clone(&node)).instrument(span.clone()));
-    info!(listen = %node.settings.listen, advertise = %node.settings.advertise, bootstrap = node.settings.bootstrap, "replica started");
+    info!(
+        listen = %node.settings.listen,
+        internal = %internal.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        tls = crate::tls::installed().is_some(),
+        advertise = %node.settings.advertise,
+        bootstrap = node.settings.bootstrap,
+        "replica started"
+    );
     tokio::spawn(peers::run_senders(Arc::clone(&node)).instrument(span.clone()));
+    let replica = || {
+        pb::replica_server::ReplicaServer::new(Service(Arc::clone(&node)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    };
     let spans = Arc::clone(&node);
-    let shutdown = node.shutdown.clone();
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        // A client that stopped answering (paused, cut off) loses its connection, and
-        // with it the calls it left waiting here.
-        .http2_keepalive_interval(Some(Duration::from_secs(1)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+    let clients = wire::server(Plane::Client)?
+        .trace_fn(move |_| spans.call_span())
+        .add_service(health_service.clone())
+        .add_service(replica());
+    let spans = Arc::clone(&node);
+    let internals = wire::server(Plane::Internal)?
         .trace_fn(move |_| spans.call_span())
         .add_service(health_service)
-        .add_service(
-            pb::replica_server::ReplicaServer::new(Service(Arc::clone(&node)))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        .add_service(replica())
         .add_service(
             pb::peer_server::PeerServer::new(Service(Arc::clone(&node)))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(pb::control_server::ControlServer::new(Service(Arc::clone(&node))));
-    serve_until_shutdown(router, listener, shutdown).await
+    let shutdown = node.shutdown.clone();
+    let (served, served_internal) = tokio::join!(
+        serve_until_shutdown(clients, listener, shutdown.clone()),
+        serve_until_shutdown(internals, internal, shutdown),
+    );
+    served.and(served_internal)
 }
 
 /// Mirrors readiness into grpc.health.v1: SERVING only while the replica is ready.
@@ -177,6 +193,7 @@ impl pb::replica_server::Replica for Service {
 #[tonic::async_trait]
 impl pb::peer_server::Peer for Service {
     async fn append(&self, request: Request<pb::AppendRequest>) -> Result<Response<pb::AppendReply>, Status> {
+        tls::caller(&request).must_be_replica(&request.get_ref().leader_id, "append entries")?;
         let request = request.into_inner();
         match self.0.apply(|inner| inner.core.on_append(&request)) {
             Ok(reply) => Ok(Response::new(reply)),
@@ -188,6 +205,7 @@ impl pb::peer_server::Peer for Service {
     }
 
     async fn order(&self, request: Request<pb::OrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
+        tls::caller(&request).must_be_replica(&request.get_ref().from_replica, "forward a request")?;
         let node = &self.0;
         let request = request.into_inner();
         let seq = node.apply(|inner| {
@@ -207,6 +225,7 @@ impl pb::peer_server::Peer for Service {
         request: Request<Streaming<pb::CheckpointChunk>>,
     ) -> Result<Response<pb::InstallCheckpointReply>, Status> {
         let node = &self.0;
+        let caller = tls::caller(&request);
         let mut chunks = request.into_inner();
         let mut assembler = Assembler::default();
         let started = tokio::time::Instant::now();
@@ -215,6 +234,7 @@ impl pb::peer_server::Peer for Service {
             let header =
                 assembler.push(chunk).map_err(|e| ReplicaError::BadCheckpoint { reason: e.to_string() })?;
             if let Some(header) = header {
+                caller.must_be_replica(&header.leader_id, "send a checkpoint")?;
                 node.apply(|inner| inner.core.on_checkpoint_header(header))?;
                 info!(seq = header.seq, keys = header.keys, leader = %header.leader_id, "receiving checkpoint");
             }
@@ -237,6 +257,7 @@ impl pb::peer_server::Peer for Service {
     }
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        tls::caller(&request).must_be_replica(&request.get_ref().replica_id, "join")?;
         let request = request.into_inner();
         let epoch = self.0.apply(|inner| inner.core.on_join(&request.replica_id, &request.address))?;
         Ok(Response::new(pb::JoinReply { epoch }))
@@ -249,6 +270,12 @@ impl pb::control_server::Control for Service {
         &self,
         request: Request<pb::Configuration>,
     ) -> Result<Response<pb::InstallConfigurationReply>, Status> {
+        // The RM, or the primary relaying its own configuration to a follower that lacks
+        // it (peers.rs): no other member may change the group.
+        let primary = request.get_ref().primary.clone();
+        tls::authorize(&request, "install a configuration", |caller| {
+            *caller == Identity::Manager || *caller == Identity::Replica(primary.clone())
+        })?;
         let change = self.0.install_configuration(request.into_inner())?;
         Ok(Response::new(pb::InstallConfigurationReply { epoch: change.epoch, role: change.role.into() }))
     }
@@ -257,6 +284,7 @@ impl pb::control_server::Control for Service {
         &self,
         request: Request<pb::Settings>,
     ) -> Result<Response<pb::Settings>, Status> {
+        tls::authorize(&request, "change a replica's settings", |caller| *caller == Identity::Manager)?;
         let node = &self.0;
         let update = request.into_inner();
         if let Some(ms) = update.checkpoint_interval_ms {

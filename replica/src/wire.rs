@@ -1,7 +1,9 @@
 //! The plumbing every layer shares: how to dial another process (one `dial`, with its
 //! timeouts set on the Endpoint, and one cache of channels), the size limit of a gRPC
 //! message, one way to bound a call in time, and the wall clock in unix milliseconds.
-//! Mutual TLS, when it comes, is a change here.
+//! Two planes: clients dial a replica's client port in plaintext (`dial`); everything
+//! else is internal and goes over mutual TLS when this process has an identity
+//! (`dial_internal`, `Plane::Internal`; see `tls`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -35,10 +37,45 @@ pub struct BadAddress {
 /// of the connections (a replica on its own loopback address dials from it, so a test
 /// can cut the link between two replicas with a firewall rule).
 pub fn dial(address: &str, local: Option<IpAddr>) -> Result<Channel, BadAddress> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| BadAddress { address: address.to_owned(), reason: e.to_string() })?;
+    dial_on(Plane::Client, address, local)
+}
+
+/// Like `dial`, on the internal plane: mutual TLS with this process's identity when it
+/// has one (`tls::install`).
+pub fn dial_internal(address: &str, local: Option<IpAddr>) -> Result<Channel, BadAddress> {
+    dial_on(Plane::Internal, address, local)
+}
+
+/// Which of a replica's two ports a connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Plane {
+    /// Client requests (Execute, Status, Digest, health): open to any client.
+    #[default]
+    Client,
+    /// Peers, the RM, the detectors: only holders of a certificate of the group.
+    Internal,
+}
+
+impl Plane {
+    fn tls(self) -> Option<&'static crate::tls::Material> {
+        match self {
+            Self::Client => None,
+            Self::Internal => crate::tls::installed(),
+        }
+    }
+}
+
+pub fn dial_on(plane: Plane, address: &str, local: Option<IpAddr>) -> Result<Channel, BadAddress> {
+    let bad = |reason: String| BadAddress { address: address.to_owned(), reason };
+    let tls = plane.tls();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint =
+        Endpoint::from_shared(format!("{scheme}://{address}")).map_err(|e| bad(e.to_string()))?;
     if endpoint.uri().port_u16().is_none() {
-        return Err(BadAddress { address: address.to_owned(), reason: "no port".into() });
+        return Err(bad("no port".into()));
+    }
+    if let Some(material) = tls {
+        endpoint = endpoint.tls_config(material.client_config()).map_err(|e| bad(e.to_string()))?;
     }
     Ok(endpoint
         .connect_timeout(CONNECT_TIMEOUT)
@@ -50,18 +87,44 @@ pub fn dial(address: &str, local: Option<IpAddr>) -> Result<Channel, BadAddress>
         .connect_lazy())
 }
 
+/// A replica's internal port is its client port plus this, as Redis Cluster's bus port
+/// is: every member address in a configuration stays the one clients use, and peers,
+/// the RM and the detectors derive the internal one from it.
+pub const INTERNAL_PORT_OFFSET: u16 = 10_000;
+
+/// The internal address of the replica whose client address is `address`.
+pub fn internal_address(address: &str) -> Result<String, BadAddress> {
+    let bad = |reason: &str| BadAddress { address: address.to_owned(), reason: reason.to_owned() };
+    let (host, port) = address.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    let port: u16 = port.parse().map_err(|_| bad("the port is not a number"))?;
+    let internal = port.checked_add(INTERNAL_PORT_OFFSET).ok_or_else(|| {
+        bad("the internal port (client port + 10000) would be above 65535: choose a client port below 55536")
+    })?;
+    Ok(format!("{host}:{internal}"))
+}
+
+/// The internal socket address of a replica listening for clients on `listen`.
+pub fn internal_listen(listen: std::net::SocketAddr) -> Result<std::net::SocketAddr, BadAddress> {
+    let internal = internal_address(&listen.to_string())?;
+    internal.parse().map_err(|_| BadAddress { address: internal, reason: "not a socket address".into() })
+}
+
 /// Channels by address, dialled once and shared (a channel multiplexes every call).
 /// Clones share the cache.
 #[derive(Debug, Default, Clone)]
 pub struct Channels {
+    plane: Plane,
+    /// Addresses given are replicas' client addresses: dial their internal port.
+    to_replicas: bool,
     local: Option<IpAddr>,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl Channels {
-    /// Channels whose connections start from `local` (see `dial`).
-    pub fn from_local(local: Option<IpAddr>) -> Self {
-        Self { local, channels: Arc::default() }
+    /// Internal-plane channels to replicas, named by their client addresses (what
+    /// configurations hold); connections start from `local` (see `dial`).
+    pub fn replicas_internal(local: Option<IpAddr>) -> Self {
+        Self { plane: Plane::Internal, to_replicas: true, local, channels: Arc::default() }
     }
 
     pub fn get(&self, address: &str) -> Result<Channel, BadAddress> {
@@ -69,7 +132,11 @@ impl Channels {
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = dial(address, self.local)?;
+        let channel = if self.to_replicas {
+            dial_on(self.plane, &internal_address(address)?, self.local)?
+        } else {
+            dial_on(self.plane, address, self.local)?
+        };
         channels.insert(address.to_owned(), channel.clone());
         Ok(channel)
     }
@@ -94,6 +161,22 @@ pub async fn within<T>(
 /// them: clients keep HTTP/2 connections open for good, so waiting for them would hold
 /// a stopping process (a pod being deleted) until it is killed.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+/// A gRPC server's common settings; on the internal plane, mutual TLS with this
+/// process's identity when it has one (a client without a certificate of the group
+/// cannot finish the handshake).
+pub fn server(plane: Plane) -> Result<tonic::transport::Server, tonic::transport::Error> {
+    let builder = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        // A client that stopped answering (paused, cut off) loses its connection, and
+        // with it the calls it left waiting here.
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    match plane.tls() {
+        Some(material) => builder.tls_config(material.server_config()),
+        None => Ok(builder),
+    }
+}
 
 /// Serves `incoming` with `router` until `shutdown`, then at most `SHUTDOWN_GRACE` more.
 pub async fn serve_until_shutdown(
@@ -137,5 +220,14 @@ mod tests {
         assert!(error.to_string().contains("host:port"), "{error}");
         assert!(dial("127.0.0.1:7000", None).is_ok());
         assert!(dial("not a uri:1", None).is_err());
+    }
+
+    #[test]
+    fn the_internal_port_is_the_client_port_plus_the_offset() {
+        assert_eq!(internal_address("127.0.0.1:7011").as_deref(), Ok("127.0.0.1:17011"));
+        assert_eq!(internal_address("kv-1.kv.default.svc:7101").as_deref(), Ok("kv-1.kv.default.svc:17101"));
+        let error = internal_address("127.0.0.1:60000").expect_err("above 65535");
+        assert!(error.to_string().contains("below 55536"), "{error}");
+        assert!(internal_address("127.0.0.1").is_err());
     }
 }

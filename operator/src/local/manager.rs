@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_replica::pb::{self, Mode};
+use tandem_replica::tls::{self, Identity};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -24,8 +25,12 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let service = pb::manager_server::ManagerServer::new(ManagerService { shared, spec });
-    let router = tonic::transport::Server::builder().add_service(service);
-    let result = tandem_replica::wire::serve_until_shutdown(router, listener, shutdown).await;
+    let result = match tandem_replica::wire::server(tandem_replica::wire::Plane::Internal) {
+        Ok(mut server) => {
+            tandem_replica::wire::serve_until_shutdown(server.add_service(service), listener, shutdown).await
+        }
+        Err(error) => Err(error),
+    };
     if let Err(error) = result {
         tracing::error!(%error, "the RM's API stopped");
     }
@@ -33,7 +38,7 @@ pub async fn serve(
 
 /// Whether an RM answers at `address` (another `tandem up` using the same state).
 pub async fn answers(address: &str) -> bool {
-    let Ok(channel) = tandem_replica::wire::dial(address, None) else { return false };
+    let Ok(channel) = tandem_replica::wire::dial_internal(address, None) else { return false };
     let mut client = pb::manager_client::ManagerClient::new(channel);
     tandem_replica::wire::within(Duration::from_millis(500), client.describe(pb::DescribeRequest {}))
         .await
@@ -56,6 +61,7 @@ impl pb::manager_server::Manager for ManagerService {
         &self,
         request: Request<pb::SpecUpdate>,
     ) -> Result<Response<pb::ServiceSpec>, Status> {
+        tls::authorize(&request, "change the group's spec", |caller| *caller == Identity::Manager)?;
         let update = request.into_inner();
         let mut spec = self.spec.borrow().clone();
         if let Some(replicas) = update.replicas {
@@ -102,8 +108,9 @@ impl pb::manager_server::Manager for ManagerService {
 
     async fn describe(
         &self,
-        _: Request<pb::DescribeRequest>,
+        request: Request<pb::DescribeRequest>,
     ) -> Result<Response<pb::ServiceDescription>, Status> {
+        tls::authorize(&request, "describe the group", |caller| *caller == Identity::Manager)?;
         let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         let config = shared.record.config.clone();
         let replicas = shared

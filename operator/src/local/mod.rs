@@ -15,12 +15,13 @@ mod supervisor;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_replica::pb::{self, MembershipChange};
-use tandem_replica::wire::{Channels, unix_ms, within};
+use tandem_replica::tls::{self, Authority, Identity, Material};
+use tandem_replica::wire::{self, Channels, unix_ms, within};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +58,9 @@ pub struct LocalSettings {
     /// Each replica on its own loopback address (127.0.10.N), its LFD dialling from
     /// 127.0.11.N: links can then be cut one by one with firewall rules (the nemesis).
     pub loopback_per_replica: bool,
+    /// Mutual TLS on the internal plane, from a CA kept in `dir/tls` (off: plaintext,
+    /// for measuring what TLS costs).
+    pub tls: bool,
 }
 
 impl LocalSettings {
@@ -101,6 +105,10 @@ pub enum LocalError {
     Spawn { what: String, source: std::io::Error },
     #[error("cannot read {path}: {source} (move it away to start a new group)")]
     BadRecord { path: PathBuf, source: std::io::Error },
+    #[error("{0} (choose another --port)")]
+    Address(#[from] wire::BadAddress),
+    #[error("TLS material in {dir}: {source}")]
+    Tls { dir: PathBuf, source: tandem_replica::tls::TlsError },
     #[error(
         "{address} is in use by a process this tandem up does not know (another system, or one left from an earlier run): stop it, or choose other ports with --port"
     )]
@@ -133,6 +141,7 @@ pub async fn run(settings: LocalSettings, shutdown: CancellationToken) -> Result
     let log_dir = settings.dir.join("logs");
     std::fs::create_dir_all(&log_dir)
         .map_err(|source| LocalError::Dir { dir: settings.dir.clone(), source })?;
+    let authority = if settings.tls { Some(open_authority(&settings.dir)?) } else { None };
     let previous = StateFile::read(&settings.dir);
     if let Some(previous) = &previous
         && manager::answers(&previous.manager).await
@@ -160,7 +169,8 @@ pub async fn run(settings: LocalSettings, shutdown: CancellationToken) -> Result
         known: BTreeMap::new(),
         written: StateFile::default(),
         saved: None,
-        channels: Channels::default(),
+        channels: Channels::replicas_internal(None),
+        authority,
         settings,
     };
     local.adopt(previous.unwrap_or_default(), saved).await;
@@ -197,13 +207,24 @@ pub async fn run(settings: LocalSettings, shutdown: CancellationToken) -> Result
     Ok(())
 }
 
+/// The group's CA, kept in `dir/tls` (created on the first start), with this process,
+/// the RM, installed as the group's manager.
+fn open_authority(dir: &Path) -> Result<Authority, LocalError> {
+    let tls_dir = dir.join("tls");
+    let error = |source| LocalError::Tls { dir: tls_dir.clone(), source };
+    let authority = Authority::load_or_generate(&tls_dir, &dir.display().to_string()).map_err(error)?;
+    let manager = authority.issue_into(&tls_dir, &Identity::Manager).map_err(error)?;
+    tls::install(Material::load(&manager).map_err(error)?).map_err(error)?;
+    Ok(authority)
+}
+
 /// Polls each replica's Status, so the RM knows epochs, logs, sync points, incarnations.
 async fn poll_statuses(
     mut targets: watch::Receiver<Vec<(String, String)>>,
     facts: Arc<Mutex<Statuses>>,
     shutdown: CancellationToken,
 ) {
-    let channels = Channels::default();
+    let channels = Channels::replicas_internal(None);
     loop {
         let current = targets.borrow_and_update().clone();
         let answers = replicas::statuses(&channels, &current).await;
@@ -243,6 +264,8 @@ struct Local {
     /// What `rm.json` says now (rewritten, atomically, before a change is acted on).
     saved: Option<SavedRecord>,
     channels: Channels,
+    /// The group's CA (None: plaintext internal plane).
+    authority: Option<Authority>,
 }
 
 impl Local {
@@ -311,7 +334,12 @@ impl Local {
     fn check_ports(&self) -> Result<(), LocalError> {
         let mut addresses = vec![(Role::Gfd, self.settings.gfd_address())];
         let ids = self.instance_ids().into_iter().chain((1..=self.spec.replicas).map(rm::replica_id));
-        addresses.extend(ids.map(|id| (Role::Replica(id.clone()), self.address(&id))));
+        for id in ids {
+            let address = self.address(&id);
+            // Both of its ports: the internal one is the client port + 10000.
+            let internal = wire::internal_address(&address)?;
+            addresses.extend([(Role::Replica(id.clone()), address), (Role::Replica(id), internal)]);
+        }
         for (role, address) in addresses {
             if self.supervisor.process(&role).is_some() {
                 continue;
@@ -359,9 +387,20 @@ impl Local {
         ]
     }
 
+    /// `--tls-dir` for a child with `identity`, its certificate issued (or renewed) first.
+    fn tls_args(&self, identity: &Identity) -> Result<Vec<String>, LocalError> {
+        let Some(authority) = &self.authority else { return Ok(Vec::new()) };
+        let tls_dir = self.settings.dir.join("tls");
+        let holder = authority
+            .issue_into(&tls_dir, identity)
+            .map_err(|source| LocalError::Tls { dir: tls_dir.clone(), source })?;
+        Ok(vec!["--tls-dir".into(), holder.display().to_string()])
+    }
+
     fn start_gfd(&mut self) -> Result<(), LocalError> {
         let mut args = vec!["gfd".into(), "--listen".into(), self.settings.gfd_address()];
         args.extend(self.detector_args());
+        args.extend(self.tls_args(&Identity::Gfd)?);
         self.supervisor
             .start(Role::Gfd, &args)
             .map_err(|source| LocalError::Spawn { what: "the GFD".into(), source })?;
@@ -381,6 +420,10 @@ impl Local {
         args.extend(self.detector_args());
         if let Some(ip) = self.settings.lfd_ip(id) {
             args.extend(["--dial-from".into(), ip.to_string()]);
+        }
+        match self.tls_args(&Identity::Lfd(id.into())) {
+            Ok(tls) => args.extend(tls),
+            Err(error) => return say(format!("RM: cannot start the LFD of {id}: {error}")),
         }
         if let Err(error) = self.supervisor.start(Role::Lfd(id.into()), &args) {
             say(format!("RM: cannot start the LFD of {id}: {error}"));
@@ -423,6 +466,10 @@ impl Local {
         }
         if bootstrap {
             args.push("--bootstrap".into());
+        }
+        match self.tls_args(&Identity::Replica(id.into())) {
+            Ok(tls) => args.extend(tls),
+            Err(error) => return say(format!("RM: cannot start {id}: {error}")),
         }
         self.facts.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         self.known.insert(id.into(), address);
@@ -525,7 +572,7 @@ impl Local {
                 gfd_heartbeat_interval_ms: Some(spec.heartbeat_interval_ms),
                 replica_prefix: String::new(),
             };
-            let answer = match self.channels.get(&self.settings.gfd_address()) {
+            let answer = match tandem_replica::wire::dial_internal(&self.settings.gfd_address(), None) {
                 Ok(channel) => {
                     let mut gfd = pb::fault_detector_client::FaultDetectorClient::new(channel);
                     within(CALL_TIMEOUT * 4, gfd.update_detector_settings(settings)).await.map(|_| ())

@@ -24,7 +24,8 @@ use super::limits;
 use crate::pb::{
     self, MembershipChange, fault_detector_client::FaultDetectorClient, gfd_message, lfd_message,
 };
-use crate::wire::{BadAddress, dial, unix_ms, within};
+use crate::tls::{self, Caller, Identity};
+use crate::wire::{BadAddress, dial, dial_internal, unix_ms, within};
 
 /// How long an LFD waits to be attached to the GFD before it tries again.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -44,7 +45,7 @@ pub struct LfdConfig {
 /// Runs an LFD until shutdown: heartbeats the replica, reports to the GFD.
 pub async fn run_lfd(config: LfdConfig, shutdown: CancellationToken) -> Result<(), BadAddress> {
     let replica = dial(&config.replica_address, config.dial_from)?;
-    dial(&config.gfd_address, config.dial_from)?;
+    dial_internal(&config.gfd_address, config.dial_from)?;
     let settings = watch::Sender::new(config.settings);
     let verdicts = watch::Sender::new(None::<Verdict>);
     info!(replica = %config.replica_id, address = %config.replica_address, gfd = %config.gfd_address,
@@ -156,7 +157,7 @@ async fn stay_attached(
 ) {
     let mut backoff = Duration::from_millis(50);
     let mut gfd_address = config.gfd_address.clone();
-    let mut channel = dial(&gfd_address, config.dial_from).ok();
+    let mut channel = dial_internal(&gfd_address, config.dial_from).ok();
     loop {
         let (outbound, receiver) = mpsc::channel(16);
         let hello = lfd_message::Kind::Hello(pb::LfdHello {
@@ -193,7 +194,7 @@ async fn stay_attached(
                 // The operator may have moved: its replica knows the current address.
                 if let Some(moved) = current_gfd_address(&replica).await.filter(|a| *a != gfd_address) {
                     info!("LFD {}: the GFD moved to {moved}", config.replica_id);
-                    channel = dial(&moved, config.dial_from).ok();
+                    channel = dial_internal(&moved, config.dial_from).ok();
                     gfd_address = moved;
                     backoff = Duration::from_millis(50);
                     continue;
@@ -449,6 +450,7 @@ impl Gfd {
     async fn read_link(
         self: Arc<Self>,
         link: LinkId,
+        caller: Caller,
         mut inbound: Streaming<pb::LfdMessage>,
         closed: CancellationToken,
     ) {
@@ -463,6 +465,11 @@ impl Gfd {
             let now = unix_ms();
             match message.kind {
                 Some(lfd_message::Kind::Hello(hello)) => {
+                    // Only a replica's own LFD speaks for it.
+                    let claimed = Identity::Lfd(hello.replica_id.clone());
+                    if caller.permit("report for a replica", |lfd| *lfd == claimed).is_err() {
+                        break;
+                    }
                     debug!(link, replica = %hello.replica_id, "LFD attached");
                     self.core().hello(link, &hello.replica_id, &hello.replica_address, now);
                     // A (re)attached LFD adopts the settings in force, changed at run time or not.
@@ -490,10 +497,7 @@ pub async fn serve_gfd(
 ) -> Result<(), tonic::transport::Error> {
     info!(listen = ?listener.local_addr().ok(), "GFD started");
     tokio::spawn(Arc::clone(&gfd).heartbeat_loop(shutdown.clone()).in_current_span());
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(1)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+    let router = crate::wire::server(crate::wire::Plane::Internal)?
         .add_service(pb::fault_detector_server::FaultDetectorServer::new(GfdService(gfd)));
     crate::wire::serve_until_shutdown(router, listener, shutdown).await
 }
@@ -512,19 +516,22 @@ impl pb::fault_detector_server::FaultDetector for GfdService {
         request: Request<Streaming<pb::LfdMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let gfd = &self.0;
+        let caller = tls::caller(&request);
+        caller.permit("attach as an LFD", |caller| matches!(caller, Identity::Lfd(_)))?;
         let link = gfd.next_link.fetch_add(1, Ordering::Relaxed);
         let (outbound, receiver) = mpsc::channel(16);
         let closed = CancellationToken::new();
         gfd.core().link_opened(link, unix_ms());
         gfd.links.lock().unwrap_or_else(|p| p.into_inner()).insert(link, (outbound, closed.clone()));
-        tokio::spawn(Arc::clone(gfd).read_link(link, request.into_inner(), closed).in_current_span());
+        tokio::spawn(Arc::clone(gfd).read_link(link, caller, request.into_inner(), closed).in_current_span());
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
     async fn subscribe(
         &self,
-        _: Request<pb::SubscribeRequest>,
+        request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        tls::authorize(&request, "follow the membership", |caller| *caller == Identity::Manager)?;
         let gfd = Arc::clone(&self.0);
         let mut events = gfd.events.subscribe();
         let snapshot = |gfd: &Gfd| pb::MembershipEvent {
@@ -551,7 +558,8 @@ impl pb::fault_detector_server::FaultDetector for GfdService {
         Ok(Response::new(stream))
     }
 
-    async fn members(&self, _: Request<pb::MembersRequest>) -> Result<Response<pb::Membership>, Status> {
+    async fn members(&self, request: Request<pb::MembersRequest>) -> Result<Response<pb::Membership>, Status> {
+        tls::authorize(&request, "read the membership", |caller| *caller == Identity::Manager)?;
         Ok(Response::new(self.0.core().snapshot(unix_ms())))
     }
 
@@ -559,6 +567,7 @@ impl pb::fault_detector_server::FaultDetector for GfdService {
         &self,
         request: Request<pb::DetectorSettings>,
     ) -> Result<Response<pb::DetectorSettings>, Status> {
+        tls::authorize(&request, "change the detectors' settings", |caller| *caller == Identity::Manager)?;
         let update = request.into_inner();
         let gfd = &self.0;
         let prefix = update.replica_prefix.clone();
