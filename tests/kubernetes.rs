@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use kube::ResourceExt;
 use support::kubernetes::{self as k8s, healthy, kubectl, kubectl_apply, manifest};
+use support::pod_security;
 use support::verdict;
 use support::workload::{self, Recorder, Workload};
 use tokio::time::sleep;
@@ -466,4 +467,322 @@ async fn deleting_every_pod_at_once_is_reported_and_the_annotation_recreates_the
     assert_eq!(client_lib.get("before").await.expect("get"), None, "an empty group, as announced");
     client_lib.put("after", "recreation").await.expect("put");
     assert_eq!(client_lib.get("after").await.expect("get").as_deref(), Some(&b"recreation"[..]));
+}
+
+/// Every replica pod the operator created, read back from the API server, meets Pod
+/// Security "restricted" field by field (and has a read-only root filesystem), runs under
+/// its own ServiceAccount with no token mounted, and still serves. The namespace is
+/// labelled to enforce "restricted": API servers with the PodSecurity admission plugin
+/// (1.23+) would refuse any pod that breaks it; this 1.20 one has no such plugin, hence
+/// the field-by-field check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn replica_pods_meet_the_restricted_pod_security_profile_and_hold_no_api_token() {
+    let client = k8s::installed().await;
+    let restricted = [
+        ("pod-security.kubernetes.io/enforce", "restricted"),
+        ("pod-security.kubernetes.io/enforce-version", "latest"),
+    ];
+    let ns = k8s::namespace_labelled(&client, "e2e-restricted", &restricted).await;
+    kubectl_apply(&ns, &k8s::example("passive.yaml")).expect("apply the example");
+    let up = k8s::wait_for(&client, &ns, "demo", UP, "up", healthy(3, 0)).await;
+
+    let pods = k8s::pods(&client, &ns).await;
+    assert_eq!(pods.len(), 3);
+    for pod in &pods {
+        let json = serde_json::to_value(pod).expect("pod as JSON");
+        let violations = pod_security::restricted_violations(&json);
+        assert!(violations.is_empty(), "{} breaks restricted: {violations:#?}", pod.name_any());
+        let spec = pod.spec.as_ref().expect("spec");
+        assert_eq!(spec.service_account_name.as_deref(), Some("demo-replica"), "{}", pod.name_any());
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let token_mounted = spec
+            .containers
+            .iter()
+            .flat_map(|c| c.volume_mounts.iter().flatten())
+            .any(|m| m.mount_path.starts_with("/var/run/secrets/kubernetes.io"));
+        assert!(!token_mounted, "{}: no service-account token in a replica pod", pod.name_any());
+    }
+    let account = kubectl(&["get", "serviceaccount", "demo-replica", "-n", &ns, "-o", "json"]);
+    let account: serde_json::Value = serde_json::from_str(&account).expect("service account");
+    assert_eq!(account["automountServiceAccountToken"], false, "{account}");
+    assert_eq!(account["metadata"]["ownerReferences"][0]["name"], "demo", "deleted with the service");
+
+    // With a read-only root filesystem and no capability, the group still serves.
+    let mut client_lib =
+        tandem_replica::client::Client::new(tandem_replica::client::ClientSettings::new(k8s::endpoints(&up)))
+            .expect("client");
+    client_lib.put("restricted", "still serving").await.expect("put");
+    assert_eq!(client_lib.get("restricted").await.expect("get").as_deref(), Some(&b"still serving"[..]));
+}
+
+/// The operator pod as the chart makes it: "restricted" in every field but the host
+/// network this test cluster needs (no kube-proxy: tests/cluster/README.md), and fully
+/// "restricted" with the chart's default `hostNetwork: false`. Host networking (and the
+/// host port it implies) is refused even by "baseline": the operator's namespace is
+/// therefore not labelled here, only the replicas' (see the chart's values.yaml).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn the_operator_pod_is_restricted_but_for_the_host_network_this_cluster_needs() {
+    let client = k8s::installed().await;
+    let operators = kubectl(&[
+        "get",
+        "pods",
+        "-n",
+        k8s::OPERATOR_NAMESPACE,
+        "-l",
+        "app.kubernetes.io/name=tandem-operator",
+        "-o",
+        "json",
+    ]);
+    let operators: serde_json::Value = serde_json::from_str(&operators).expect("pod list");
+    let pods = operators["items"].as_array().expect("items");
+    assert!(!pods.is_empty(), "the operator runs");
+    for pod in pods {
+        let violations = pod_security::restricted_violations(pod);
+        let host_network_only =
+            violations.iter().all(|v| v == "spec.hostNetwork is true" || v.contains("hostPort"));
+        assert!(host_network_only, "only the host network breaks restricted: {violations:#?}");
+    }
+    drop(client);
+
+    let rendered = k8s::helm_template("{}");
+    let deployment = rendered.iter().find(|o| o["kind"] == "Deployment").expect("the operator Deployment");
+    let template = &deployment["spec"]["template"];
+    assert_eq!(pod_security::restricted_violations(template), Vec::<String>::new(), "chart defaults");
+}
+
+/// The operator may do exactly what operator/src does (the API server's own list of its
+/// permissions, in a service's namespace and in its own), checked with `kubectl auth
+/// can-i` for each call and for a sample of what it must not do; the replicas'
+/// ServiceAccount may do nothing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn operator_rbac_is_exactly_what_it_uses_and_the_replicas_can_do_nothing() {
+    let client = k8s::installed().await;
+    let ns = k8s::namespace(&client, "e2e-rbac").await;
+    // Cluster-wide (the ClusterRole): every call of controller.rs and the event recorder,
+    // and the Secrets the replicas' certificates live in.
+    let uses = [
+        "tandem.dev/replicatedservices list",
+        "tandem.dev/replicatedservices watch",
+        "tandem.dev/replicatedservices/status update",
+        "tandem.dev/replicatedservices/finalizers update",
+        "/pods list",
+        "/pods watch",
+        "/pods create",
+        "/pods delete",
+        "/pods patch",
+        "/services create",
+        "/services patch",
+        "/serviceaccounts create",
+        "/serviceaccounts patch",
+        "policy/poddisruptionbudgets create",
+        "policy/poddisruptionbudgets patch",
+        "/secrets get",
+        "/secrets list",
+        "/secrets watch",
+        "/secrets create",
+        "/secrets update",
+        "/secrets patch",
+        "/secrets delete",
+        "events.k8s.io/events create",
+        "events.k8s.io/events patch",
+    ];
+    // Its own namespace only (the Role): leader.rs's lease.
+    let leader = [
+        "coordination.k8s.io/leases get",
+        "coordination.k8s.io/leases create",
+        "coordination.k8s.io/leases update",
+    ];
+    let granted = |namespace: &str| -> Vec<String> {
+        k8s::permissions(k8s::OPERATOR_ACCOUNT, namespace)
+            .into_iter()
+            .filter(|p| !k8s::everyone_may(p))
+            .collect()
+    };
+    let sorted = |items: &[&str]| {
+        let mut items: Vec<String> = items.iter().map(|s| (*s).to_owned()).collect();
+        items.sort();
+        items
+    };
+    assert_eq!(granted(&ns), sorted(&uses), "in a service's namespace");
+    assert_eq!(
+        granted(k8s::OPERATOR_NAMESPACE),
+        sorted(&[&uses[..], &leader[..]].concat()),
+        "in its own namespace"
+    );
+
+    for permission in uses {
+        let (resource, verb) = permission.split_once(' ').expect("resource verb");
+        let (group, resource) = resource.split_once('/').expect("group/resource");
+        // kubectl's spelling: resource.group[/subresource].
+        let resource = match (group, resource.split_once('/')) {
+            ("", _) => resource.to_owned(),
+            (group, Some((name, subresource))) => format!("{name}.{group}/{subresource}"),
+            (group, None) => format!("{resource}.{group}"),
+        };
+        assert!(
+            k8s::can_i(k8s::OPERATOR_ACCOUNT, verb, &resource, &ns),
+            "the operator may {verb} {resource}"
+        );
+    }
+    for (verb, resource) in [("get", "leases.coordination.k8s.io"), ("update", "leases.coordination.k8s.io")]
+    {
+        assert!(
+            k8s::can_i(k8s::OPERATOR_ACCOUNT, verb, resource, k8s::OPERATOR_NAMESPACE),
+            "{verb} {resource}"
+        );
+        assert!(
+            !k8s::can_i(k8s::OPERATOR_ACCOUNT, verb, resource, &ns),
+            "{verb} {resource}: own namespace only"
+        );
+    }
+    for (verb, resource) in [
+        ("get", "replicatedservices.tandem.dev"),
+        ("update", "replicatedservices.tandem.dev"),
+        ("delete", "replicatedservices.tandem.dev"),
+        ("create", "pods/exec"),
+        ("get", "pods/log"),
+        ("update", "pods"),
+        ("delete", "services"),
+        ("delete", "serviceaccounts"),
+        ("create", "serviceaccounts/token"),
+        ("get", "configmaps"),
+        ("create", "deployments.apps"),
+        ("create", "rolebindings.rbac.authorization.k8s.io"),
+        ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
+        ("bind", "clusterroles.rbac.authorization.k8s.io"),
+        ("escalate", "roles.rbac.authorization.k8s.io"),
+        ("impersonate", "serviceaccounts"),
+        ("get", "nodes"),
+        ("delete", "namespaces"),
+        ("create", "customresourcedefinitions.apiextensions.k8s.io"),
+    ] {
+        assert!(
+            !k8s::can_i(k8s::OPERATOR_ACCOUNT, verb, resource, &ns),
+            "the operator may not {verb} {resource}"
+        );
+    }
+
+    // The replicas: the account of a real replica pod, read back, may do nothing.
+    kubectl_apply(&ns, &manifest("lone", "passive", 1, "")).expect("apply");
+    k8s::wait_for(&client, &ns, "lone", UP, "up", healthy(1, 0)).await;
+    let pods = k8s::pods(&client, &ns).await;
+    let account = pods[0].spec.as_ref().and_then(|s| s.service_account_name.clone()).expect("an account");
+    let replica = format!("system:serviceaccount:{ns}:{account}");
+    let granted: Vec<String> =
+        k8s::permissions(&replica, &ns).into_iter().filter(|p| !k8s::everyone_may(p)).collect();
+    assert_eq!(granted, Vec::<String>::new(), "the replicas may do nothing");
+    for (verb, resource) in [
+        ("get", "pods"),
+        ("list", "secrets"),
+        ("get", "replicatedservices.tandem.dev"),
+        ("update", "replicatedservices.tandem.dev/status"),
+        ("create", "events.events.k8s.io"),
+        ("get", "leases.coordination.k8s.io"),
+        ("list", "configmaps"),
+        ("get", "endpoints"),
+    ] {
+        assert!(!k8s::can_i(&replica, verb, resource, &ns), "a replica may not {verb} {resource}");
+    }
+}
+
+/// The chart's optional NetworkPolicy: off by default; on, one policy per listed group in
+/// the group's namespace, admitting the group's own pods and the operator to the
+/// internal port and anyone to the client port. The test cluster's network plugin does
+/// not enforce NetworkPolicy, so this checks the policy and has the API server validate
+/// it (a server-side dry run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn the_chart_network_policy_admits_only_the_group_and_the_operator_to_the_internal_port() {
+    let client = k8s::installed().await;
+    let ns = k8s::namespace(&client, "e2e-netpol").await;
+    let policies = |values: &str| -> Vec<serde_json::Value> {
+        k8s::helm_template(values).into_iter().filter(|o| o["kind"] == "NetworkPolicy").collect()
+    };
+    assert!(policies("{}").is_empty(), "off by default");
+    let values = format!(
+        "networkPolicy:\n  enabled: true\n  groups:\n    - {{namespace: {ns}, service: cart}}\n  operatorCIDRs: [\"10.0.0.5/32\"]\n"
+    );
+    let rendered = policies(&values);
+    assert_eq!(rendered.len(), 1, "{rendered:#?}");
+    let policy = &rendered[0];
+    assert_eq!(policy["metadata"]["namespace"], ns.to_string());
+    let group =
+        serde_json::json!({"tandem.dev/service": "cart", "app.kubernetes.io/managed-by": "tandem-operator"});
+    assert_eq!(policy["spec"]["podSelector"]["matchLabels"], group);
+    assert_eq!(policy["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+    let rules = policy["spec"]["ingress"].as_array().expect("ingress rules");
+    let port_of = |rule: &serde_json::Value| rule["ports"][0]["port"].clone();
+    let client_rule = rules.iter().find(|r| port_of(r) == "grpc").expect("a client-port rule");
+    assert!(client_rule["from"].is_null(), "clients from anywhere: {client_rule}");
+    let internal = rules.iter().find(|r| port_of(r) == "internal").expect("an internal-port rule");
+    let from = internal["from"].as_array().expect("peers");
+    assert_eq!(from.len(), 3, "{from:#?}");
+    assert_eq!(from[0], serde_json::json!({"podSelector": {"matchLabels": group}}), "the group's own pods");
+    assert_eq!(
+        from[1]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        k8s::OPERATOR_NAMESPACE
+    );
+    assert_eq!(from[1]["podSelector"]["matchLabels"]["app.kubernetes.io/name"], "tandem-operator");
+    assert_eq!(from[2], serde_json::json!({"ipBlock": {"cidr": "10.0.0.5/32"}}), "a host-network operator");
+    assert_eq!(rules.len(), 2, "nothing else admitted: {rules:#?}");
+
+    let (ok, out, err) =
+        k8s::run("kubectl", &["apply", "--dry-run=server", "-f", "-"], Some(&policy.to_string()));
+    assert!(ok, "the API server accepts the policy: {out}{err}");
+    let (lint_ok, lint, lint_err) = k8s::run(
+        "helm",
+        &[
+            "lint",
+            &format!("{}/charts/tandem", env!("CARGO_MANIFEST_DIR")),
+            "--set",
+            "networkPolicy.enabled=true",
+        ],
+        None,
+    );
+    assert!(lint_ok && lint.contains("0 failed"), "helm lint: {lint}{lint_err}");
+}
+
+#[test]
+fn the_restricted_checker_passes_a_compliant_pod_and_names_each_broken_field() {
+    let compliant = serde_json::json!({
+        "metadata": {},
+        "spec": {
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65534, "seccompProfile": {"type": "RuntimeDefault"}},
+            "volumes": [{"name": "run", "emptyDir": {}}],
+            "containers": [{
+                "name": "c",
+                "ports": [{"containerPort": 7000}],
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "readOnlyRootFilesystem": true,
+                    "capabilities": {"drop": ["ALL"]}
+                }
+            }]
+        }
+    });
+    assert_eq!(pod_security::restricted_violations(&compliant), Vec::<String>::new());
+    let breaks: [fn(&mut serde_json::Value); 10] = [
+        |p| p["spec"]["hostNetwork"] = true.into(),
+        |p| p["spec"]["volumes"][0] = serde_json::json!({"name": "h", "hostPath": {"path": "/"}}),
+        |p| p["spec"]["securityContext"]["runAsUser"] = 0.into(),
+        |p| p["spec"]["securityContext"]["runAsNonRoot"] = false.into(),
+        |p| p["spec"]["securityContext"]["seccompProfile"]["type"] = "Unconfined".into(),
+        |p| p["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = true.into(),
+        |p| {
+            p["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] =
+                serde_json::json!(["NET_ADMIN"])
+        },
+        |p| p["spec"]["containers"][0]["securityContext"]["capabilities"]["drop"] = serde_json::json!([]),
+        |p| p["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = false.into(),
+        |p| p["spec"]["containers"][0]["ports"][0]["hostPort"] = 7000.into(),
+    ];
+    for (i, change) in breaks.iter().enumerate() {
+        let mut pod = compliant.clone();
+        change(&mut pod);
+        let violations = pod_security::restricted_violations(&pod);
+        assert_eq!(violations.len(), 1, "change {i}: {violations:?}");
+    }
 }

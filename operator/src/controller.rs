@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -251,6 +251,8 @@ async fn act(
                 // The old pod is still on its way out; the RM asks again once it is gone.
                 return Ok(());
             }
+            // Admission refuses a pod whose ServiceAccount does not exist yet.
+            ensure_replica_account(rsvc, ctx, &namespace).await?;
             let peers: Vec<String> =
                 pods.iter().filter(|p| status::pod_running(p)).filter_map(status::pod_address).collect();
             let pod = pods::replica_pod(rsvc, &ctx.defaults, &ctx.pod_settings, spec, &id, bootstrap, &peers);
@@ -374,6 +376,20 @@ async fn label_roles(pod_api: &Api<Pod>, record: &rm::Record, pods: &[Pod]) {
             warn!(pod = %pod.name_any(), %error, "could not label the pod");
         }
     }
+}
+
+/// The replicas' ServiceAccount (no bindings, no token), applied before each pod is
+/// created: one call per pod start, and a deleted account comes back with the next pod.
+async fn ensure_replica_account(
+    rsvc: &ReplicatedService,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<(), Error> {
+    let accounts: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), namespace);
+    let account = pods::replica_service_account(rsvc);
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    accounts.patch(&account.name_any(), &apply, &Patch::Apply(&account)).await?;
+    Ok(())
 }
 
 /// The client Service, the headless peer Service and the PodDisruptionBudget.

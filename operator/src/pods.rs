@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, ObjectFieldSelector,
-    Pod, PodSecurityContext, PodSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -129,12 +130,22 @@ pub fn replica_pod(
             // (its marker in the `run` volume stops it from bootstrapping twice). The RM
             // decides when a whole pod is recreated.
             restart_policy: Some("Always".into()),
+            // Pod Security "restricted": non-root, seccomp RuntimeDefault (plus each
+            // container's own context below). The image has no user of its own.
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(65534),
                 run_as_group: Some(65534),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..SeccompProfile::default()
+                }),
                 ..PodSecurityContext::default()
             }),
+            // The replicas never call the Kubernetes API: an account with no bindings
+            // and no token in the pod, so a compromised replica holds no credential.
+            service_account_name: Some(replica_service_account_name(&rsvc.name_any())),
+            automount_service_account_token: Some(false),
             termination_grace_period_seconds: Some(5),
             node_selector: overrides.node_selector,
             tolerations: overrides.tolerations,
@@ -150,8 +161,36 @@ pub fn replica_pod(
     }
 }
 
+/// The only writable place in the pod (the root filesystem is read-only): the replica's
+/// start marker.
 const RUN_VOLUME: &str = "run";
 const RUN_DIR: &str = "/var/run/tandem";
+
+/// A container's context under Pod Security "restricted", plus a read-only root
+/// filesystem: nothing to escalate to, no capability, nothing written outside volumes.
+fn restricted_container_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+        ..SecurityContext::default()
+    }
+}
+
+pub fn replica_service_account_name(service: &str) -> String {
+    format!("{service}-replica")
+}
+
+/// The replicas' ServiceAccount: bound to no role, its token never mounted. Its own
+/// (not the namespace's `default`, which others may bind roles to), owned by the service.
+pub fn replica_service_account(rsvc: &ReplicatedService) -> ServiceAccount {
+    ServiceAccount {
+        metadata: owned_metadata(rsvc, &replica_service_account_name(&rsvc.name_any())),
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
 
 fn replica_container(
     rsvc: &ReplicatedService,
@@ -192,6 +231,7 @@ fn replica_container(
         }]),
         readiness_probe: Some(readiness_probe()),
         resources: rsvc.spec.resources.clone(),
+        security_context: Some(restricted_container_context()),
         volume_mounts: Some(vec![VolumeMount {
             name: RUN_VOLUME.into(),
             mount_path: RUN_DIR.into(),
@@ -245,6 +285,7 @@ fn lfd_container(image: &str, settings: &PodSettings, spec: &Spec, detector_id: 
             ])),
             ..Default::default()
         }),
+        security_context: Some(restricted_container_context()),
         ..Container::default()
     }
 }
@@ -376,6 +417,35 @@ mod tests {
         assert_eq!(env_value(lfd, "TANDEM_REPLICA_ID"), Some("shop/demo-r2"));
         assert_eq!(env_value(lfd, "TANDEM_GFD"), Some("10.0.0.5:7100"));
         assert_eq!(env_value(lfd, "TANDEM_HEARTBEAT_INTERVAL_MS"), Some("100"));
+    }
+
+    #[test]
+    fn replica_pods_run_restricted_with_an_account_that_holds_no_token() {
+        let pod = replica_pod(&rsvc(), &defaults(), &settings(), &Spec::default(), "r1", true, &[]);
+        let spec = pod.spec.expect("spec");
+        let pod_context = spec.security_context.expect("pod security context");
+        assert_eq!(pod_context.run_as_non_root, Some(true));
+        assert_ne!(pod_context.run_as_user, Some(0));
+        assert_eq!(pod_context.seccomp_profile.map(|p| p.type_).as_deref(), Some("RuntimeDefault"));
+        assert_eq!(spec.service_account_name.as_deref(), Some("demo-replica"));
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        assert!(spec.host_network.is_none() && spec.host_pid.is_none() && spec.host_ipc.is_none());
+        for container in &spec.containers {
+            let context = container.security_context.clone().expect("container security context");
+            assert_eq!(context.allow_privilege_escalation, Some(false), "{}", container.name);
+            assert_eq!(context.read_only_root_filesystem, Some(true), "{}", container.name);
+            assert_eq!(context.privileged, None, "{}", container.name);
+            let capabilities = context.capabilities.expect("capabilities");
+            assert_eq!(capabilities.drop, Some(vec!["ALL".to_owned()]), "{}", container.name);
+            assert_eq!(capabilities.add, None, "{}", container.name);
+            assert!(container.ports.iter().flatten().all(|p| p.host_port.is_none()), "{}", container.name);
+        }
+        let volumes = spec.volumes.expect("volumes");
+        assert!(volumes.iter().all(|v| v.host_path.is_none()), "no hostPath: {volumes:?}");
+        let account = replica_service_account(&rsvc());
+        assert_eq!(account.metadata.name.as_deref(), Some("demo-replica"));
+        assert_eq!(account.automount_service_account_token, Some(false));
+        assert_eq!(account.metadata.owner_references.expect("owner")[0].controller, Some(true));
     }
 
     #[test]

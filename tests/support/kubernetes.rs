@@ -16,6 +16,8 @@ use tokio::time::{Instant, sleep};
 /// (`tests/cluster/cluster.sh image tandem:e2e target/debug/tandem`).
 pub const IMAGE: &str = "tandem:e2e";
 pub const OPERATOR_NAMESPACE: &str = "tandem-system";
+/// The operator's ServiceAccount, as the chart names it for the release `tandem`.
+pub const OPERATOR_ACCOUNT: &str = "system:serviceaccount:tandem-system:tandem-operator";
 /// The GFD port on the node (the operator runs on the host network in this cluster).
 pub const GFD_PORT: u16 = 7190;
 
@@ -84,6 +86,79 @@ pub fn helm_install_args() -> Vec<String> {
     .collect()
 }
 
+/// The chart rendered as the suite installs it, with `values` (YAML) on top: every
+/// object, as JSON.
+pub fn helm_template(values: &str) -> Vec<serde_json::Value> {
+    let file = tempfile::NamedTempFile::new().expect("a values file");
+    std::fs::write(file.path(), values).expect("write the values");
+    let path = file.path().to_str().expect("a UTF-8 temp path");
+    let (ok, out, err) =
+        run("helm", &["template", "tandem", &chart_dir(), "-n", OPERATOR_NAMESPACE, "-f", path], None);
+    assert!(ok, "helm template failed: {err}");
+    out.split("\n---")
+        .filter(|document| document.lines().any(|l| !l.trim().is_empty() && !l.starts_with('#')))
+        .map(|document| serde_yaml::from_str(document).unwrap_or_else(|e| panic!("{e}: {document}")))
+        .collect()
+}
+
+/// `kubectl auth can-i VERB RESOURCE -n NAMESPACE --as USER`; `RESOURCE` may name a
+/// subresource (`pods/exec`).
+pub fn can_i(user: &str, verb: &str, resource: &str, namespace: &str) -> bool {
+    let mut args = vec!["auth", "can-i", verb, "-n", namespace, "--as", user];
+    match resource.split_once('/') {
+        Some((resource, subresource)) => args.extend([resource, "--subresource", subresource]),
+        None => args.push(resource),
+    }
+    let (_, out, err) = run("kubectl", &args, None);
+    match out.trim() {
+        "yes" => true,
+        "no" => false,
+        other => panic!("kubectl auth can-i {verb} {resource} --as {user}: {other}{err}"),
+    }
+}
+
+/// What `user` may do in `namespace` (cluster-wide grants included), as the API server's
+/// authorizer lists it (SelfSubjectRulesReview, impersonating `user`): one
+/// `group/resource verb` per permission.
+pub fn permissions(user: &str, namespace: &str) -> std::collections::BTreeSet<String> {
+    let review = serde_json::json!({
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectRulesReview",
+        "spec": {"namespace": namespace},
+    });
+    let (ok, out, err) =
+        run("kubectl", &["create", "-f", "-", "-o", "json", "--as", user], Some(&review.to_string()));
+    assert!(ok, "rules review as {user}: {err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).expect("a rules review");
+    assert_eq!(answer["status"]["incomplete"], false, "the authorizer listed every rule: {answer}");
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_owned)).collect()
+    };
+    let mut permissions = std::collections::BTreeSet::new();
+    for rule in answer["status"]["resourceRules"].as_array().into_iter().flatten() {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    permissions.insert(format!("{group}/{resource} {verb}"));
+                }
+            }
+        }
+    }
+    permissions
+}
+
+/// What every authenticated user may do (system:basic-user): ask what it may do.
+pub fn everyone_may(permission: &str) -> bool {
+    let (resource, verb) = permission.split_once(' ').unwrap_or_default();
+    verb == "create"
+        && matches!(
+            resource,
+            "authorization.k8s.io/selfsubjectaccessreviews"
+                | "authorization.k8s.io/selfsubjectrulesreviews"
+                | "authentication.k8s.io/selfsubjectreviews"
+        )
+}
+
 static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
 
 /// A client, after `helm install` of the chart (once per test binary) has the operator
@@ -140,10 +215,18 @@ impl Drop for TestNamespace {
 /// A fresh namespace for one test (a new name each run: deleting an old namespace can
 /// take a while, and nothing needs to wait for it).
 pub async fn namespace(client: &Client, prefix: &str) -> TestNamespace {
+    namespace_labelled(client, prefix, &[]).await
+}
+
+/// A fresh namespace with `labels` (e.g. the Pod Security level it enforces).
+pub async fn namespace_labelled(client: &Client, prefix: &str, labels: &[(&str, &str)]) -> TestNamespace {
     let api: Api<Namespace> = Api::all(client.clone());
     let name = format!("{prefix}-{:04x}", rand::random::<u16>());
+    let labels: serde_json::Map<String, serde_json::Value> =
+        labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).into())).collect();
     let namespace: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("namespace");
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": labels}}))
+            .expect("namespace");
     api.create(&PostParams::default(), &namespace).await.expect("create namespace");
     TestNamespace(name)
 }

@@ -6,5 +6,6 @@
 pub mod cluster;
 pub mod kubernetes;
 pub mod local;
+pub mod pod_security;
 
 pub use tandem_check::{verdict, workload};

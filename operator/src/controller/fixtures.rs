@@ -136,6 +136,18 @@ async fn a_new_service_starts_its_three_bootstrap_pods_and_records_each_with_an_
     let pod_created = || {
         [
             Expect {
+                method: Method::PATCH,
+                path: "/api/v1/namespaces/test/serviceaccounts/demo-replica",
+                status: StatusCode::OK,
+                answer: Answer::Echo,
+                check: |body| {
+                    assert_eq!(
+                        body["automountServiceAccountToken"], false,
+                        "the replicas get no token: {body}"
+                    );
+                },
+            },
+            Expect {
                 method: Method::POST,
                 path: PODS,
                 status: StatusCode::CREATED,
@@ -145,6 +157,8 @@ async fn a_new_service_starts_its_three_bootstrap_pods_and_records_each_with_an_
                     let env = &pod.spec.as_ref().expect("spec").containers[0].env;
                     let bootstrap = env.iter().flatten().any(|e| e.name == "TANDEM_BOOTSTRAP");
                     assert!(bootstrap, "the first replicas found the group: {pod:?}");
+                    let spec = pod.spec.as_ref().expect("spec");
+                    assert_eq!(spec.service_account_name.as_deref(), Some("demo-replica"));
                     assert_eq!(
                         pod.metadata.owner_references.as_ref().map(|o| o[0].uid.as_str()),
                         Some("0123-4567"),
@@ -195,10 +209,7 @@ async fn a_new_service_starts_its_three_bootstrap_pods_and_records_each_with_an_
     let api = serve(handle, script);
     reconcile(Arc::new(service()), Arc::clone(&ctx)).await.expect("reconciled");
     let seen = api.await.expect("api");
-    let names: Vec<&str> = seen
-        .iter()
-        .filter_map(|b| b["metadata"]["name"].as_str())
-        .filter(|n| n.starts_with("demo-r"))
-        .collect();
+    let names: Vec<&str> =
+        seen.iter().filter(|b| b["kind"] == "Pod").filter_map(|b| b["metadata"]["name"].as_str()).collect();
     assert_eq!(names, ["demo-r1", "demo-r2", "demo-r3"]);
 }
