@@ -15,7 +15,9 @@ use tandem_operator::local::{self, LocalSettings, StateFile};
 use tandem_operator::rm::Spec;
 use tandem_replica::client::{Client, ClientSettings};
 use tandem_replica::pb::{self, MembershipChange, operation};
-use tandem_replica::wire::{dial, unix_ms, within};
+use tandem_replica::wire::{dial_internal, unix_ms, within};
+
+use crate::endpoints::manager_tls;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -339,7 +341,8 @@ async fn wait_until_healthy(dir: &std::path::Path, replicas: u32, limit: Duratio
     let deadline = Instant::now() + limit;
     loop {
         if let Some(state) = StateFile::read(dir) {
-            let mut manager = pb::manager_client::ManagerClient::new(dial(&state.manager, None)?);
+            crate::endpoints::use_identity(&manager_tls(dir), false)?;
+            let mut manager = pb::manager_client::ManagerClient::new(dial_internal(&state.manager, None)?);
             if let Ok(description) =
                 within(Duration::from_millis(500), manager.describe(pb::DescribeRequest {})).await
             {

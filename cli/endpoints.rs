@@ -48,8 +48,13 @@ impl EndpointArgs {
     /// there is one and no --tls-dir was given: the administrator of a local group is
     /// whoever can read its directory.
     pub fn use_local_identity(&self) -> anyhow::Result<()> {
-        use_identity(&self.dir.join("tls").join(Identity::Manager.file_name()), false)
+        use_identity(&manager_tls(&self.dir), false)
     }
+}
+
+/// Where `tandem up` keeps the manager's certificate of the group in `dir`.
+pub fn manager_tls(dir: &Path) -> PathBuf {
+    dir.join("tls").join(Identity::Manager.file_name())
 }
 
 /// Installs the certificate in `dir` as this process's internal-plane identity, unless

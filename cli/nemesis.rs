@@ -26,7 +26,7 @@ use tandem_check::verdict;
 use tandem_check::workload::{self, Recorder, Workload};
 use tandem_operator::local::StateFile;
 use tandem_replica::pb;
-use tandem_replica::wire::{dial, within};
+use tandem_replica::wire::{dial_internal, within};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -128,7 +128,8 @@ impl System {
 
     async fn describe(&self) -> Option<pb::ServiceDescription> {
         let state = self.state()?;
-        let mut manager = pb::manager_client::ManagerClient::new(dial(&state.manager, None).ok()?);
+        crate::endpoints::use_identity(&crate::endpoints::manager_tls(&self.dir), false).ok()?;
+        let mut manager = pb::manager_client::ManagerClient::new(dial_internal(&state.manager, None).ok()?);
         within(Duration::from_millis(500), manager.describe(pb::DescribeRequest {}))
             .await
             .ok()

@@ -163,7 +163,7 @@ async fn killed_lfd_and_gfd_are_survived_without_recreating_any_replica() {
     let rebuilt = system.wait_for(HEAL, "following the new GFD", |d| d.membership_known).await;
     assert_eq!(rebuilt.replicas.iter().filter(|r| r.alive).count(), 3, "membership rebuilt from the LFDs");
     let mut gfd =
-        pb::fault_detector_client::FaultDetectorClient::new(support::cluster::channel(&system.state().gfd));
+        pb::fault_detector_client::FaultDetectorClient::new(system.manager_channel(&system.state().gfd));
     let members = gfd.members(pb::MembersRequest {}).await.expect("GFD members").into_inner();
     assert_eq!(members.members.iter().filter(|m| m.alive).count(), 3, "{members:?}");
     sleep(Duration::from_millis(500)).await;

@@ -8,7 +8,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::cluster::{Group, channel, replica_client};
+use support::cluster::{Group, channel, internal_channel, replica_client};
 use support::verdict;
 use support::workload::{self, Recorder, Workload};
 use tandem_replica::client::{Client, ClientSettings};
@@ -239,7 +239,7 @@ async fn append_from_an_older_epoch_is_refused_and_changes_nothing() {
         commit_seq: before.last_seq + 1,
         epoch_start_seq: 0,
     };
-    let mut peer = pb::peer_client::PeerClient::new(channel(&group.address("r2")));
+    let mut peer = pb::peer_client::PeerClient::new(internal_channel(&group.address("r2")));
     let refused = peer.append(stale).await.expect_err("stale append accepted");
     assert_eq!(refused.code(), Code::FailedPrecondition);
     let Some(Detail::WrongEpoch(wrong)) = error_detail(&refused) else {
@@ -255,7 +255,7 @@ async fn append_from_an_older_epoch_is_refused_and_changes_nothing() {
     assert_eq!((after.last_seq, after.commit_seq), (before.last_seq, before.commit_seq));
 
     // A configuration older than the current one, or different for the same epoch: refused.
-    let mut control = pb::control_client::ControlClient::new(channel(&group.address("r2")));
+    let mut control = pb::control_client::ControlClient::new(internal_channel(&group.address("r2")));
     let mut older = group.config.clone();
     older.epoch = 1;
     assert_eq!(
@@ -333,7 +333,7 @@ async fn checkpoint_interval_changes_at_run_time() {
     sleep(Duration::from_millis(300)).await;
     assert_eq!(group.status("r2").await.expect("r2").checkpoint_seq, 0, "checkpoints are off");
 
-    let mut control = pb::control_client::ControlClient::new(channel(&group.address("r1")));
+    let mut control = pb::control_client::ControlClient::new(internal_channel(&group.address("r1")));
     let settings = control
         .update_settings(pb::Settings { checkpoint_interval_ms: Some(100), gfd_address: None })
         .await

@@ -146,7 +146,7 @@ async fn send_append(node: &Arc<Node>, peer: &str, address: &str, request: pb::A
             if reply.matched { Sent::Matched } else { Sent::Mismatched }
         }
         Err(status) => {
-            handle_refusal(node, peer, address, &status).await;
+            handle_refusal(node, peer, &status).await;
             Sent::Failed
         }
     }
@@ -168,22 +168,17 @@ pub(crate) fn learn_newer_configuration(node: &Arc<Node>, status: &tonic::Status
     true
 }
 
-/// Acts on a follower's refusal: learn a newer configuration (and step down), or give
-/// an older follower the configuration it lacks.
-async fn handle_refusal(node: &Arc<Node>, peer: &str, address: &str, status: &tonic::Status) {
+/// Acts on a follower's refusal: learn a newer configuration (and step down). A follower
+/// at an older epoch waits for the RM to give it the configuration: only the RM may
+/// change the group, so a member never installs one on another.
+async fn handle_refusal(node: &Arc<Node>, peer: &str, status: &tonic::Status) {
     if learn_newer_configuration(node, status) {
         return;
     }
     if let Some(Detail::ConfigurationRequired(_)) = error_detail(status) {
         // The follower answered, only from an older epoch.
         node.follower_answered(peer);
-        let Some(config) = node.read(|core| core.config().cloned()) else { return };
-        debug!(%peer, epoch = config.epoch, "follower lacks the configuration; relaying it");
-        let Ok(channel) = node.channels.get(address) else { return };
-        let mut control = pb::control_client::ControlClient::new(channel);
-        if let Err(error) = within(node.settings.peer_timeout, control.install_configuration(config)).await {
-            debug!(%peer, %error, "relaying the configuration failed");
-        }
+        debug!(%peer, "follower lacks the configuration; the RM pushes it");
         return;
     }
     debug!(%peer, code = ?status.code(), error = %status.message(), "append failed");

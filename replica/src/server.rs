@@ -270,12 +270,8 @@ impl pb::control_server::Control for Service {
         &self,
         request: Request<pb::Configuration>,
     ) -> Result<Response<pb::InstallConfigurationReply>, Status> {
-        // The RM, or the primary relaying its own configuration to a follower that lacks
-        // it (peers.rs): no other member may change the group.
-        let primary = request.get_ref().primary.clone();
-        tls::authorize(&request, "install a configuration", |caller| {
-            *caller == Identity::Manager || *caller == Identity::Replica(primary.clone())
-        })?;
+        // Only the RM changes the group: no member, not even the primary, may.
+        tls::authorize(&request, "install a configuration", |caller| *caller == Identity::Manager)?;
         let change = self.0.install_configuration(request.into_inner())?;
         Ok(Response::new(pb::InstallConfigurationReply { epoch: change.epoch, role: change.role.into() }))
     }

@@ -66,8 +66,17 @@ impl Plane {
 }
 
 pub fn dial_on(plane: Plane, address: &str, local: Option<IpAddr>) -> Result<Channel, BadAddress> {
+    dial_with(plane.tls(), address, local)
+}
+
+/// Dials `address` over mutual TLS with `tls` (a certificate other than this process's
+/// own: a test speaking as a group's manager), or in plaintext without.
+pub fn dial_with(
+    tls: Option<&crate::tls::Material>,
+    address: &str,
+    local: Option<IpAddr>,
+) -> Result<Channel, BadAddress> {
     let bad = |reason: String| BadAddress { address: address.to_owned(), reason };
-    let tls = plane.tls();
     let scheme = if tls.is_some() { "https" } else { "http" };
     let mut endpoint =
         Endpoint::from_shared(format!("{scheme}://{address}")).map_err(|e| bad(e.to_string()))?;

@@ -14,9 +14,17 @@ use tonic::transport::Channel;
 
 pub const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
 
-/// A free loopback port (the OS picks it; it is released right away for the replica).
+/// A free loopback port for a replica's clients whose internal port (+10000) is free
+/// too (the OS picks it; it is released right away for the replica).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free loopback port").port()
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+        let internal = port.checked_add(tandem_replica::wire::INTERNAL_PORT_OFFSET);
+        if internal.is_some_and(|internal| TcpListener::bind(("127.0.0.1", internal)).is_ok()) {
+            return port;
+        }
+    }
+    panic!("no free loopback port with a free internal port (+10000) in 1000 tries")
 }
 
 pub struct Replica {
@@ -43,6 +51,13 @@ pub struct Group {
 
 pub fn channel(address: &str) -> Channel {
     tandem_replica::wire::dial(address, None).expect("a valid address")
+}
+
+/// A channel to the internal port of the replica whose client address is `address`
+/// (plaintext: these replicas run without --tls-dir).
+pub fn internal_channel(address: &str) -> Channel {
+    let internal = tandem_replica::wire::internal_address(address).expect("a valid address");
+    tandem_replica::wire::dial(&internal, None).expect("a valid address")
 }
 
 pub fn replica_client(address: &str) -> pb::replica_client::ReplicaClient<Channel> {
@@ -168,7 +183,7 @@ impl Group {
         for id in ids {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
-                let mut control = pb::control_client::ControlClient::new(channel(&self.address(id)));
+                let mut control = pb::control_client::ControlClient::new(internal_channel(&self.address(id)));
                 let answer = tokio::time::timeout(
                     Duration::from_secs(5),
                     control.install_configuration(config.clone()),

@@ -10,9 +10,11 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tandem_operator::local::StateFile;
 use tandem_replica::pb;
+use tandem_replica::tls::{Identity, Material};
+use tonic::transport::Channel;
 use tokio::time::{Instant, sleep};
 
-use super::cluster::{TANDEM, channel};
+use super::cluster::TANDEM;
 
 pub struct LocalSystem {
     child: Option<Child>,
@@ -23,11 +25,17 @@ pub struct LocalSystem {
     args: Vec<String>,
 }
 
-/// A base port whose neighbourhood (GFD, RM API, replicas) is free right now.
+/// A base port whose neighbourhood (GFD, RM API, replicas and their internal ports,
+/// +10000) is free right now.
 pub fn free_base_port(replicas: u16) -> u16 {
+    let internal = tandem_replica::wire::INTERNAL_PORT_OFFSET;
     loop {
-        let base = 20_000 + rand::random::<u16>() % 40_000;
-        let ports = [base, base + 1].into_iter().chain((1..=replicas + 2).map(|n| base + 10 + n));
+        let base = 20_000 + rand::random::<u16>() % 30_000;
+        let replica_ports = (1..=replicas + 2).map(|n| base + 10 + n);
+        let ports = [base, base + 1]
+            .into_iter()
+            .chain(replica_ports.clone())
+            .chain(replica_ports.map(|port| port + internal));
         if ports.into_iter().all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok()) {
             return base;
         }
@@ -93,9 +101,17 @@ impl LocalSystem {
         std::fs::read_to_string(&self.output).unwrap_or_default()
     }
 
+    /// A channel to `address` (the RM's API, the GFD) as this group's manager: mutual
+    /// TLS with the certificate `tandem up` keeps in DIR/tls/manager.
+    pub fn manager_channel(&self, address: &str) -> Channel {
+        let dir = self.dir.path().join("tls").join(Identity::Manager.file_name());
+        let material = Material::load(&dir).ok();
+        tandem_replica::wire::dial_with(material.as_ref(), address, None).expect("a valid address")
+    }
+
     pub async fn describe(&self) -> Option<pb::ServiceDescription> {
         let state = StateFile::read(self.dir.path())?;
-        let mut manager = pb::manager_client::ManagerClient::new(channel(&state.manager));
+        let mut manager = pb::manager_client::ManagerClient::new(self.manager_channel(&state.manager));
         let answer =
             tokio::time::timeout(Duration::from_secs(2), manager.describe(pb::DescribeRequest {})).await;
         answer.ok()?.ok().map(tonic::Response::into_inner)
