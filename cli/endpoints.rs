@@ -52,6 +52,19 @@ impl EndpointArgs {
     }
 }
 
+/// Installs the certificate in `dir`, waiting up to `limit` for its files to appear.
+pub async fn wait_for_identity(dir: &Path, limit: std::time::Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let key = dir.join(tls::KEY_FILE);
+    if !key.exists() && !limit.is_zero() {
+        tracing::info!(dir = %dir.display(), "waiting for this process's certificate");
+    }
+    while !key.exists() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    use_identity(dir, true)
+}
+
 /// Where `tandem up` keeps the manager's certificate of the group in `dir`.
 pub fn manager_tls(dir: &Path) -> PathBuf {
     dir.join("tls").join(Identity::Manager.file_name())
@@ -63,7 +76,8 @@ pub fn use_identity(dir: &Path, required: bool) -> anyhow::Result<()> {
     if tls::installed().is_some() || (!required && !dir.exists()) {
         return Ok(());
     }
-    let material = Material::load(dir).with_context(|| format!("cannot use the certificate in {}", dir.display()))?;
+    let material =
+        Material::load(dir).with_context(|| format!("cannot use the certificate in {}", dir.display()))?;
     tls::install(material)?;
     Ok(())
 }

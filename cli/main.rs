@@ -15,6 +15,8 @@ mod replica;
 mod telemetry;
 mod up;
 
+use std::time::Duration;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -90,8 +92,10 @@ async fn main() -> std::process::ExitCode {
         _ => false,
     };
     telemetry::init(&cli.telemetry, prints_events);
+    // The GFD sidecar starts beside the operator, which writes its certificate.
+    let wait = if matches!(cli.command, Command::Gfd(_)) { Duration::from_secs(120) } else { Duration::ZERO };
     if let Some(dir) = &cli.tls_dir
-        && let Err(error) = endpoints::use_identity(dir, true)
+        && let Err(error) = endpoints::wait_for_identity(dir, wait).await
     {
         eprintln!("error: {error:#}");
         return std::process::ExitCode::FAILURE;

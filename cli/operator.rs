@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
+use tandem_operator::certs;
 use tandem_operator::controller::{self, Context};
 use tandem_operator::crd::Defaults;
 use tandem_operator::leader::{self, LeaseSettings};
@@ -51,6 +52,14 @@ pub struct OperatorArgs {
     pub default_failure_threshold: u32,
     #[arg(long, env = "TANDEM_DEFAULT_CHECKPOINT_INTERVAL_MS", default_value_t = 2000)]
     pub default_checkpoint_interval_ms: u64,
+    /// Mutual TLS on the internal plane: a CA in the Secret `tandem-ca` of this
+    /// namespace (made if missing), a certificate per replica pod. Off: plaintext, for
+    /// measuring what TLS costs only.
+    #[arg(long, env = "TANDEM_TLS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tls: bool,
+    /// Where to write the GFD sidecar's certificate (a volume both containers mount).
+    #[arg(long, env = "TANDEM_GFD_TLS_DIR")]
+    pub gfd_tls_dir: Option<std::path::PathBuf>,
 }
 
 pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
@@ -72,6 +81,15 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
         .unwrap_or_else(|| format!("tandem-operator-{}", std::process::id()));
     let client = kube::Client::try_default().await.context("cannot reach the Kubernetes API")?;
+    // Before the lease: a standby's GFD needs its certificate as much as the leader's.
+    let authority = if args.tls {
+        let authority = certs::operator_authority(&client, &args.namespace).await?;
+        certs::install_operator_identity(&authority, args.gfd_tls_dir.as_deref())?;
+        Some(Arc::new(authority))
+    } else {
+        tracing::warn!("--tls=false: the replicas' internal ports are plaintext; anyone who reaches them can change a group");
+        None
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let lease = args.leader_election.then(|| LeaseSettings {
@@ -92,9 +110,11 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     let pod_settings = PodSettings {
         gfd_address: format!("{}:{}", args.pod_ip, args.gfd_port),
         log_level: args.replica_log_level,
+        tls: authority.is_some(),
     };
     let gfd_local = format!("127.0.0.1:{}", args.gfd_port);
-    let ctx = Arc::new(Context::new(client.clone(), defaults, pod_settings, gfd_local, pdb_v1, identity));
+    let ctx =
+        Arc::new(Context::new(client.clone(), defaults, pod_settings, gfd_local, pdb_v1, identity, authority));
     controller::run(ctx, shutdown.clone()).await;
     if let Some(lease) = &lease {
         // A successor takes over at once instead of waiting out the lease.

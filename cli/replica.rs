@@ -42,6 +42,10 @@ pub struct ReplicaArgs {
     /// replica finds its marker there and joins instead of bootstrapping a second time.
     #[arg(long, env = "TANDEM_STATE_DIR")]
     pub state_dir: Option<std::path::PathBuf>,
+    /// The group's name in its members' certificates (`namespace/service` on Kubernetes,
+    /// where one CA serves every group): peers must present `tandem://replica/GROUP/ID`.
+    #[arg(long, env = "TANDEM_GROUP", default_value = "")]
+    pub group: String,
     /// The GFD address this replica's LFD should use (reported in Status).
     #[arg(long, env = "TANDEM_GFD", default_value = "")]
     pub gfd: String,
@@ -69,6 +73,7 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
         tracing::warn!("restarted: joining the group instead of bootstrapping it again");
     }
     settings.gfd_address = args.gfd;
+    settings.group = args.group;
     settings.seeds = args.peers.into_iter().filter(|p| !p.trim().is_empty()).collect();
     settings.checkpoint_interval = Duration::from_millis(args.checkpoint_interval_ms);
     settings.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
@@ -77,9 +82,9 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} for clients", settings.listen))?;
     let internal_address = tandem_replica::wire::internal_listen(settings.listen)?;
-    let internal = tokio::net::TcpListener::bind(internal_address)
-        .await
-        .with_context(|| format!("cannot listen on {internal_address} for peers, the RM and the detectors"))?;
+    let internal = tokio::net::TcpListener::bind(internal_address).await.with_context(|| {
+        format!("cannot listen on {internal_address} for peers, the RM and the detectors")
+    })?;
     if tandem_replica::tls::installed().is_none() {
         tracing::warn!(%internal_address, "no --tls-dir: the internal port is plaintext and unchecked; anyone who reaches it can change the group");
     }

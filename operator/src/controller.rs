@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
+use tandem_replica::tls::Authority;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -25,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::certs;
 use crate::crd::{Defaults, RECREATE_ANNOTATION, ReplicatedService};
 use crate::membership::{self, MembershipView};
 use crate::pods::{self, MEMBER_LABEL, PodSettings, REPLICA_LABEL, ROLE_LABEL, SERVICE_LABEL};
@@ -45,6 +47,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0} has no namespace")]
     NoNamespace(String),
+    #[error("cannot issue a certificate: {0}")]
+    Certificate(#[from] tandem_replica::tls::TlsError),
 }
 
 /// What every reconciliation shares.
@@ -64,6 +68,8 @@ pub struct Context {
     /// Whether the API server serves policy/v1 PodDisruptionBudgets (1.21+).
     pdb_v1: bool,
     channels: Channels,
+    /// Issues each replica pod's certificates (None: a plaintext internal plane).
+    authority: Option<Arc<Authority>>,
 }
 
 /// The in-memory part of one service's record.
@@ -100,6 +106,7 @@ impl Context {
         gfd_local: String,
         pdb_v1: bool,
         identity: String,
+        authority: Option<Arc<Authority>>,
     ) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity) };
         Self {
@@ -113,6 +120,7 @@ impl Context {
             pushed: Mutex::default(),
             pdb_v1,
             channels: Channels::replicas_internal(None),
+            authority,
         }
     }
 
@@ -251,8 +259,10 @@ async fn act(
                 // The old pod is still on its way out; the RM asks again once it is gone.
                 return Ok(());
             }
-            // Admission refuses a pod whose ServiceAccount does not exist yet.
+            // Admission refuses a pod whose ServiceAccount does not exist yet, and the
+            // kubelet starts none whose Secret does not.
             ensure_replica_account(rsvc, ctx, &namespace).await?;
+            issue_certificates(rsvc, ctx, &namespace, &id).await?;
             let peers: Vec<String> =
                 pods.iter().filter(|p| status::pod_running(p)).filter_map(status::pod_address).collect();
             let pod = pods::replica_pod(rsvc, &ctx.defaults, &ctx.pod_settings, spec, &id, bootstrap, &peers);
@@ -287,6 +297,14 @@ async fn act(
                 Ok(_) => {}
                 Err(kube::Error::Api(status)) if status.code == 404 => {}
                 Err(error) => return Err(error.into()),
+            }
+            if ctx.authority.is_some() {
+                let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+                match secrets.delete(&pods::tls_secret_name(&pod_name), &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(status)) if status.code == 404 => {}
+                    Err(error) => return Err(error.into()),
+                }
             }
             let note = format!("deleted {pod_name}: {reason}");
             ctx.event(rsvc, EventType::Normal, "Removed", format!("Delete {pod_name}"), note).await;
@@ -389,6 +407,19 @@ async fn ensure_replica_account(
     let account = pods::replica_service_account(rsvc);
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     accounts.patch(&account.name_any(), &apply, &Patch::Apply(&account)).await?;
+    Ok(())
+}
+
+/// A new pair of certificates (replica and LFD) for the pod of replica `id`, in its
+/// Secret, applied before the pod is created: every pod gets keys of its own.
+async fn issue_certificates(rsvc: &ReplicatedService, ctx: &Context, namespace: &str, id: &str) -> Result<(), Error> {
+    let Some(authority) = &ctx.authority else { return Ok(()) };
+    let detector = pods::detector_id(namespace, &pods::pod_name(&rsvc.name_any(), id));
+    let (replica, lfd) = certs::issue_pod(authority, &pods::group_name(rsvc), id, &detector)?;
+    let secret = pods::tls_secret(rsvc, id, &replica, &lfd);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    secrets.patch(&secret.name_any(), &apply, &Patch::Apply(&secret)).await?;
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! replicas and carry the decisions out: `local` runs them as processes on this machine,
 //! `controller` as pods on Kubernetes (with `crd`, `pods`, `status` and `leader`).
 
+pub mod certs;
 pub mod controller;
 pub mod crd;
 pub mod leader;

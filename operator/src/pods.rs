@@ -5,10 +5,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, KeyToPath,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret, SecretVolumeSource,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
+use k8s_openapi::ByteString;
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -19,8 +20,10 @@ use tandem_replica::pb::Mode;
 use crate::crd::{Defaults, ReplicatedService};
 use crate::rm::Spec;
 
-/// The gRPC port of every replica (pods have their own IPs, so one port fits all).
+/// The gRPC port of every replica for clients (pods have their own IPs, so one port fits
+/// all), and its internal one (peers, the RM, the detectors; mutual TLS).
 pub const REPLICA_PORT: u16 = 7000;
+pub const INTERNAL_PORT: u16 = REPLICA_PORT + tandem_replica::wire::INTERNAL_PORT_OFFSET;
 pub const SERVICE_LABEL: &str = "tandem.dev/service";
 pub const REPLICA_LABEL: &str = "tandem.dev/replica";
 pub const ROLE_LABEL: &str = "tandem.dev/role";
@@ -32,6 +35,8 @@ pub const MANAGED_BY: &str = "tandem-operator";
 pub struct PodSettings {
     pub gfd_address: String,
     pub log_level: String,
+    /// Mount each pod's certificates (`tls_secret`) and speak mutual TLS internally.
+    pub tls: bool,
 }
 
 pub fn pod_name(service: &str, id: &str) -> String {
@@ -140,6 +145,8 @@ pub fn replica_pod(
                     type_: "RuntimeDefault".into(),
                     ..SeccompProfile::default()
                 }),
+                // The certificate files are the group's (0440), readable by this user.
+                fs_group: Some(65534),
                 ..PodSecurityContext::default()
             }),
             // The replicas never call the Kubernetes API: an account with no bindings
@@ -150,11 +157,7 @@ pub fn replica_pod(
             node_selector: overrides.node_selector,
             tolerations: overrides.tolerations,
             priority_class_name: overrides.priority_class_name,
-            volumes: Some(vec![Volume {
-                name: RUN_VOLUME.into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            }]),
+            volumes: Some(volumes(settings, &name)),
             ..PodSpec::default()
         }),
         status: None,
@@ -165,6 +168,94 @@ pub fn replica_pod(
 /// start marker.
 const RUN_VOLUME: &str = "run";
 const RUN_DIR: &str = "/var/run/tandem";
+/// The pod's certificates: `replica/` for the replica, `lfd/` for its LFD.
+const TLS_VOLUME: &str = "tls";
+const TLS_DIR: &str = "/etc/tandem/tls";
+
+/// The Secret holding the certificates of the replica in pod `pod`.
+pub fn tls_secret_name(pod: &str) -> String {
+    format!("{pod}-tls")
+}
+
+/// The certificates of replica `id` (its identity `namespace/service/id`) and of its LFD
+/// (`detector_id`), issued for one pod: a recreated pod gets new keys. Owned by the
+/// service; labelled like its pod, so the RM can delete it with the pod.
+pub fn tls_secret(
+    rsvc: &ReplicatedService,
+    id: &str,
+    replica: &tandem_replica::tls::Material,
+    lfd: &tandem_replica::tls::Material,
+) -> Secret {
+    let name = pod_name(&rsvc.name_any(), id);
+    let mut metadata = owned_metadata(rsvc, &tls_secret_name(&name));
+    metadata.labels.get_or_insert_default().insert(REPLICA_LABEL.into(), id.into());
+    let data = [
+        ("ca.crt", &replica.ca),
+        ("replica.crt", &replica.cert),
+        ("replica.key", &replica.key),
+        ("lfd.crt", &lfd.cert),
+        ("lfd.key", &lfd.key),
+    ];
+    Secret {
+        metadata,
+        type_: Some("Opaque".into()),
+        data: Some(
+            data.into_iter()
+                .map(|(key, text)| (key.to_owned(), ByteString(text.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Secret::default()
+    }
+}
+
+/// The identity the group's members carry in their certificates: `namespace/service`.
+pub fn group_name(rsvc: &ReplicatedService) -> String {
+    format!("{}/{}", rsvc.namespace().unwrap_or_default(), rsvc.name_any())
+}
+
+fn volumes(settings: &PodSettings, pod: &str) -> Vec<Volume> {
+    let mut volumes = vec![Volume {
+        name: RUN_VOLUME.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }];
+    if settings.tls {
+        let item = |key: &str, path: &str| KeyToPath { key: key.into(), path: path.into(), ..KeyToPath::default() };
+        volumes.push(Volume {
+            name: TLS_VOLUME.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(tls_secret_name(pod)),
+                default_mode: Some(0o440),
+                items: Some(vec![
+                    item("ca.crt", "replica/ca.crt"),
+                    item("replica.crt", "replica/tls.crt"),
+                    item("replica.key", "replica/tls.key"),
+                    item("ca.crt", "lfd/ca.crt"),
+                    item("lfd.crt", "lfd/tls.crt"),
+                    item("lfd.key", "lfd/tls.key"),
+                ]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    volumes
+}
+
+/// `TANDEM_TLS_DIR` and the read-only mount of the pod's certificates, for `holder`
+/// (`replica` or `lfd`), when the operator issues them.
+fn tls_env_and_mount(settings: &PodSettings, holder: &str) -> (Vec<EnvVar>, Vec<VolumeMount>) {
+    if !settings.tls {
+        return (Vec::new(), Vec::new());
+    }
+    let mount = VolumeMount {
+        name: TLS_VOLUME.into(),
+        mount_path: TLS_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    };
+    (vec![env("TANDEM_TLS_DIR", format!("{TLS_DIR}/{holder}"))], vec![mount])
+}
 
 /// A container's context under Pod Security "restricted", plus a read-only root
 /// filesystem: nothing to escalate to, no capability, nothing written outside volumes.
@@ -210,7 +301,10 @@ fn replica_container(
         env("TANDEM_STATE_DIR", RUN_DIR),
         env("TANDEM_LOG", settings.log_level.clone()),
         env("TANDEM_GFD", settings.gfd_address.clone()),
+        env("TANDEM_GROUP", group_name(rsvc)),
     ];
+    let (tls_env, tls_mounts) = tls_env_and_mount(settings, "replica");
+    replica_env.extend(tls_env);
     if bootstrap {
         replica_env.push(env("TANDEM_BOOTSTRAP", "true"));
     }
@@ -223,20 +317,30 @@ fn replica_container(
         image_pull_policy: Some("IfNotPresent".into()),
         args: Some(vec!["replica".into()]),
         env: Some(replica_env),
-        ports: Some(vec![ContainerPort {
-            name: Some("grpc".into()),
-            container_port: i32::from(REPLICA_PORT),
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: i32::from(REPLICA_PORT),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            // The chart's NetworkPolicy admits only the group and the operator here.
+            ContainerPort {
+                name: Some("internal".into()),
+                container_port: i32::from(INTERNAL_PORT),
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
         readiness_probe: Some(readiness_probe()),
         resources: rsvc.spec.resources.clone(),
         security_context: Some(restricted_container_context()),
-        volume_mounts: Some(vec![VolumeMount {
-            name: RUN_VOLUME.into(),
-            mount_path: RUN_DIR.into(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(
+            [VolumeMount { name: RUN_VOLUME.into(), mount_path: RUN_DIR.into(), ..VolumeMount::default() }]
+                .into_iter()
+                .chain(tls_mounts)
+                .collect(),
+        ),
         ..Container::default()
     }
 }
@@ -265,6 +369,7 @@ fn readiness_probe() -> Probe {
 /// The LFD: heartbeats the replica over loopback, reports to the GFD as `detector_id`.
 fn lfd_container(image: &str, settings: &PodSettings, spec: &Spec, detector_id: &str) -> Container {
     let quantity = |q: &str| k8s_openapi::apimachinery::pkg::api::resource::Quantity(q.into());
+    let (tls_env, tls_mounts) = tls_env_and_mount(settings, "lfd");
     Container {
         name: "lfd".into(),
         image: Some(image.to_owned()),
@@ -277,7 +382,11 @@ fn lfd_container(image: &str, settings: &PodSettings, spec: &Spec, detector_id: 
             env("TANDEM_HEARTBEAT_INTERVAL_MS", spec.heartbeat_interval_ms.to_string()),
             env("TANDEM_FAILURE_THRESHOLD", spec.failure_threshold.to_string()),
             env("TANDEM_LOG", settings.log_level.clone()),
-        ]),
+        ]
+        .into_iter()
+        .chain(tls_env)
+        .collect()),
+        volume_mounts: (!tls_mounts.is_empty()).then_some(tls_mounts),
         resources: Some(k8s_openapi::api::core::v1::ResourceRequirements {
             requests: Some(BTreeMap::from([
                 ("cpu".into(), quantity("10m")),
@@ -381,7 +490,7 @@ mod tests {
     }
 
     fn settings() -> PodSettings {
-        PodSettings { gfd_address: "10.0.0.5:7100".into(), log_level: "info".into() }
+        PodSettings { gfd_address: "10.0.0.5:7100".into(), log_level: "info".into(), tls: true }
     }
 
     fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a str> {

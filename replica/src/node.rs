@@ -43,6 +43,9 @@ pub struct ReplicaSettings {
     pub request_timeout: Duration,
     /// The GFD address for this replica's LFD (reported in Status; changeable).
     pub gfd_address: String,
+    /// The group's name in peers' certificates (`namespace/service` on Kubernetes; ""
+    /// locally): a peer's certificate must name `group/id` for the id it claims.
+    pub group: String,
 }
 
 impl ReplicaSettings {
@@ -57,6 +60,7 @@ impl ReplicaSettings {
             peer_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(5),
             gfd_address: String::new(),
+            group: String::new(),
         }
     }
 

@@ -193,7 +193,7 @@ impl pb::replica_server::Replica for Service {
 #[tonic::async_trait]
 impl pb::peer_server::Peer for Service {
     async fn append(&self, request: Request<pb::AppendRequest>) -> Result<Response<pb::AppendReply>, Status> {
-        tls::caller(&request).must_be_replica(&request.get_ref().leader_id, "append entries")?;
+        tls::caller(&request).must_be_replica(&self.0.settings.group, &request.get_ref().leader_id, "append entries")?;
         let request = request.into_inner();
         match self.0.apply(|inner| inner.core.on_append(&request)) {
             Ok(reply) => Ok(Response::new(reply)),
@@ -205,7 +205,7 @@ impl pb::peer_server::Peer for Service {
     }
 
     async fn order(&self, request: Request<pb::OrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
-        tls::caller(&request).must_be_replica(&request.get_ref().from_replica, "forward a request")?;
+        tls::caller(&request).must_be_replica(&self.0.settings.group, &request.get_ref().from_replica, "forward a request")?;
         let node = &self.0;
         let request = request.into_inner();
         let seq = node.apply(|inner| {
@@ -234,7 +234,7 @@ impl pb::peer_server::Peer for Service {
             let header =
                 assembler.push(chunk).map_err(|e| ReplicaError::BadCheckpoint { reason: e.to_string() })?;
             if let Some(header) = header {
-                caller.must_be_replica(&header.leader_id, "send a checkpoint")?;
+                caller.must_be_replica(&node.settings.group, &header.leader_id, "send a checkpoint")?;
                 node.apply(|inner| inner.core.on_checkpoint_header(header))?;
                 info!(seq = header.seq, keys = header.keys, leader = %header.leader_id, "receiving checkpoint");
             }
@@ -257,7 +257,7 @@ impl pb::peer_server::Peer for Service {
     }
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
-        tls::caller(&request).must_be_replica(&request.get_ref().replica_id, "join")?;
+        tls::caller(&request).must_be_replica(&self.0.settings.group, &request.get_ref().replica_id, "join")?;
         let request = request.into_inner();
         let epoch = self.0.apply(|inner| inner.core.on_join(&request.replica_id, &request.address))?;
         Ok(Response::new(pb::JoinReply { epoch }))

@@ -49,6 +49,13 @@ pub enum Identity {
 }
 
 impl Identity {
+    /// Replica `id` of `group`: on Kubernetes one CA serves every group of an operator,
+    /// so the name carries the group (`namespace/service/r1`) and a member of one group
+    /// is nobody in another; locally the group is "" and the name is the id.
+    pub fn replica(group: &str, id: &str) -> Self {
+        if group.is_empty() { Self::Replica(id.to_owned()) } else { Self::Replica(format!("{group}/{id}")) }
+    }
+
     pub fn uri(&self) -> String {
         match self {
             Self::Replica(id) => format!("{URI_SCHEME}replica/{id}"),
@@ -249,9 +256,10 @@ impl Caller {
         }
     }
 
-    /// Refuses unless the caller is the replica `id` (what a peer message claims).
-    pub fn must_be_replica(&self, id: &str, what: &str) -> Result<(), tonic::Status> {
-        self.permit(&format!("{what} as replica {id}"), |caller| *caller == Identity::Replica(id.to_owned()))
+    /// Refuses unless the caller is replica `id` of `group` (what a peer message claims).
+    pub fn must_be_replica(&self, group: &str, id: &str, what: &str) -> Result<(), tonic::Status> {
+        let claimed = Identity::replica(group, id);
+        self.permit(&format!("{what} as replica {id}"), |caller| *caller == claimed)
     }
 }
 

@@ -11,8 +11,8 @@ use nix::unistd::Pid;
 use tandem_operator::local::StateFile;
 use tandem_replica::pb;
 use tandem_replica::tls::{Identity, Material};
-use tonic::transport::Channel;
 use tokio::time::{Instant, sleep};
+use tonic::transport::Channel;
 
 use super::cluster::TANDEM;
 

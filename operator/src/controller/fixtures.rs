@@ -81,9 +81,17 @@ fn context() -> (Arc<Context>, ApiHandle) {
     let client = Client::new(service, "test");
     let defaults = Defaults { image: "tandem:test".into(), spec: Spec::default() };
     // Nothing listens there: detector settings pushes fail fast, and are retried later.
-    let pod_settings = PodSettings { gfd_address: "127.0.0.1:9".into(), log_level: "info".into() };
-    let ctx =
-        Context::new(client, defaults, pod_settings, "127.0.0.1:9".into(), false, "test-operator".into());
+    let pod_settings = PodSettings { gfd_address: "127.0.0.1:9".into(), log_level: "info".into(), tls: true };
+    let authority = tandem_replica::tls::Authority::generate("test").expect("a CA");
+    let ctx = Context::new(
+        client,
+        defaults,
+        pod_settings,
+        "127.0.0.1:9".into(),
+        false,
+        "test-operator".into(),
+        Some(Arc::new(authority)),
+    );
     (Arc::new(ctx), handle)
 }
 
@@ -133,7 +141,7 @@ async fn a_status_conflict_stops_the_round_before_anything_is_created() {
 #[tokio::test]
 async fn a_new_service_starts_its_three_bootstrap_pods_and_records_each_with_an_event() {
     let (ctx, handle) = context();
-    let pod_created = || {
+    let pod_created = |secret: &'static str| {
         [
             Expect {
                 method: Method::PATCH,
@@ -148,6 +156,30 @@ async fn a_new_service_starts_its_three_bootstrap_pods_and_records_each_with_an_
                 },
             },
             Expect {
+                method: Method::PATCH,
+                path: secret,
+                status: StatusCode::OK,
+                answer: Answer::Echo,
+                check: |body| {
+                    let secret: k8s_openapi::api::core::v1::Secret =
+                        serde_json::from_value(body.clone()).expect("a secret");
+                    let data = secret.data.expect("certificates");
+                    for key in ["ca.crt", "replica.crt", "replica.key", "lfd.crt", "lfd.key"] {
+                        assert!(data.contains_key(key), "{key} missing: {:?}", data.keys());
+                    }
+                    let replica = tandem_replica::tls::Material {
+                        ca: String::from_utf8(data["ca.crt"].0.clone()).expect("pem"),
+                        cert: String::from_utf8(data["replica.crt"].0.clone()).expect("pem"),
+                        key: String::from_utf8(data["replica.key"].0.clone()).expect("pem"),
+                    };
+                    let identity = replica.identity().expect("an identity");
+                    let tandem_replica::tls::Identity::Replica(name) = identity else {
+                        panic!("not a replica's certificate: {identity}")
+                    };
+                    assert!(name.starts_with("test/demo/r"), "the name carries the group: {name}");
+                },
+            },
+            Expect {
                 method: Method::POST,
                 path: PODS,
                 status: StatusCode::CREATED,
@@ -159,6 +191,9 @@ async fn a_new_service_starts_its_three_bootstrap_pods_and_records_each_with_an_
                     assert!(bootstrap, "the first replicas found the group: {pod:?}");
                     let spec = pod.spec.as_ref().expect("spec");
                     assert_eq!(spec.service_account_name.as_deref(), Some("demo-replica"));
+                    let tls = spec.volumes.iter().flatten().find(|v| v.name == "tls").expect("a tls volume");
+                    let secret = tls.secret.as_ref().and_then(|s| s.secret_name.clone()).expect("a secret");
+                    assert!(secret.starts_with("demo-r") && secret.ends_with("-tls"), "{secret}");
                     assert_eq!(
                         pod.metadata.owner_references.as_ref().map(|o| o[0].uid.as_str()),
                         Some("0123-4567"),
@@ -188,7 +223,8 @@ async fn a_new_service_starts_its_three_bootstrap_pods_and_records_each_with_an_
             },
         },
     ];
-    script.extend((0..3).flat_map(|_| pod_created()));
+    let secrets = ["r1", "r2", "r3"].map(|id| &*format!("/api/v1/namespaces/test/secrets/demo-{id}-tls").leak());
+    script.extend(secrets.into_iter().flat_map(pod_created));
     let services = ["/api/v1/namespaces/test/services/demo", "/api/v1/namespaces/test/services/demo-peers"];
     for path in services {
         script.push(Expect {

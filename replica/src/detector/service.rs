@@ -558,7 +558,10 @@ impl pb::fault_detector_server::FaultDetector for GfdService {
         Ok(Response::new(stream))
     }
 
-    async fn members(&self, request: Request<pb::MembersRequest>) -> Result<Response<pb::Membership>, Status> {
+    async fn members(
+        &self,
+        request: Request<pb::MembersRequest>,
+    ) -> Result<Response<pb::Membership>, Status> {
         tls::authorize(&request, "read the membership", |caller| *caller == Identity::Manager)?;
         Ok(Response::new(self.0.core().snapshot(unix_ms())))
     }
