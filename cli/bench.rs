@@ -130,6 +130,7 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
                 binary: std::env::current_exe().context("cannot find the tandem executable")?,
                 log_level: "info".into(),
                 loopback_per_replica: false,
+                session_expiry_ms: tandem_replica::state::DEFAULT_SESSION_EXPIRY_MS,
             };
             let stop = system.clone();
             (dir, Some(tokio::spawn(async move { local::run(settings, stop).await })))

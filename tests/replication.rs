@@ -235,6 +235,7 @@ async fn append_from_an_older_epoch_is_refused_and_changes_nothing() {
             client_id: "ghost".into(),
             request_id: 1,
             op: None,
+            ..pb::Entry::default()
         }],
         commit_seq: before.last_seq + 1,
         epoch_start_seq: 0,
@@ -335,7 +336,7 @@ async fn checkpoint_interval_changes_at_run_time() {
 
     let mut control = pb::control_client::ControlClient::new(channel(&group.address("r1")));
     let settings = control
-        .update_settings(pb::Settings { checkpoint_interval_ms: Some(100), gfd_address: None })
+        .update_settings(pb::Settings { checkpoint_interval_ms: Some(100), ..pb::Settings::default() })
         .await
         .expect("update");
     assert_eq!(settings.into_inner().checkpoint_interval_ms, Some(100));

@@ -348,6 +348,8 @@ async fn push_settings(
     let update = pb::Settings {
         checkpoint_interval_ms: Some(spec.checkpoint_interval_ms),
         gfd_address: Some(ctx.pod_settings.gfd_address.clone()),
+        // Set once, at the pod's start (TANDEM_SESSION_EXPIRY_MS).
+        session_expiry_ms: None,
     };
     replicas::push_settings(&ctx.channels, &update, &stale).await;
     ctx.pushed.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_owned(), spec.clone());

@@ -31,6 +31,8 @@ pub const MANAGED_BY: &str = "tandem-operator";
 pub struct PodSettings {
     pub gfd_address: String,
     pub log_level: String,
+    /// How long the replicas remember an idle client session, ms.
+    pub session_expiry_ms: u64,
 }
 
 pub fn pod_name(service: &str, id: &str) -> String {
@@ -171,6 +173,7 @@ fn replica_container(
         env("TANDEM_STATE_DIR", RUN_DIR),
         env("TANDEM_LOG", settings.log_level.clone()),
         env("TANDEM_GFD", settings.gfd_address.clone()),
+        env("TANDEM_SESSION_EXPIRY_MS", settings.session_expiry_ms.to_string()),
     ];
     if bootstrap {
         replica_env.push(env("TANDEM_BOOTSTRAP", "true"));
@@ -340,7 +343,11 @@ mod tests {
     }
 
     fn settings() -> PodSettings {
-        PodSettings { gfd_address: "10.0.0.5:7100".into(), log_level: "info".into() }
+        PodSettings {
+            gfd_address: "10.0.0.5:7100".into(),
+            log_level: "info".into(),
+            session_expiry_ms: 60_000,
+        }
     }
 
     fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
@@ -388,6 +395,7 @@ mod tests {
         assert_eq!(containers[0].image.as_deref(), Some("registry.example/tandem:1.2"));
         assert_eq!(env_value(&containers[0], "TANDEM_BOOTSTRAP"), Some("true"));
         assert_eq!(env_value(&containers[0], "TANDEM_CHECKPOINT_INTERVAL_MS"), Some("900"));
+        assert_eq!(env_value(&containers[0], "TANDEM_SESSION_EXPIRY_MS"), Some("60000"));
         assert_eq!(env_value(&containers[1], "TANDEM_HEARTBEAT_INTERVAL_MS"), Some("250"));
     }
 

@@ -16,7 +16,7 @@ use crate::node::{Node, RequestTag};
 use crate::pb;
 use crate::peers;
 use crate::replication::Route;
-use crate::state::op_digest;
+use crate::state::{check_session_expiry, op_digest};
 use crate::wire::{MAX_MESSAGE_BYTES, serve_until_shutdown};
 
 /// Runs the background tasks and serves gRPC on `listener` until shutdown.
@@ -232,7 +232,9 @@ impl pb::peer_server::Peer for Service {
         if epoch < current {
             debug!(seq, epoch, "checkpoint from an older epoch, still a committed prefix");
         }
-        info!(seq, keys, replayed, elapsed_ms = started.elapsed().as_millis() as u64, "installed checkpoint");
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        node.last_checkpoint_install_ms.store(elapsed_ms, std::sync::atomic::Ordering::Relaxed);
+        info!(seq, keys, replayed, elapsed_ms, "installed checkpoint");
         Ok(Response::new(reply))
     }
 
@@ -263,6 +265,14 @@ impl pb::control_server::Control for Service {
             node.checkpoint_interval.send_replace(Duration::from_millis(ms));
             info!(checkpoint_interval_ms = ms, "settings changed");
         }
+        if let Some(ms) = update.session_expiry_ms {
+            check_session_expiry(ms).map_err(|invalid| ReplicaError::InvalidRequest {
+                field: invalid.field.into(),
+                reason: invalid.reason,
+            })?;
+            node.apply(|inner| inner.core.set_session_expiry(ms));
+            info!(session_expiry_ms = ms, "settings changed");
+        }
         if let Some(address) = update.gfd_address
             && node.gfd_address.send_replace(address.clone()) != address
         {
@@ -271,6 +281,7 @@ impl pb::control_server::Control for Service {
         Ok(Response::new(pb::Settings {
             checkpoint_interval_ms: Some(node.checkpoint_interval.borrow().as_millis() as u64),
             gfd_address: Some(node.gfd_address.borrow().clone()),
+            session_expiry_ms: Some(node.read(|core| core.session_expiry_ms())),
         }))
     }
 }

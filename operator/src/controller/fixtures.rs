@@ -81,7 +81,11 @@ fn context() -> (Arc<Context>, ApiHandle) {
     let client = Client::new(service, "test");
     let defaults = Defaults { image: "tandem:test".into(), spec: Spec::default() };
     // Nothing listens there: detector settings pushes fail fast, and are retried later.
-    let pod_settings = PodSettings { gfd_address: "127.0.0.1:9".into(), log_level: "info".into() };
+    let pod_settings = PodSettings {
+        gfd_address: "127.0.0.1:9".into(),
+        log_level: "info".into(),
+        session_expiry_ms: tandem_replica::state::DEFAULT_SESSION_EXPIRY_MS,
+    };
     let ctx =
         Context::new(client, defaults, pod_settings, "127.0.0.1:9".into(), false, "test-operator".into());
     (Arc::new(ctx), handle)

@@ -57,6 +57,8 @@ pub struct LocalSettings {
     /// Each replica on its own loopback address (127.0.10.N), its LFD dialling from
     /// 127.0.11.N: links can then be cut one by one with firewall rules (the nemesis).
     pub loopback_per_replica: bool,
+    /// How long the replicas remember an idle client session, ms (`--session-expiry-ms`).
+    pub session_expiry_ms: u64,
 }
 
 impl LocalSettings {
@@ -412,6 +414,8 @@ impl Local {
             address.clone(),
             "--checkpoint-interval-ms".into(),
             self.spec.checkpoint_interval_ms.to_string(),
+            "--session-expiry-ms".into(),
+            self.settings.session_expiry_ms.to_string(),
             "--gfd".into(),
             self.settings.gfd_address(),
             "--log-level".into(),
@@ -537,8 +541,10 @@ impl Local {
             }
         }
         if old.checkpoint_interval_ms != spec.checkpoint_interval_ms {
-            let update =
-                pb::Settings { checkpoint_interval_ms: Some(spec.checkpoint_interval_ms), gfd_address: None };
+            let update = pb::Settings {
+                checkpoint_interval_ms: Some(spec.checkpoint_interval_ms),
+                ..pb::Settings::default()
+            };
             replicas::push_settings(&self.channels, &update, &self.running_targets()).await;
         }
     }
