@@ -139,7 +139,7 @@ async fn measure(args: &SessionsArgs, dir: &std::path::Path) -> anyhow::Result<F
         let update = pb::Settings { session_expiry_ms: Some(args.expiry_ms), ..pb::Settings::default() };
         within(Duration::from_secs(2), control.update_settings(update))
             .await
-            .with_context(|| format!("{id}"))?;
+            .with_context(|| format!("setting the session expiry of {id}"))?;
     }
     // Expiry runs as entries apply: after the window, one write forgets the idle sessions.
     tokio::time::sleep(Duration::from_millis(args.expiry_ms + 100)).await;
