@@ -4,6 +4,11 @@
 //! client-observed unavailability (kill -> first write acknowledged by the new
 //! configuration) and the recovery time (kill -> replacement ready), then a summary line.
 //! At the end every acknowledged write is read back: `lost_acked` counts those missing.
+//!
+//! `tandem bench sessions` (sessions.rs): a replica's memory with many client sessions,
+//! before and after they expire, and with many idle connections.
+
+mod sessions;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -35,6 +40,9 @@ pub enum Bench {
     /// Kill (or hang) the primary K times under load; measure detection, failover and
     /// recovery.
     Failover(FailoverArgs),
+    /// Create N one-shot client sessions; measure a replica's RSS and checkpoint time
+    /// before and after they expire, and its RSS with C idle connections.
+    Sessions(sessions::SessionsArgs),
 }
 
 /// What happens to the primary.
@@ -82,6 +90,7 @@ impl BenchArgs {
     pub fn prints_events(&self) -> bool {
         match &self.bench {
             Bench::Failover(args) => args.verbose,
+            Bench::Sessions(_) => false,
         }
     }
 }
@@ -89,6 +98,7 @@ impl BenchArgs {
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     match args.bench {
         Bench::Failover(args) => failover(args).await,
+        Bench::Sessions(args) => sessions::sessions(args).await,
     }
 }
 
@@ -133,6 +143,7 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
                 log_level: "info".into(),
                 loopback_per_replica: false,
                 tls: true,
+                session_expiry_ms: tandem_replica::state::DEFAULT_SESSION_EXPIRY_MS,
             };
             let stop = system.clone();
             (dir, Some(tokio::spawn(async move { local::run(settings, stop).await })))

@@ -41,6 +41,9 @@ pub struct OperatorArgs {
     /// Log filter for the replica pods.
     #[arg(long, env = "TANDEM_REPLICA_LOG", default_value = "info")]
     pub replica_log_level: String,
+    /// How long the replicas remember an idle client session, ms (1000..604800000).
+    #[arg(long, env = "TANDEM_REPLICA_SESSION_EXPIRY_MS", default_value_t = tandem_replica::state::DEFAULT_SESSION_EXPIRY_MS)]
+    pub replica_session_expiry_ms: u64,
     /// Defaults for what a ReplicatedService leaves out.
     #[arg(long, env = "TANDEM_DEFAULT_REPLICAS", default_value_t = 3)]
     pub default_replicas: u32,
@@ -76,6 +79,8 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     };
     let problems = defaults.spec.problems();
     anyhow::ensure!(problems.is_empty(), "bad defaults: {}", problems.join("; "));
+    tandem_replica::state::check_session_expiry(args.replica_session_expiry_ms)
+        .map_err(|invalid| anyhow::anyhow!("--replica-session-expiry-ms: {}", invalid.reason))?;
     let identity = args
         .identity
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
@@ -87,7 +92,9 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         certs::install_operator_identity(&authority, args.gfd_tls_dir.as_deref())?;
         Some(Arc::new(authority))
     } else {
-        tracing::warn!("--tls=false: the replicas' internal ports are plaintext; anyone who reaches them can change a group");
+        tracing::warn!(
+            "--tls=false: the replicas' internal ports are plaintext; anyone who reaches them can change a group"
+        );
         None
     };
     let shutdown = CancellationToken::new();
@@ -111,10 +118,18 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         gfd_address: format!("{}:{}", args.pod_ip, args.gfd_port),
         log_level: args.replica_log_level,
         tls: authority.is_some(),
+        session_expiry_ms: args.replica_session_expiry_ms,
     };
     let gfd_local = format!("127.0.0.1:{}", args.gfd_port);
-    let ctx =
-        Arc::new(Context::new(client.clone(), defaults, pod_settings, gfd_local, pdb_v1, identity, authority));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        defaults,
+        pod_settings,
+        gfd_local,
+        pdb_v1,
+        identity,
+        authority,
+    ));
     controller::run(ctx, shutdown.clone()).await;
     if let Some(lease) = &lease {
         // A successor takes over at once instead of waiting out the lease.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use tandem_replica::node::{Node, ReplicaSettings};
-use tandem_replica::server;
+use tandem_replica::{server, state};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info};
 
@@ -49,6 +49,12 @@ pub struct ReplicaArgs {
     /// The GFD address this replica's LFD should use (reported in Status).
     #[arg(long, env = "TANDEM_GFD", default_value = "")]
     pub gfd: String,
+    /// How long an idle client session is remembered, in milliseconds (1000..604800000).
+    /// A client's retry must come within it to be deduplicated; a later one is refused
+    /// with SESSION_EXPIRED. The leader's setting applies to the group. Changeable at
+    /// run time.
+    #[arg(long, env = "TANDEM_SESSION_EXPIRY_MS", default_value_t = state::DEFAULT_SESSION_EXPIRY_MS)]
+    pub session_expiry_ms: u64,
 }
 
 /// `--bootstrap` holds only for a replica's first start: its state is gone after a
@@ -66,6 +72,8 @@ fn first_start(state_dir: Option<&std::path::Path>) -> anyhow::Result<bool> {
 }
 
 pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
+    state::check_session_expiry(args.session_expiry_ms)
+        .map_err(|invalid| anyhow::anyhow!("--session-expiry-ms: {}", invalid.reason))?;
     let mut settings = ReplicaSettings::new(args.id, args.listen);
     settings.advertise = args.advertise.unwrap_or_else(|| args.listen.to_string());
     settings.bootstrap = args.bootstrap && first_start(args.state_dir.as_deref())?;
@@ -78,6 +86,7 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     settings.checkpoint_interval = Duration::from_millis(args.checkpoint_interval_ms);
     settings.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
     settings.request_timeout = Duration::from_millis(args.request_timeout_ms);
+    settings.session_expiry = Duration::from_millis(args.session_expiry_ms);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {} for clients", settings.listen))?;

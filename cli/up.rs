@@ -39,6 +39,9 @@ pub struct UpArgs {
     /// measuring what TLS costs, not for use.
     #[arg(long, env = "TANDEM_NO_TLS")]
     pub no_tls: bool,
+    /// How long the replicas remember an idle client session, ms (1000..604800000).
+    #[arg(long, env = "TANDEM_SESSION_EXPIRY_MS", default_value_t = tandem_replica::state::DEFAULT_SESSION_EXPIRY_MS)]
+    pub session_expiry_ms: u64,
 }
 
 impl UpArgs {
@@ -53,6 +56,8 @@ impl UpArgs {
         };
         let problems = spec.problems();
         anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
+        tandem_replica::state::check_session_expiry(self.session_expiry_ms)
+            .map_err(|invalid| anyhow::anyhow!("--session-expiry-ms: {}", invalid.reason))?;
         anyhow::ensure!(
             u32::from(self.base_port) + 10 + 4 * tandem_operator::rm::MAX_REPLICAS < 65_535,
             "--port {} leaves no room for the replicas",
@@ -66,6 +71,7 @@ impl UpArgs {
             log_level: self.child_log_level.clone(),
             loopback_per_replica: self.loopback_per_replica,
             tls: !self.no_tls,
+            session_expiry_ms: self.session_expiry_ms,
         })
     }
 }

@@ -235,6 +235,7 @@ async fn append_from_an_older_epoch_is_refused_and_changes_nothing() {
             client_id: "ghost".into(),
             request_id: 1,
             op: None,
+            ..pb::Entry::default()
         }],
         commit_seq: before.last_seq + 1,
         epoch_start_seq: 0,
@@ -335,7 +336,7 @@ async fn checkpoint_interval_changes_at_run_time() {
 
     let mut control = pb::control_client::ControlClient::new(internal_channel(&group.address("r1")));
     let settings = control
-        .update_settings(pb::Settings { checkpoint_interval_ms: Some(100), gfd_address: None })
+        .update_settings(pb::Settings { checkpoint_interval_ms: Some(100), ..pb::Settings::default() })
         .await
         .expect("update");
     assert_eq!(settings.into_inner().checkpoint_interval_ms, Some(100));
@@ -351,6 +352,41 @@ async fn checkpoint_interval_changes_at_run_time() {
         sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(group.status("r1").await.expect("r1").checkpoint_interval_ms, 100);
+    group.wait_converged(&["r1", "r2", "r3"], CONVERGE).await;
+}
+
+/// Issue 9: idle sessions expire (a 1 s window here), on every replica alike. A late
+/// retry of a forgotten session is refused with SESSION_EXPIRED and does not run again;
+/// a library client that idled past the window carries on (its session is renewed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn active_expired_session_refuses_a_late_retry_and_an_idle_client_carries_on() {
+    let group = Group::start_with(3, Mode::Active, &["--session-expiry-ms", "1000"]).await;
+    let mut idle = Client::new(ClientSettings::new(group.endpoints())).expect("client");
+    assert_eq!(idle.increment("n", 1).await.expect("increment"), 1);
+    let mut primary = replica_client(&group.address("r1"));
+    let late = pb::ExecuteRequest {
+        client_id: "late".into(),
+        request_id: tandem_replica::wire::unix_micros(),
+        op: Some(pb::Operation {
+            kind: Some(pb::operation::Kind::Increment(pb::Increment { key: "m".into(), delta: 1 })),
+        }),
+        epoch: 0,
+    };
+    primary.execute(late.clone()).await.expect("first attempt");
+    // Real time must pass the window; then any write makes every replica forget both.
+    sleep(Duration::from_millis(1100)).await;
+    let mut other = Client::new(ClientSettings::new(group.endpoints())).expect("client");
+    other.put("trigger", "1").await.expect("put");
+    assert_eq!(group.status("r1").await.expect("r1").sessions, 1, "only the new session is left");
+
+    let refused = primary.execute(late).await.expect_err("a late retry ran again");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        matches!(error_detail(&refused), Some(Detail::SessionExpired(e)) if e.client_id == "late"),
+        "{refused:?}"
+    );
+    assert_eq!(other.get("m").await.expect("get").as_deref(), Some(&b"1"[..]), "ran once");
+    assert_eq!(idle.increment("n", 1).await.expect("the idle client carries on"), 2);
     group.wait_converged(&["r1", "r2", "r3"], CONVERGE).await;
 }
 

@@ -65,6 +65,7 @@ fn forged_put(seq: u64) -> pb::Entry {
         op: Some(pb::Operation {
             kind: Some(operation::Kind::Put(pb::Put { key: "forged".into(), value: b"x".to_vec().into() })),
         }),
+        ..Default::default()
     }
 }
 
@@ -82,6 +83,7 @@ async fn attack(
         seq_epoch: targets.epoch,
         keys: 0,
         sessions: 0,
+        ..Default::default()
     };
     let chunks = vec![
         pb::CheckpointChunk { part: Some(checkpoint_chunk::Part::Header(header)) },
@@ -127,7 +129,11 @@ async fn attack(
         "a configuration at epoch 2^63",
         within(CALL, async { control_backup.install_configuration(huge_epoch).await.map(drop) }).await,
     ));
-    let settings = pb::Settings { checkpoint_interval_ms: Some(0), gfd_address: Some("127.0.0.1:1".into()) };
+    let settings = pb::Settings {
+        checkpoint_interval_ms: Some(0),
+        gfd_address: Some("127.0.0.1:1".into()),
+        ..Default::default()
+    };
     outcomes.push((
         "settings moving the GFD away",
         within(CALL, async { control.update_settings(settings).await.map(drop) }).await,

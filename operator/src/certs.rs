@@ -21,7 +21,9 @@ pub const CA_SECRET: &str = "tandem-ca";
 pub enum CertError {
     #[error("Kubernetes API call on Secret {namespace}/{CA_SECRET} failed: {source}")]
     Kube { namespace: String, source: kube::Error },
-    #[error("Secret {namespace}/{CA_SECRET} holds no usable CA ({reason}); delete it to have a new CA made (every replica pod then needs recreating)")]
+    #[error(
+        "Secret {namespace}/{CA_SECRET} holds no usable CA ({reason}); delete it to have a new CA made (every replica pod then needs recreating)"
+    )]
     BadSecret { namespace: String, reason: String },
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -39,7 +41,10 @@ pub async fn operator_authority(client: &kube::Client, namespace: &str) -> Resul
         metadata: ObjectMeta {
             name: Some(CA_SECRET.into()),
             namespace: Some(namespace.into()),
-            labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".into(), crate::pods::MANAGED_BY.into())])),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".into(),
+                crate::pods::MANAGED_BY.into(),
+            )])),
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
@@ -90,5 +95,8 @@ pub fn issue_pod(
     id: &str,
     detector_id: &str,
 ) -> Result<(Material, Material), TlsError> {
-    Ok((authority.issue(&Identity::replica(group, id))?, authority.issue(&Identity::Lfd(detector_id.into()))?))
+    Ok((
+        authority.issue(&Identity::replica(group, id))?,
+        authority.issue(&Identity::Lfd(detector_id.into()))?,
+    ))
 }

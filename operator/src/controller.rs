@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
-use tandem_replica::tls::Authority;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -21,6 +20,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tandem_replica::pb;
+use tandem_replica::tls::Authority;
 use tandem_replica::wire::{Channels, unix_ms, within};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -368,6 +368,8 @@ async fn push_settings(
     let update = pb::Settings {
         checkpoint_interval_ms: Some(spec.checkpoint_interval_ms),
         gfd_address: Some(ctx.pod_settings.gfd_address.clone()),
+        // Set once, at the pod's start (TANDEM_SESSION_EXPIRY_MS).
+        session_expiry_ms: None,
     };
     replicas::push_settings(&ctx.channels, &update, &stale).await;
     ctx.pushed.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_owned(), spec.clone());
@@ -412,7 +414,12 @@ async fn ensure_replica_account(
 
 /// A new pair of certificates (replica and LFD) for the pod of replica `id`, in its
 /// Secret, applied before the pod is created: every pod gets keys of its own.
-async fn issue_certificates(rsvc: &ReplicatedService, ctx: &Context, namespace: &str, id: &str) -> Result<(), Error> {
+async fn issue_certificates(
+    rsvc: &ReplicatedService,
+    ctx: &Context,
+    namespace: &str,
+    id: &str,
+) -> Result<(), Error> {
     let Some(authority) = &ctx.authority else { return Ok(()) };
     let detector = pods::detector_id(namespace, &pods::pod_name(&rsvc.name_any(), id));
     let (replica, lfd) = certs::issue_pod(authority, &pods::group_name(rsvc), id, &detector)?;

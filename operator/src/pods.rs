@@ -4,12 +4,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction, KeyToPath,
-    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret, SecretVolumeSource,
-    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
-};
 use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    KeyToPath, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -37,6 +38,8 @@ pub struct PodSettings {
     pub log_level: String,
     /// Mount each pod's certificates (`tls_secret`) and speak mutual TLS internally.
     pub tls: bool,
+    /// How long the replicas remember an idle client session, ms.
+    pub session_expiry_ms: u64,
 }
 
 pub fn pod_name(service: &str, id: &str) -> String {
@@ -220,7 +223,8 @@ fn volumes(settings: &PodSettings, pod: &str) -> Vec<Volume> {
         ..Volume::default()
     }];
     if settings.tls {
-        let item = |key: &str, path: &str| KeyToPath { key: key.into(), path: path.into(), ..KeyToPath::default() };
+        let item =
+            |key: &str, path: &str| KeyToPath { key: key.into(), path: path.into(), ..KeyToPath::default() };
         volumes.push(Volume {
             name: TLS_VOLUME.into(),
             secret: Some(SecretVolumeSource {
@@ -302,6 +306,7 @@ fn replica_container(
         env("TANDEM_LOG", settings.log_level.clone()),
         env("TANDEM_GFD", settings.gfd_address.clone()),
         env("TANDEM_GROUP", group_name(rsvc)),
+        env("TANDEM_SESSION_EXPIRY_MS", settings.session_expiry_ms.to_string()),
     ];
     let (tls_env, tls_mounts) = tls_env_and_mount(settings, "replica");
     replica_env.extend(tls_env);
@@ -375,17 +380,19 @@ fn lfd_container(image: &str, settings: &PodSettings, spec: &Spec, detector_id: 
         image: Some(image.to_owned()),
         image_pull_policy: Some("IfNotPresent".into()),
         args: Some(vec!["lfd".into()]),
-        env: Some(vec![
-            env("TANDEM_REPLICA_ID", detector_id),
-            env("TANDEM_REPLICA_ADDRESS", format!("127.0.0.1:{REPLICA_PORT}")),
-            env("TANDEM_GFD", settings.gfd_address.clone()),
-            env("TANDEM_HEARTBEAT_INTERVAL_MS", spec.heartbeat_interval_ms.to_string()),
-            env("TANDEM_FAILURE_THRESHOLD", spec.failure_threshold.to_string()),
-            env("TANDEM_LOG", settings.log_level.clone()),
-        ]
-        .into_iter()
-        .chain(tls_env)
-        .collect()),
+        env: Some(
+            vec![
+                env("TANDEM_REPLICA_ID", detector_id),
+                env("TANDEM_REPLICA_ADDRESS", format!("127.0.0.1:{REPLICA_PORT}")),
+                env("TANDEM_GFD", settings.gfd_address.clone()),
+                env("TANDEM_HEARTBEAT_INTERVAL_MS", spec.heartbeat_interval_ms.to_string()),
+                env("TANDEM_FAILURE_THRESHOLD", spec.failure_threshold.to_string()),
+                env("TANDEM_LOG", settings.log_level.clone()),
+            ]
+            .into_iter()
+            .chain(tls_env)
+            .collect(),
+        ),
         volume_mounts: (!tls_mounts.is_empty()).then_some(tls_mounts),
         resources: Some(k8s_openapi::api::core::v1::ResourceRequirements {
             requests: Some(BTreeMap::from([
@@ -490,7 +497,12 @@ mod tests {
     }
 
     fn settings() -> PodSettings {
-        PodSettings { gfd_address: "10.0.0.5:7100".into(), log_level: "info".into(), tls: true }
+        PodSettings {
+            gfd_address: "10.0.0.5:7100".into(),
+            log_level: "info".into(),
+            tls: true,
+            session_expiry_ms: 60_000,
+        }
     }
 
     fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
@@ -567,6 +579,7 @@ mod tests {
         assert_eq!(containers[0].image.as_deref(), Some("registry.example/tandem:1.2"));
         assert_eq!(env_value(&containers[0], "TANDEM_BOOTSTRAP"), Some("true"));
         assert_eq!(env_value(&containers[0], "TANDEM_CHECKPOINT_INTERVAL_MS"), Some("900"));
+        assert_eq!(env_value(&containers[0], "TANDEM_SESSION_EXPIRY_MS"), Some("60000"));
         assert_eq!(env_value(&containers[1], "TANDEM_HEARTBEAT_INTERVAL_MS"), Some("250"));
     }
 

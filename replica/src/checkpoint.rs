@@ -31,6 +31,7 @@ impl Checkpoint {
             seq_epoch: self.seq_epoch,
             keys: self.state.keys() as u64,
             sessions: self.state.session_count() as u64,
+            clock_ms: self.state.clock_ms(),
         });
         let digest_source = self.state.clone();
         let (key_values, sessions) = self.state.into_parts();
@@ -42,6 +43,7 @@ impl Checkpoint {
             last_reply: Some(session.last_reply),
             last_seq: session.last_seq,
             last_op_digest: session.last_op_digest,
+            last_used_ms: session.last_used_ms,
         }))
         .map(|sessions| Part::Sessions(pb::SessionBatch { sessions }));
         let trailer = std::iter::once_with(move || {
@@ -114,7 +116,10 @@ impl Assembler {
         let part = chunk.part.ok_or(AssemblyError::EmptyChunk { index })?;
         let Some(header) = &self.header else {
             return match part {
-                Part::Header(header) => Ok(Some(self.header.insert(header))),
+                Part::Header(header) => {
+                    self.state.restore_clock(header.clock_ms);
+                    Ok(Some(self.header.insert(header)))
+                }
                 _ => Err(AssemblyError::MissingHeader { index }),
             };
         };
@@ -132,6 +137,7 @@ impl Assembler {
                         last_reply: session.last_reply.unwrap_or_default(),
                         last_seq: session.last_seq,
                         last_op_digest: session.last_op_digest,
+                        last_used_ms: session.last_used_ms,
                     };
                     self.state.restore_session(session.client_id, record);
                 }

@@ -10,9 +10,12 @@
 //! its timeout on a primary that may hang.
 //!
 //! Sessions across processes: a session is a client id. A random id (128 bits) is
-//! never shared. A chosen id (`client_id`) may be used by one process after another:
-//! its request ids then start from the wall clock in microseconds, so a later process
-//! continues above the earlier one's ids. Two processes must not use one client id at
+//! never shared. A chosen id (`client_id`) may be used by one process after another.
+//! Request ids start from the wall clock in microseconds: a later process continues
+//! above an earlier one's ids, and the group can tell a new session from a late retry
+//! of one it forgot (idle sessions expire; see `state::opens_session`). A session that
+//! expired while this client idled is renewed on its next request: that request was
+//! refused without executing, so it is resent under a fresh id from the clock. Two processes must not use one client id at
 //! the same time (their requests would be refused as stale); a replica refuses a
 //! request id reused for another operation rather than answer it with the other's
 //! reply.
@@ -73,6 +76,10 @@ pub enum ClientError {
         "request {request_id} reuses the id of the session's last request for another operation; it was not executed (is another process using client id {client_id}?)"
     )]
     RequestIdReused { client_id: String, request_id: u64 },
+    #[error(
+        "request {request_id}: the group forgot session {client_id} (idle longer than {session_expiry_ms} ms); an earlier attempt of this request may have executed: check before repeating it"
+    )]
+    SessionExpired { client_id: String, request_id: u64, session_expiry_ms: u64 },
     #[error("wrong epoch: asked for epoch {got}, the group is at epoch {current}")]
     WrongEpoch { got: u64, current: u64 },
     #[error("the operation failed: {0}")]
@@ -84,9 +91,10 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Whether the request may have executed: only a timeout leaves that open.
+    /// Whether the request may have executed: a timeout, or an expired session found
+    /// by a retry, leaves that open.
     pub fn outcome_unknown(&self) -> bool {
-        matches!(self, Self::Timeout { .. })
+        matches!(self, Self::Timeout { .. } | Self::SessionExpired { .. })
     }
 }
 
@@ -133,11 +141,10 @@ impl Client {
         for endpoint in &settings.endpoints {
             crate::wire::dial(endpoint, None).map_err(|_| ClientError::BadEndpoint(endpoint.clone()))?;
         }
-        let (client_id, last_request_id) = match &settings.client_id {
-            // A chosen id may have been used by an earlier process: continue above it.
-            Some(id) => (id.clone(), unix_micros()),
-            None => (random_client_id(), 0),
-        };
+        // Ids from the clock: a chosen id may have been used by an earlier process
+        // (continue above it), and the group tells a new session by its clock-based id.
+        let client_id = settings.client_id.clone().unwrap_or_else(random_client_id);
+        let last_request_id = unix_micros();
         Ok(Self {
             settings,
             client_id,
@@ -202,10 +209,20 @@ impl Client {
         }
     }
 
-    /// Sends `op` as a new request and waits for its one answer.
+    /// Sends `op` as a new request and waits for its one answer. If the group forgot
+    /// this session (it idled past the expiry window) and no attempt can have executed
+    /// (the refusal answered the first attempt), the request is resent once under a new
+    /// id from the clock, which opens a new session.
     pub async fn execute(&mut self, op: operation::Kind) -> Result<pb::ExecuteReply, ClientError> {
         self.last_request_id += 1;
-        self.execute_as(self.last_request_id, op, 0).await
+        match self.execute_once(self.last_request_id, op.clone(), 0).await {
+            Err(Attempted { error: ClientError::SessionExpired { .. }, uncertain: false }) => {
+                self.last_request_id = unix_micros().max(self.last_request_id + 1);
+                debug!(client = %self.client_id, request = self.last_request_id, "session expired; renewed");
+                self.execute_as(self.last_request_id, op, 0).await
+            }
+            outcome => outcome.map_err(|attempted| attempted.error),
+        }
     }
 
     /// Sends `op` with an explicit request id (and, when non-zero, a required epoch).
@@ -216,6 +233,16 @@ impl Client {
         op: operation::Kind,
         epoch: u64,
     ) -> Result<pb::ExecuteReply, ClientError> {
+        self.execute_once(request_id, op, epoch).await.map_err(|attempted| attempted.error)
+    }
+
+    /// `execute_as`, also telling whether an attempt may have executed before it failed.
+    async fn execute_once(
+        &mut self,
+        request_id: u64,
+        op: operation::Kind,
+        epoch: u64,
+    ) -> Result<pb::ExecuteReply, Attempted> {
         self.last_request_id = self.last_request_id.max(request_id);
         let request = pb::ExecuteRequest {
             client_id: self.client_id.clone(),
@@ -226,13 +253,15 @@ impl Client {
         let deadline = Instant::now() + self.settings.deadline;
         let mut last_error = String::from("no attempt made");
         let mut pause = Duration::from_millis(10);
+        // Whether an attempt ended without a clear refusal (it may have executed).
+        let mut uncertain = false;
         loop {
             if Instant::now() >= deadline {
-                return Err(ClientError::Timeout {
+                return Err(Attempted::uncertain(ClientError::Timeout {
                     request_id,
                     waited_ms: self.settings.deadline.as_millis() as u64,
                     last_error,
-                });
+                }));
             }
             if self.view.epoch == 0 {
                 self.refresh_view().await;
@@ -243,9 +272,12 @@ impl Client {
             };
             match attempt {
                 Ok(reply) => return Ok(reply),
-                Err(Attempt::Fatal(error)) => return Err(error),
+                Err(Attempt::Fatal(error)) => return Err(Attempted { error, uncertain }),
                 Err(Attempt::Redirected) => continue,
-                Err(Attempt::Retry(error)) => last_error = error,
+                Err(Attempt::Retry(error)) => {
+                    uncertain = true;
+                    last_error = error;
+                }
             }
             // Where did the group go? If somewhere new, go now; else pause first.
             let failed = self.view.clone();
@@ -256,11 +288,11 @@ impl Client {
                 continue;
             }
             if Instant::now() + pause >= deadline {
-                return Err(ClientError::Timeout {
+                return Err(Attempted::uncertain(ClientError::Timeout {
                     request_id,
                     waited_ms: self.settings.deadline.as_millis() as u64,
                     last_error,
-                });
+                }));
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(200));
@@ -457,6 +489,18 @@ pub async fn newest_configuration(
     }
 }
 
+/// A request that failed, and whether one of its attempts may have executed.
+struct Attempted {
+    error: ClientError,
+    uncertain: bool,
+}
+
+impl Attempted {
+    fn uncertain(error: ClientError) -> Self {
+        Self { error, uncertain: true }
+    }
+}
+
 /// What one failed attempt means for the request.
 #[derive(Debug)]
 enum Attempt {
@@ -489,6 +533,11 @@ fn classify(status: &Status) -> Attempt {
         Some(Detail::RequestIdReused(reused)) => Attempt::Fatal(ClientError::RequestIdReused {
             client_id: reused.client_id,
             request_id: reused.request_id,
+        }),
+        Some(Detail::SessionExpired(expired)) => Attempt::Fatal(ClientError::SessionExpired {
+            client_id: expired.client_id,
+            request_id: expired.request_id,
+            session_expiry_ms: expired.session_expiry_ms,
         }),
         Some(Detail::WrongEpoch(wrong)) => {
             Attempt::Fatal(ClientError::WrongEpoch { got: wrong.got, current: wrong.current })

@@ -35,6 +35,11 @@ pub enum ReplicaError {
     RequestIdReused { client_id: String, request_id: u64 },
 
     #[error(
+        "request <{client_id}, {request_id}>: session {client_id} is unknown, expired after {session_expiry_ms} ms idle (or the request is older than that): not executed. If this is a retry, an earlier attempt may have executed: check, then continue with a new session (a new client id, or request ids from the clock in microseconds, as the client library does)"
+    )]
+    SessionExpired { client_id: String, request_id: u64, session_expiry_ms: u64 },
+
+    #[error(
         "replica {replica} is at epoch {have} and the sender at epoch {want}: install the configuration first"
     )]
     ConfigurationRequired { replica: String, have: u64, want: u64 },
@@ -55,7 +60,8 @@ impl ReplicaError {
             Self::NotPrimary { .. }
             | Self::NotReady { .. }
             | Self::WrongEpoch { .. }
-            | Self::ConfigurationRequired { .. } => Code::FailedPrecondition,
+            | Self::ConfigurationRequired { .. }
+            | Self::SessionExpired { .. } => Code::FailedPrecondition,
             Self::StaleRequest { .. } => Code::Aborted,
             Self::RequestIdReused { .. } => Code::AlreadyExists,
             Self::NotExecuted { .. } => Code::Unavailable,
@@ -81,6 +87,13 @@ impl ReplicaError {
             }
             Self::RequestIdReused { client_id, request_id } => {
                 error_detail::Kind::RequestIdReused(pb::RequestIdReused { client_id, request_id })
+            }
+            Self::SessionExpired { client_id, request_id, session_expiry_ms } => {
+                error_detail::Kind::SessionExpired(pb::SessionExpired {
+                    client_id,
+                    request_id,
+                    session_expiry_ms,
+                })
             }
             Self::ConfigurationRequired { have, want, .. } => {
                 error_detail::Kind::ConfigurationRequired(pb::ConfigurationRequired { have, want })
@@ -125,6 +138,26 @@ mod tests {
         assert!(status.message().contains("the primary is r1 at 127.0.0.1:7101"), "{}", status.message());
         let Some(error_detail::Kind::NotPrimary(detail)) = error_detail(&status) else { panic!("no detail") };
         assert_eq!((detail.epoch, detail.primary_id.as_str()), (3, "r1"));
+    }
+
+    #[test]
+    fn expired_session_says_what_to_do_and_carries_its_detail() {
+        let error = ReplicaError::SessionExpired {
+            client_id: "c1".into(),
+            request_id: 7,
+            session_expiry_ms: 600_000,
+        };
+        let status = Status::from(error);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(status.message().contains("not executed"), "{}", status.message());
+        assert!(status.message().contains("new session"), "{}", status.message());
+        let Some(error_detail::Kind::SessionExpired(detail)) = error_detail(&status) else {
+            panic!("no detail")
+        };
+        assert_eq!(
+            (detail.client_id.as_str(), detail.request_id, detail.session_expiry_ms),
+            ("c1", 7, 600_000)
+        );
     }
 
     #[test]

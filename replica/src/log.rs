@@ -160,7 +160,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn entry(seq: u64, epoch: u64) -> Entry {
-        Entry { seq, epoch, client_id: "c".into(), request_id: seq, op: None }
+        Entry { seq, epoch, client_id: "c".into(), request_id: seq, op: None, ..Entry::default() }
     }
 
     fn log_of(epochs: &[u64]) -> Log {

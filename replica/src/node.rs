@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -46,6 +47,10 @@ pub struct ReplicaSettings {
     /// The group's name in peers' certificates (`namespace/service` on Kubernetes; ""
     /// locally): a peer's certificate must name `group/id` for the id it claims.
     pub group: String,
+    /// How long an idle client session is remembered (`state::check_session_expiry`
+    /// bounds it; changeable). The leader's setting is the group's: it stamps it on the
+    /// entries it orders.
+    pub session_expiry: Duration,
 }
 
 impl ReplicaSettings {
@@ -61,6 +66,7 @@ impl ReplicaSettings {
             request_timeout: Duration::from_secs(5),
             gfd_address: String::new(),
             group: String::new(),
+            session_expiry: Duration::from_millis(crate::state::DEFAULT_SESSION_EXPIRY_MS),
         }
     }
 
@@ -153,6 +159,11 @@ impl Inner {
                         last_request_id: *last_request_id,
                     }),
                     Applied::Reused => Err(reused()),
+                    Applied::SessionExpired { session_expiry_ms } => Err(ReplicaError::SessionExpired {
+                        client_id: done.client_id.clone(),
+                        request_id: done.request_id,
+                        session_expiry_ms: *session_expiry_ms,
+                    }),
                 };
                 let _ = waiter.sender.send(answer);
             }
@@ -188,12 +199,15 @@ pub struct Node {
     /// Status: a follower that does not answer cannot be replicated to, and the RM
     /// should know).
     follower_acks: Mutex<(Instant, HashMap<String, Instant>)>,
+    /// How long the last checkpoint installed here took (ms), for Status.
+    pub(crate) last_checkpoint_install_ms: AtomicU64,
     pub(crate) shutdown: CancellationToken,
 }
 
 impl Node {
     pub fn new(settings: ReplicaSettings, shutdown: CancellationToken) -> Arc<Self> {
-        let core = Core::new(settings.id.clone(), settings.bootstrap);
+        let mut core = Core::new(settings.id.clone(), settings.bootstrap);
+        core.set_session_expiry(settings.session_expiry.as_millis() as u64);
         Arc::new(Self {
             incarnation: format!("{:016x}", rand::random::<u64>()),
             channels: Channels::replicas_internal(settings.dial_from()),
@@ -204,6 +218,7 @@ impl Node {
             epoch: watch::Sender::new(0),
             ready: watch::Sender::new(false),
             follower_acks: Mutex::new((Instant::now(), HashMap::new())),
+            last_checkpoint_install_ms: AtomicU64::new(0),
             settings,
             shutdown,
         })
@@ -224,6 +239,8 @@ impl Node {
     /// the epoch, and wakes the followers' senders.
     pub(crate) fn apply<T>(&self, event: impl FnOnce(&mut Inner) -> T) -> T {
         let mut inner = self.lock();
+        // The clock a leader stamps on what it orders during this event.
+        inner.core.set_clock(crate::wire::unix_ms());
         let outcome = event(&mut inner);
         let executed = inner.core.take_executed();
         inner.resolve(executed);
@@ -301,6 +318,7 @@ impl Node {
             self.read(|core| (core.status(&self.settings.advertise, interval), core.followers()));
         status.gfd_address = self.gfd_address.borrow().clone();
         status.incarnation = self.incarnation.clone();
+        status.last_checkpoint_install_ms = self.last_checkpoint_install_ms.load(Ordering::Relaxed);
         let (leading_since, acks) = &*self.follower_acks.lock().unwrap_or_else(|p| p.into_inner());
         status.followers = followers
             .into_iter()

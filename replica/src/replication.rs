@@ -142,6 +142,12 @@ pub struct Core {
     genesis: bool,
     /// Requests executed since the shell last drained them (`take_executed`).
     executed: Vec<Executed>,
+    /// The shell's wall clock (unix ms) at the current event: a leader stamps the
+    /// entries it orders with it. Never read by apply: the stamps are.
+    now_ms: u64,
+    /// This replica's session expiry window; a leader stamps it on what it orders, so
+    /// the leader's setting is the group's (0: sessions never expire).
+    session_expiry_ms: u64,
 }
 
 impl Core {
@@ -164,7 +170,24 @@ impl Core {
             synced_epoch: 0,
             genesis: bootstrap,
             executed: Vec::new(),
+            now_ms: 0,
+            session_expiry_ms: 0,
         }
+    }
+
+    /// The shell's wall clock at the event about to be applied (unix ms).
+    pub fn set_clock(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+    }
+
+    /// The session expiry window this replica stamps on entries while it leads (0:
+    /// never). Checked by the caller (`state::check_session_expiry`).
+    pub fn set_session_expiry(&mut self, window_ms: u64) {
+        self.session_expiry_ms = window_ms;
+    }
+
+    pub fn session_expiry_ms(&self) -> u64 {
+        self.session_expiry_ms
     }
 
     /// The requests that executed (or were refused at their turn) since the last call:
@@ -269,6 +292,11 @@ impl Core {
 
     pub fn keys(&self) -> usize {
         self.state.keys()
+    }
+
+    /// Client sessions in the local state.
+    pub fn sessions(&self) -> usize {
+        self.state.session_count()
     }
 
     /// Leader: each follower, whether it is a member, and how far its log matches.
@@ -516,13 +544,25 @@ impl Core {
     }
 
     /// Appends a request to the leader's log, once per (client, request id). Returns its
-    /// sequence number (0: already ordered).
+    /// sequence number (0: already ordered). The entry carries the leader's clock, never
+    /// below an earlier entry's (a new leader's clock may lag the old one's), so that
+    /// a session's last use never moves back and it never expires early.
     fn order(&mut self, client_id: &str, request_id: u64, op: Option<pb::Operation>) -> u64 {
         if self.ordered.get(client_id).is_some_and(|&highest| highest >= request_id) {
             return 0;
         }
         let seq = self.log.last_seq() + 1;
-        self.log.push(pb::Entry { seq, epoch: self.epoch(), client_id: client_id.into(), request_id, op });
+        let last_stamp = self.log.get(seq - 1).map_or(0, |e| e.stamp_ms);
+        let stamp_ms = self.now_ms.max(last_stamp).max(self.state.clock_ms());
+        self.log.push(pb::Entry {
+            seq,
+            epoch: self.epoch(),
+            client_id: client_id.into(),
+            request_id,
+            op,
+            stamp_ms,
+            session_expiry_ms: self.session_expiry_ms,
+        });
         self.ordered.insert(client_id.into(), request_id);
         seq
     }
@@ -688,7 +728,7 @@ impl Core {
                 break;
             };
             let op = entry.op.clone().unwrap_or_default();
-            let outcome = self.state.apply(seq, &entry.client_id, entry.request_id, &op);
+            let outcome = self.state.apply_entry(entry);
             if self.ordered.get(&entry.client_id).is_some_and(|&highest| highest <= entry.request_id) {
                 self.ordered.remove(&entry.client_id);
             }
@@ -817,6 +857,8 @@ impl Core {
             checkpoint_seq: self.checkpoint_seq,
             checkpoint_interval_ms,
             keys: self.state.keys() as u64,
+            sessions: self.state.session_count() as u64,
+            session_expiry_ms: self.session_expiry_ms,
             not_ready_reason: self.not_ready_reason().unwrap_or_default(),
             synced_epoch: self.synced_epoch,
             has_state: self.has_state,

@@ -16,7 +16,7 @@ use crate::node::{Node, RequestTag};
 use crate::pb;
 use crate::peers;
 use crate::replication::Route;
-use crate::state::op_digest;
+use crate::state::{check_session_expiry, op_digest};
 use crate::tls::{self, Identity};
 use crate::wire::{self, MAX_MESSAGE_BYTES, Plane, serve_until_shutdown};
 
@@ -193,7 +193,11 @@ impl pb::replica_server::Replica for Service {
 #[tonic::async_trait]
 impl pb::peer_server::Peer for Service {
     async fn append(&self, request: Request<pb::AppendRequest>) -> Result<Response<pb::AppendReply>, Status> {
-        tls::caller(&request).must_be_replica(&self.0.settings.group, &request.get_ref().leader_id, "append entries")?;
+        tls::caller(&request).must_be_replica(
+            &self.0.settings.group,
+            &request.get_ref().leader_id,
+            "append entries",
+        )?;
         let request = request.into_inner();
         match self.0.apply(|inner| inner.core.on_append(&request)) {
             Ok(reply) => Ok(Response::new(reply)),
@@ -205,7 +209,11 @@ impl pb::peer_server::Peer for Service {
     }
 
     async fn order(&self, request: Request<pb::OrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
-        tls::caller(&request).must_be_replica(&self.0.settings.group, &request.get_ref().from_replica, "forward a request")?;
+        tls::caller(&request).must_be_replica(
+            &self.0.settings.group,
+            &request.get_ref().from_replica,
+            "forward a request",
+        )?;
         let node = &self.0;
         let request = request.into_inner();
         let seq = node.apply(|inner| {
@@ -252,12 +260,18 @@ impl pb::peer_server::Peer for Service {
         if epoch < current {
             debug!(seq, epoch, "checkpoint from an older epoch, still a committed prefix");
         }
-        info!(seq, keys, replayed, elapsed_ms = started.elapsed().as_millis() as u64, "installed checkpoint");
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        node.last_checkpoint_install_ms.store(elapsed_ms, std::sync::atomic::Ordering::Relaxed);
+        info!(seq, keys, replayed, elapsed_ms, "installed checkpoint");
         Ok(Response::new(reply))
     }
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
-        tls::caller(&request).must_be_replica(&self.0.settings.group, &request.get_ref().replica_id, "join")?;
+        tls::caller(&request).must_be_replica(
+            &self.0.settings.group,
+            &request.get_ref().replica_id,
+            "join",
+        )?;
         let request = request.into_inner();
         let epoch = self.0.apply(|inner| inner.core.on_join(&request.replica_id, &request.address))?;
         Ok(Response::new(pb::JoinReply { epoch }))
@@ -287,6 +301,14 @@ impl pb::control_server::Control for Service {
             node.checkpoint_interval.send_replace(Duration::from_millis(ms));
             info!(checkpoint_interval_ms = ms, "settings changed");
         }
+        if let Some(ms) = update.session_expiry_ms {
+            check_session_expiry(ms).map_err(|invalid| ReplicaError::InvalidRequest {
+                field: invalid.field.into(),
+                reason: invalid.reason,
+            })?;
+            node.apply(|inner| inner.core.set_session_expiry(ms));
+            info!(session_expiry_ms = ms, "settings changed");
+        }
         if let Some(address) = update.gfd_address
             && node.gfd_address.send_replace(address.clone()) != address
         {
@@ -295,6 +317,7 @@ impl pb::control_server::Control for Service {
         Ok(Response::new(pb::Settings {
             checkpoint_interval_ms: Some(node.checkpoint_interval.borrow().as_millis() as u64),
             gfd_address: Some(node.gfd_address.borrow().clone()),
+            session_expiry_ms: Some(node.read(|core| core.session_expiry_ms())),
         }))
     }
 }

@@ -2,9 +2,15 @@
 //! last request id and reply), so that a retried request is answered from the table and
 //! never executed twice. Pure and deterministic: every replica that applies the same
 //! entries in the same order reaches the same state and the same digest.
+//!
+//! Sessions expire: each entry carries the leader's clock (its stamp) and expiry
+//! window, and applying it first forgets the sessions last used more than that window
+//! before the stamp. The group's clock is the log's, never a replica's own, so every
+//! replica forgets the same sessions at the same entry. See `opens_session` for how a
+//! late retry of a forgotten session is told from a new client.
 
 use bytes::Bytes;
-use imbl::OrdMap;
+use imbl::{OrdMap, OrdSet};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
 
@@ -17,6 +23,62 @@ pub const MAX_VALUE_BYTES: usize = 1 << 20;
 /// Largest accepted client id, in bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 256;
 
+/// How long an idle client session is remembered by default (10 min): far above any
+/// client's retry deadline (15 s in the client library), far below the time it takes
+/// one-shot clients to fill memory.
+pub const DEFAULT_SESSION_EXPIRY_MS: u64 = 10 * 60 * 1000;
+/// Shortest accepted session expiry window (1 s; useful for benchmarks only: a window
+/// below a client's retry deadline turns its late retries into `SessionExpired`).
+pub const MIN_SESSION_EXPIRY_MS: u64 = 1000;
+/// Longest accepted session expiry window (7 days).
+pub const MAX_SESSION_EXPIRY_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// Checks a session expiry window against its bounds.
+pub fn check_session_expiry(window_ms: u64) -> Result<(), Invalid> {
+    if (MIN_SESSION_EXPIRY_MS..=MAX_SESSION_EXPIRY_MS).contains(&window_ms) {
+        return Ok(());
+    }
+    Err(Invalid {
+        field: "session_expiry_ms",
+        reason: format!(
+            "{window_ms} ms is outside {MIN_SESSION_EXPIRY_MS}..={MAX_SESSION_EXPIRY_MS} (1 s to 7 days)"
+        ),
+    })
+}
+
+/// Whether a request of a session the table does not know may open it, rather than
+/// being refused as a late retry of a session that expired. Deterministic: it depends on
+/// the entry (request id, stamp, window) and the group clock only.
+///
+/// A request opens a session when its id is 1 (clients that count from 1), or when its
+/// id, read as the client's wall clock in microseconds when the session started (what
+/// the client library sends), is within half a window of the group clock. Why that is
+/// sound: request ids of a session never run ahead of the client's clock (one request
+/// at a time, fewer than one per microsecond), so a request of a session last used at
+/// `S` has an id of at most `S + skew`; the session expires only once the clock is past
+/// `S + window`, when the bound `clock - window / 2` is past `S + window / 2`. So a late
+/// retry is refused, and a new session accepted, as long as client clocks are within
+/// half a window of the leader's (5 min by default). The one gap: a retry of request 1
+/// of a session that counts from 1, arriving after its session expired, runs again;
+/// the client library's ids come from the clock, so its sessions have no such gap.
+pub fn opens_session(request_id: u64, clock_ms: u64, window_ms: u64) -> bool {
+    window_ms == 0 || request_id == 1 || request_id / 1000 >= clock_ms.saturating_sub(window_ms / 2)
+}
+
+/// When the leader ordered an entry (its clock, unix ms) and the session expiry window
+/// it had then (0: sessions never expire).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stamp {
+    pub at_ms: u64,
+    pub session_expiry_ms: u64,
+}
+
+impl Stamp {
+    pub fn of(entry: &pb::Entry) -> Self {
+        Self { at_ms: entry.stamp_ms, session_expiry_ms: entry.session_expiry_ms }
+    }
+}
+
 /// What a client's session remembers: enough to answer a retry of its last request,
 /// and to tell a retry from another request that reuses its id.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +88,8 @@ pub struct SessionRecord {
     pub last_seq: u64,
     /// `op_digest` of the last request's operation.
     pub last_op_digest: u64,
+    /// Group clock when the session last executed a request: it expires from there.
+    pub last_used_ms: u64,
 }
 
 /// A fingerprint of an operation: equal for a retry, different (but for a 2^-64 chance)
@@ -49,6 +113,10 @@ pub enum Applied {
     /// reused a request id; answering with the other request's reply would turn this
     /// one into a silent no-op).
     Reused,
+    /// The session is unknown and the request cannot open it (`opens_session`): its
+    /// session expired. Not executed; the client must not assume either outcome of
+    /// earlier attempts.
+    SessionExpired { session_expiry_ms: u64 },
 }
 
 /// Key-value map and session table. Cloning is O(1) (persistent maps), which is what
@@ -57,6 +125,11 @@ pub enum Applied {
 pub struct StateMachine {
     kv: OrdMap<String, Bytes>,
     sessions: OrdMap<String, SessionRecord>,
+    /// The sessions ordered by last use, oldest first: which to expire. Derived from
+    /// `sessions` (rebuilt when a checkpoint is assembled), so not hashed on its own.
+    by_last_use: OrdSet<(u64, String)>,
+    /// The group clock: the highest entry stamp applied (unix ms).
+    clock_ms: u64,
 }
 
 /// Why a request is refused before it is ordered: which field, and what is wrong.
@@ -118,31 +191,74 @@ pub fn validate(client_id: &str, request_id: u64, op: Option<&pb::Operation>) ->
 }
 
 impl StateMachine {
-    /// Applies the request of one log entry, at most once per (client, request id).
+    /// Applies one log entry: expires the sessions its stamp says are idle too long,
+    /// then applies its request.
+    pub fn apply_entry(&mut self, entry: &pb::Entry) -> Applied {
+        let unknown = pb::Operation::default();
+        let op = entry.op.as_ref().unwrap_or(&unknown);
+        self.apply_stamped(entry.seq, Stamp::of(entry), &entry.client_id, entry.request_id, op)
+    }
+
+    /// Applies a request without a stamp (sessions never expire): for tests and tools.
     pub fn apply(&mut self, seq: u64, client_id: &str, request_id: u64, op: &pb::Operation) -> Applied {
+        self.apply_stamped(seq, Stamp::default(), client_id, request_id, op)
+    }
+
+    /// Applies the request of one log entry, at most once per (client, request id).
+    pub fn apply_stamped(
+        &mut self,
+        seq: u64,
+        stamp: Stamp,
+        client_id: &str,
+        request_id: u64,
+        op: &pb::Operation,
+    ) -> Applied {
+        self.clock_ms = self.clock_ms.max(stamp.at_ms);
+        self.expire_sessions(stamp.session_expiry_ms);
         let digest = op_digest(op);
-        if let Some(session) = self.sessions.get(client_id) {
-            if request_id == session.last_request_id {
-                if digest != session.last_op_digest {
-                    return Applied::Reused;
+        match self.sessions.get(client_id) {
+            Some(session) => {
+                if request_id == session.last_request_id {
+                    if digest != session.last_op_digest {
+                        return Applied::Reused;
+                    }
+                    return Applied::Duplicate(session.last_reply.clone());
                 }
-                return Applied::Duplicate(session.last_reply.clone());
+                if request_id < session.last_request_id {
+                    return Applied::Stale { last_request_id: session.last_request_id };
+                }
             }
-            if request_id < session.last_request_id {
-                return Applied::Stale { last_request_id: session.last_request_id };
+            None if !opens_session(request_id, self.clock_ms, stamp.session_expiry_ms) => {
+                return Applied::SessionExpired { session_expiry_ms: stamp.session_expiry_ms };
             }
+            None => {}
         }
         let reply = self.execute(op);
-        self.sessions.insert(
-            client_id.to_owned(),
-            SessionRecord {
-                last_request_id: request_id,
-                last_reply: reply.clone(),
-                last_seq: seq,
-                last_op_digest: digest,
-            },
-        );
+        let record = SessionRecord {
+            last_request_id: request_id,
+            last_reply: reply.clone(),
+            last_seq: seq,
+            last_op_digest: digest,
+            last_used_ms: self.clock_ms,
+        };
+        self.restore_session(client_id.to_owned(), record);
         Applied::Executed(reply)
+    }
+
+    /// Forgets the sessions last used more than `window_ms` before the group clock (none
+    /// when 0). Returns how many. Bounded by the table's size: each pass removes one.
+    fn expire_sessions(&mut self, window_ms: u64) -> usize {
+        if window_ms == 0 {
+            return 0;
+        }
+        let horizon = self.clock_ms.saturating_sub(window_ms);
+        let mut expired = 0;
+        while self.by_last_use.get_min().is_some_and(|(used, _)| *used < horizon) {
+            let Some((_, client_id)) = self.by_last_use.remove_min() else { break };
+            self.sessions.remove(&client_id);
+            expired += 1;
+        }
+        expired
     }
 
     fn execute(&mut self, op: &pb::Operation) -> pb::OpResult {
@@ -194,9 +310,13 @@ impl StateMachine {
     /// Applies log entries in order (a passive backup's log replayed on its checkpoint).
     pub fn replay(&mut self, entries: &[pb::Entry]) {
         for entry in entries {
-            let op = entry.op.clone().unwrap_or_default();
-            self.apply(entry.seq, &entry.client_id, entry.request_id, &op);
+            self.apply_entry(entry);
         }
+    }
+
+    /// The group clock: the highest entry stamp applied (unix ms).
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
     }
 
     pub fn get(&self, key: &str) -> Option<&Bytes> {
@@ -233,9 +353,18 @@ impl StateMachine {
         self.kv.insert(key, value);
     }
 
-    /// Inserts a session while a checkpoint is being assembled.
+    /// Inserts (or replaces) a session, e.g. while a checkpoint is being assembled.
     pub fn restore_session(&mut self, client_id: String, session: SessionRecord) {
-        self.sessions.insert(client_id, session);
+        let last_used_ms = session.last_used_ms;
+        if let Some(previous) = self.sessions.insert(client_id.clone(), session) {
+            self.by_last_use.remove(&(previous.last_used_ms, client_id.clone()));
+        }
+        self.by_last_use.insert((last_used_ms, client_id));
+    }
+
+    /// Sets the group clock while a checkpoint is being assembled.
+    pub fn restore_clock(&mut self, clock_ms: u64) {
+        self.clock_ms = clock_ms;
     }
 
     /// Hex SHA-256 over the sorted map and the sorted session table, each field
@@ -251,11 +380,13 @@ impl StateMachine {
             field(value);
         }
         field(b"sessions");
+        field(&self.clock_ms.to_le_bytes());
         for (client_id, session) in &self.sessions {
             field(client_id.as_bytes());
             field(&session.last_request_id.to_le_bytes());
             field(&session.last_reply.encode_to_vec());
             field(&session.last_op_digest.to_le_bytes());
+            field(&session.last_used_ms.to_le_bytes());
         }
         hex::encode(hasher.finalize())
     }
@@ -361,6 +492,119 @@ mod tests {
         assert!(validate("c", 1, Some(&put("k", "v"))).is_ok());
     }
 
+    const WINDOW: u64 = 10_000;
+    const T0: u64 = 1_700_000_000_000;
+
+    /// A stamped entry with the leader's clock at `at_ms` and a 10 s window.
+    fn at(at_ms: u64) -> Stamp {
+        Stamp { at_ms, session_expiry_ms: WINDOW }
+    }
+
+    /// A request id the way the client library makes one: its clock in microseconds.
+    fn clock_id(at_ms: u64) -> u64 {
+        at_ms * 1000
+    }
+
+    #[test]
+    fn idle_sessions_expire_at_the_same_entry_on_every_replica() {
+        let entries: Vec<(u64, Stamp, &str, u64)> = vec![
+            (1, at(T0), "a", clock_id(T0)),
+            (2, at(T0 + 1), "b", clock_id(T0 + 1)),
+            (3, at(T0 + WINDOW), "c", clock_id(T0 + WINDOW)),
+            // a's last use is now more than a window ago; b's is exactly a window ago.
+            (4, at(T0 + WINDOW + 1), "c", clock_id(T0 + WINDOW) + 1),
+            (5, at(T0 + WINDOW + 2), "c", clock_id(T0 + WINDOW) + 2),
+        ];
+        let mut replicas = [StateMachine::default(), StateMachine::default()];
+        let mut counts = [Vec::new(), Vec::new()];
+        for (replica, counts) in replicas.iter_mut().zip(counts.iter_mut()) {
+            for (seq, stamp, client, request_id) in &entries {
+                replica.apply_stamped(*seq, *stamp, client, *request_id, &put("k", client));
+                counts.push(replica.session_count());
+            }
+        }
+        assert_eq!(counts[0], vec![1, 2, 3, 2, 1], "a expires at seq 4, b at seq 5");
+        assert_eq!(counts[0], counts[1]);
+        assert_eq!(replicas[0].digest(), replicas[1].digest());
+        assert_eq!(replicas[0].session("a"), None);
+        assert_eq!(replicas[0].session("c").map(|s| s.last_used_ms), Some(T0 + WINDOW + 2));
+    }
+
+    #[test]
+    fn a_late_retry_of_an_expired_session_is_refused_not_executed_again() {
+        let mut state = StateMachine::default();
+        let id = clock_id(T0);
+        assert!(matches!(state.apply_stamped(1, at(T0), "a", id, &incr("n", 1)), Applied::Executed(_)));
+        // Another client's request moves the clock past a's window: a is forgotten.
+        state.apply_stamped(2, at(T0 + WINDOW + 1), "b", clock_id(T0 + WINDOW + 1), &put("x", "1"));
+        assert_eq!(state.session("a"), None);
+        let before = state.digest();
+        // (Same stamp as the last entry: a later one would move the group clock, which
+        // every entry does, refused or not.)
+        let late = state.apply_stamped(3, at(T0 + WINDOW + 1), "a", id, &incr("n", 1));
+        assert_eq!(late, Applied::SessionExpired { session_expiry_ms: WINDOW });
+        assert_eq!(state.get("n").map(|v| v.as_ref()), Some(&b"1"[..]), "executed once");
+        assert_eq!(state.digest(), before, "a refusal changes nothing");
+        assert_eq!(state.session("a"), None, "and remembers nothing");
+    }
+
+    #[test]
+    fn a_retry_within_the_window_is_still_answered_from_the_session_table() {
+        let mut state = StateMachine::default();
+        let id = clock_id(T0);
+        state.apply_stamped(1, at(T0), "a", id, &incr("n", 1));
+        state.apply_stamped(2, at(T0 + WINDOW), "b", clock_id(T0 + WINDOW), &put("x", "1"));
+        let retry = state.apply_stamped(3, at(T0 + WINDOW), "a", id, &incr("n", 1));
+        assert!(matches!(retry, Applied::Duplicate(_)), "{retry:?}");
+        assert_eq!(state.get("n").map(|v| v.as_ref()), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn a_new_session_opens_with_id_1_or_a_recent_clock_id_and_an_old_one_does_not() {
+        let mut state = StateMachine::default();
+        let now = T0 + 5 * WINDOW;
+        state.apply_stamped(1, at(now), "first", 1, &put("k", "1"));
+        let recent = clock_id(now - WINDOW / 2);
+        assert!(matches!(
+            state.apply_stamped(2, at(now), "recent", recent, &put("k", "2")),
+            Applied::Executed(_)
+        ));
+        let old = clock_id(now - WINDOW / 2) - 1;
+        assert_eq!(
+            state.apply_stamped(3, at(now), "old", old, &put("k", "3")),
+            Applied::SessionExpired { session_expiry_ms: WINDOW }
+        );
+        assert_eq!(
+            state.apply_stamped(4, at(now), "second", 2, &put("k", "4")),
+            Applied::SessionExpired { session_expiry_ms: WINDOW },
+            "counting from 1, request 2 of an unknown session is a late one"
+        );
+        assert_eq!(state.get("k").map(|v| v.as_ref()), Some(&b"2"[..]));
+    }
+
+    #[test]
+    fn unstamped_entries_never_expire_anything() {
+        let mut state = StateMachine::default();
+        state.apply_stamped(1, at(T0), "a", clock_id(T0), &put("k", "1"));
+        state.apply(2, "b", 5, &put("k", "2"));
+        assert_eq!(state.session_count(), 2);
+    }
+
+    #[test]
+    fn session_expiry_window_is_bounded() {
+        assert!(check_session_expiry(DEFAULT_SESSION_EXPIRY_MS).is_ok());
+        assert!(check_session_expiry(MIN_SESSION_EXPIRY_MS).is_ok());
+        let error = check_session_expiry(0).expect_err("0 accepted");
+        assert!(error.reason.contains("1 s to 7 days"), "{}", error.reason);
+        assert!(check_session_expiry(MAX_SESSION_EXPIRY_MS + 1).is_err());
+    }
+
+    /// One step of a session workload: which client, whether it retries its last
+    /// request or sends a new one, and how far the leader's clock moves first.
+    fn session_step() -> impl Strategy<Value = (usize, bool, u64)> {
+        (0usize..4, any::<bool>(), prop_oneof![0u64..50, 0u64..(WINDOW * 3 / 2)])
+    }
+
     fn arbitrary_op() -> impl Strategy<Value = Operation> {
         let key = prop::sample::select(vec!["a", "b", "c"]);
         prop_oneof![
@@ -390,6 +634,57 @@ mod tests {
             let mut c = a.clone();
             c.apply(u64::MAX, "other", 1, &put("zz", "different"));
             prop_assert_ne!(a.digest(), c.digest());
+        }
+
+        /// Sessions that expire, under any timing: replicas agree on every outcome and
+        /// digest, also one that installed a checkpoint halfway; a retry within the
+        /// window is answered from the table; one after it is refused; nothing runs twice.
+        #[test]
+        fn expiry_is_deterministic_and_never_executes_twice(steps in prop::collection::vec(session_step(), 1..80)) {
+            let mut a = StateMachine::default();
+            let mut b = StateMachine::default();
+            let mut clock = T0;
+            // Per client: its last request id, when that executed, and its counter.
+            let mut last: [Option<(u64, u64)>; 4] = [None; 4];
+            let mut executed = [0i64; 4];
+            for (index, (client, retry, dt)) in steps.iter().enumerate() {
+                let seq = index as u64 + 1;
+                if index == steps.len() / 2 {
+                    let checkpoint = crate::checkpoint::Checkpoint { seq: seq - 1, seq_epoch: 1, state: b.clone() };
+                    let mut assembler = crate::checkpoint::Assembler::default();
+                    for chunk in checkpoint.into_chunks(1, "r1".into()) {
+                        assembler.push(chunk).expect("valid chunk");
+                    }
+                    b = assembler.finish().expect("complete").state;
+                }
+                clock += dt;
+                let client_id = format!("c{client}");
+                let request_id = match (retry, last[*client]) {
+                    (true, Some((id, _))) => id,
+                    (_, previous) => previous.map_or(0, |(id, _)| id).max(clock_id(clock)) + 1,
+                };
+                let op = incr(&client_id, 1);
+                let outcome = a.apply_stamped(seq, at(clock), &client_id, request_id, &op);
+                prop_assert_eq!(&outcome, &b.apply_stamped(seq, at(clock), &client_id, request_id, &op));
+                prop_assert_eq!(a.digest(), b.digest());
+                match (&outcome, last[*client]) {
+                    (Applied::Executed(_), _) => {
+                        executed[*client] += 1;
+                        last[*client] = Some((request_id, clock));
+                    }
+                    (Applied::Duplicate(_), Some((id, used))) => {
+                        prop_assert_eq!(id, request_id);
+                        prop_assert!(clock - used <= WINDOW, "answered after the window");
+                    }
+                    (Applied::SessionExpired { .. }, Some((id, used))) if id == request_id => {
+                        prop_assert!(clock - used > WINDOW, "a retry within the window was refused");
+                    }
+                    (other, previous) => prop_assert!(false, "unexpected {other:?} after {previous:?}"),
+                }
+                // The counter says how often the client's requests really ran.
+                let value = a.get(&client_id).map(|v| String::from_utf8_lossy(v).parse::<i64>().unwrap_or(-1));
+                prop_assert_eq!(value.unwrap_or(0), executed[*client]);
+            }
         }
     }
 }

@@ -306,6 +306,7 @@ impl Sim {
                     seq_epoch: checkpoint.seq_epoch,
                     keys: 0,
                     sessions: 0,
+                    clock_ms: 0,
                 };
                 let seq = checkpoint.seq;
                 let reply = match core.on_checkpoint_header(&header) {

@@ -81,7 +81,12 @@ fn context() -> (Arc<Context>, ApiHandle) {
     let client = Client::new(service, "test");
     let defaults = Defaults { image: "tandem:test".into(), spec: Spec::default() };
     // Nothing listens there: detector settings pushes fail fast, and are retried later.
-    let pod_settings = PodSettings { gfd_address: "127.0.0.1:9".into(), log_level: "info".into(), tls: true };
+    let pod_settings = PodSettings {
+        gfd_address: "127.0.0.1:9".into(),
+        log_level: "info".into(),
+        tls: true,
+        session_expiry_ms: tandem_replica::state::DEFAULT_SESSION_EXPIRY_MS,
+    };
     let authority = tandem_replica::tls::Authority::generate("test").expect("a CA");
     let ctx = Context::new(
         client,
@@ -223,7 +228,8 @@ async fn a_new_service_starts_its_three_bootstrap_pods_and_records_each_with_an_
             },
         },
     ];
-    let secrets = ["r1", "r2", "r3"].map(|id| &*format!("/api/v1/namespaces/test/secrets/demo-{id}-tls").leak());
+    let secrets =
+        ["r1", "r2", "r3"].map(|id| &*format!("/api/v1/namespaces/test/secrets/demo-{id}-tls").leak());
     script.extend(secrets.into_iter().flat_map(pod_created));
     let services = ["/api/v1/namespaces/test/services/demo", "/api/v1/namespaces/test/services/demo-peers"];
     for path in services {

@@ -61,6 +61,8 @@ pub struct LocalSettings {
     /// Mutual TLS on the internal plane, from a CA kept in `dir/tls` (off: plaintext,
     /// for measuring what TLS costs).
     pub tls: bool,
+    /// How long the replicas remember an idle client session, ms (`--session-expiry-ms`).
+    pub session_expiry_ms: u64,
 }
 
 impl LocalSettings {
@@ -455,6 +457,8 @@ impl Local {
             address.clone(),
             "--checkpoint-interval-ms".into(),
             self.spec.checkpoint_interval_ms.to_string(),
+            "--session-expiry-ms".into(),
+            self.settings.session_expiry_ms.to_string(),
             "--gfd".into(),
             self.settings.gfd_address(),
             "--log-level".into(),
@@ -584,8 +588,10 @@ impl Local {
             }
         }
         if old.checkpoint_interval_ms != spec.checkpoint_interval_ms {
-            let update =
-                pb::Settings { checkpoint_interval_ms: Some(spec.checkpoint_interval_ms), gfd_address: None };
+            let update = pb::Settings {
+                checkpoint_interval_ms: Some(spec.checkpoint_interval_ms),
+                ..pb::Settings::default()
+            };
             replicas::push_settings(&self.channels, &update, &self.running_targets()).await;
         }
     }
