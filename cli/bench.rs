@@ -43,6 +43,9 @@ pub enum Bench {
     /// Create N one-shot client sessions; measure a replica's RSS and checkpoint time
     /// before and after they expire, and its RSS with C idle connections.
     Sessions(sessions::SessionsArgs),
+    /// What mutual TLS on the internal plane costs: the failover bench twice, with and
+    /// without it (each in a process of its own), side by side.
+    Tls(FailoverArgs),
 }
 
 /// What happens to the primary.
@@ -83,6 +86,9 @@ pub struct FailoverArgs {
     /// Print the system's own lines (membership changes, failovers) too.
     #[arg(long)]
     pub verbose: bool,
+    /// Run the internal plane in plaintext (to measure what TLS costs).
+    #[arg(long)]
+    pub no_tls: bool,
 }
 
 impl BenchArgs {
@@ -90,7 +96,7 @@ impl BenchArgs {
     pub fn prints_events(&self) -> bool {
         match &self.bench {
             Bench::Failover(args) => args.verbose,
-            Bench::Sessions(_) => false,
+            Bench::Sessions(_) | Bench::Tls(_) => false,
         }
     }
 }
@@ -99,7 +105,46 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     match args.bench {
         Bench::Failover(args) => failover(args).await,
         Bench::Sessions(args) => sessions::sessions(args).await,
+        Bench::Tls(args) => tls_cost(args).await,
     }
+}
+
+/// Runs `tandem bench failover` with these settings twice, TLS on then off, in child
+/// processes (a process has one identity on the internal plane), and compares.
+async fn tls_cost(args: FailoverArgs) -> anyhow::Result<()> {
+    let binary = std::env::current_exe().context("cannot find the tandem executable")?;
+    let mut results = Vec::new();
+    for (label, no_tls, port) in [("tls", false, args.port), ("plaintext", true, args.port + 100)] {
+        let mut command = tokio::process::Command::new(&binary);
+        command.args(["bench", "failover", "--mode", &args.mode.to_string()]);
+        command.args(["--kills", &args.kills.to_string(), "--clients", &args.clients.to_string()]);
+        command.args(["--replicas", &args.replicas.to_string(), "--port", &port.to_string()]);
+        if no_tls {
+            command.arg("--no-tls");
+        }
+        println!("== {label}");
+        let output = command.output().await.context("cannot run the failover bench")?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        print!("{text}");
+        anyhow::ensure!(
+            output.status.success(),
+            "the {label} run failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let value = |key: &str| {
+            text.split_whitespace()
+                .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        results.push((value("p99"), value("writes_per_s")));
+    }
+    let ((tls_p99, tls_rate), (plain_p99, plain_rate)) = (results[0], results[1]);
+    println!(
+        "tls_cost failover_p99_ms tls={tls_p99} plaintext={plain_p99} writes_per_s tls={tls_rate:.0} plaintext={plain_rate:.0} throughput_ratio={:.2}",
+        tls_rate / plain_rate
+    );
+    Ok(())
 }
 
 /// One acknowledged write.
@@ -142,7 +187,7 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
                 binary: std::env::current_exe().context("cannot find the tandem executable")?,
                 log_level: "info".into(),
                 loopback_per_replica: false,
-                tls: true,
+                tls: !args.no_tls,
                 session_expiry_ms: tandem_replica::state::DEFAULT_SESSION_EXPIRY_MS,
             };
             let stop = system.clone();
@@ -155,7 +200,7 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         task.await.context("local system task")?.context("local system")?;
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let (measured, lost, failed, acked) = outcome?;
+    let (measured, lost, failed, acked, load_secs) = outcome?;
     let percentile = |mut values: Vec<u64>, p: f64| {
         values.sort_unstable();
         let rank = ((p * values.len() as f64).ceil() as usize).clamp(1, values.len());
@@ -178,7 +223,7 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
     );
     let recovers: Vec<u64> = measured.iter().map(|m| m.recover_ms).collect();
     println!(
-        "failover_ms p50={} p99={} max={} detect_ms p50={} p99={} recover_ms p50={} max={} lost_acked={lost} failed_requests={failed}",
+        "failover_ms p50={} p99={} max={} detect_ms p50={} p99={} recover_ms p50={} max={} writes_per_s={:.0} lost_acked={lost} failed_requests={failed}",
         percentile(failovers.clone(), 0.5),
         percentile(failovers.clone(), 0.99),
         failovers.iter().max().copied().unwrap_or_default(),
@@ -186,11 +231,13 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         percentile(detects, 0.99),
         percentile(recovers.clone(), 0.5),
         recovers.iter().max().copied().unwrap_or_default(),
+        acked as f64 / load_secs.max(0.001),
     );
     Ok(())
 }
 
-type Outcome = (Vec<Measured>, usize, usize, usize);
+/// Faults measured, lost and failed writes, acknowledged writes, seconds under load.
+type Outcome = (Vec<Measured>, usize, usize, usize, f64);
 
 /// Every membership event the GFD streamed.
 type Events = Arc<Mutex<Vec<pb::MembershipEvent>>>;
@@ -207,6 +254,7 @@ async fn run_kills(args: &FailoverArgs, dir: &std::path::Path) -> anyhow::Result
     tokio::spawn(record_membership(state.gfd.clone(), Arc::clone(&events), stop.clone()));
     let load = Arc::new(Load::default());
     let mut writers = start_writers(args.clients, &endpoints, &load, &stop)?;
+    let load_started = Instant::now();
     let mut measured = Vec::new();
     for kill in 1..=args.kills {
         tokio::time::sleep(Duration::from_millis(700)).await;
@@ -219,6 +267,7 @@ async fn run_kills(args: &FailoverArgs, dir: &std::path::Path) -> anyhow::Result
     }
     stop.cancel();
     while writers.join_next().await.is_some() {}
+    let load_secs = load_started.elapsed().as_secs_f64();
 
     let acks = load.acks.lock().expect("lock").clone();
     let lost = count_lost(&endpoints, &acks).await?;
@@ -226,7 +275,7 @@ async fn run_kills(args: &FailoverArgs, dir: &std::path::Path) -> anyhow::Result
     for failure in failures.iter().take(5) {
         eprintln!("failed request: {failure}");
     }
-    Ok((measured, lost, failures.len(), acks.len()))
+    Ok((measured, lost, failures.len(), acks.len(), load_secs))
 }
 
 /// `clients` sessions, each putting `bench/c<c>/<n>` for n = 1, 2, … until `stop`.
