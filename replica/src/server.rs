@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::checkpoint::Assembler;
+use crate::checkpoint::{Assembler, AssemblyError, CHECKPOINT_TRANSFER_LIMIT, Checkpoint};
 use crate::error::ReplicaError;
 use crate::node::{Node, RequestTag};
 use crate::pb;
@@ -207,21 +207,34 @@ impl pb::peer_server::Peer for Service {
         request: Request<Streaming<pb::CheckpointChunk>>,
     ) -> Result<Response<pb::InstallCheckpointReply>, Status> {
         let node = &self.0;
-        let mut chunks = request.into_inner();
-        let mut assembler = Assembler::default();
         let started = tokio::time::Instant::now();
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk?;
-            let header =
-                assembler.push(chunk).map_err(|e| ReplicaError::BadCheckpoint { reason: e.to_string() })?;
-            if let Some(header) = header {
-                node.apply(|inner| inner.core.on_checkpoint_header(header))?;
-                info!(seq = header.seq, keys = header.keys, leader = %header.leader_id, "receiving checkpoint");
+        let mut announced = None;
+        let received = tokio::time::timeout(
+            CHECKPOINT_TRANSFER_LIMIT,
+            receive_checkpoint(node, request.into_inner(), &mut announced),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ReplicaError::BadCheckpoint {
+                reason: format!(
+                    "the stream did not end within {} s; the sender may retry",
+                    CHECKPOINT_TRANSFER_LIMIT.as_secs()
+                ),
             }
-        }
-        let epoch = assembler.header().map_or(0, |h| h.epoch);
-        let checkpoint =
-            assembler.finish().map_err(|e| ReplicaError::BadCheckpoint { reason: e.to_string() })?;
+            .into())
+        });
+        let (checkpoint, epoch) = match received {
+            Ok(received) => received,
+            Err(status) => {
+                // Whatever its header started is undone: a broken or refused stream
+                // changes nothing.
+                if let Some(seq) = announced {
+                    node.apply(|inner| inner.core.abandon_checkpoint(seq));
+                }
+                warn!(seq = ?announced, error = %status.message(), "checkpoint not installed");
+                return Err(status);
+            }
+        };
         let (seq, keys) = (checkpoint.seq, checkpoint.state.keys());
         let (reply, replayed, current) = node.apply(|inner| {
             let before = inner.core.applied_seq();
@@ -273,6 +286,28 @@ impl pb::control_server::Control for Service {
             gfd_address: Some(node.gfd_address.borrow().clone()),
         }))
     }
+}
+
+/// Receives a checkpoint's chunks, checking each as it comes, and applies its header to
+/// the core as soon as it arrives (`announced`: the header's seq, for the caller to undo
+/// if the rest never comes). Returns the checkpoint and the epoch it was sent in.
+async fn receive_checkpoint(
+    node: &Node,
+    mut chunks: Streaming<pb::CheckpointChunk>,
+    announced: &mut Option<u64>,
+) -> Result<(Checkpoint, u64), Status> {
+    let refused = |e: AssemblyError| ReplicaError::BadCheckpoint { reason: e.to_string() };
+    let mut assembler = Assembler::default();
+    while let Some(chunk) = chunks.next().await {
+        let header = assembler.push(chunk?).map_err(refused)?;
+        if let Some(header) = header {
+            node.apply(|inner| inner.core.on_checkpoint_header(header))?;
+            *announced = Some(header.seq);
+            info!(seq = header.seq, keys = header.keys, bytes = header.bytes, leader = %header.leader_id, "receiving checkpoint");
+        }
+    }
+    let epoch = assembler.header().map_or(0, |h| h.epoch);
+    Ok((assembler.finish().map_err(refused)?, epoch))
 }
 
 /// A short description of an operation for the trace, e.g. `put k (3 bytes)`.
