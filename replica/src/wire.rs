@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
 use tonic::transport::{Channel, Endpoint};
 
 /// Largest gRPC message a replica accepts: a maximal value plus its envelope, or one
@@ -116,6 +117,60 @@ pub async fn serve_until_shutdown(
     }
 }
 
+/// The protobuf codec of every Tandem service (build.rs names it for the generated code):
+/// prost's, except that a message that does not decode is the sender's fault, answered
+/// INVALID_ARGUMENT (prost's codec says INTERNAL, which reads as a bug of the receiver).
+#[derive(Debug, Clone)]
+pub struct ProtoCodec<T, U>(tonic_prost::ProstCodec<T, U>);
+
+impl<T, U> Default for ProtoCodec<T, U> {
+    fn default() -> Self {
+        Self(tonic_prost::ProstCodec::default())
+    }
+}
+
+impl<T, U> Codec for ProtoCodec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = StrictDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        self.0.encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        StrictDecoder(self.0.decoder())
+    }
+}
+
+/// prost's decoder, with a malformed message reported as INVALID_ARGUMENT.
+#[derive(Debug, Clone)]
+pub struct StrictDecoder<U>(tonic_prost::ProstDecoder<U>);
+
+impl<U: prost::Message + Default> Decoder for StrictDecoder<U> {
+    type Item = U;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, tonic::Status> {
+        self.0.decode(buf).map_err(|status| {
+            tonic::Status::invalid_argument(format!(
+                "malformed protobuf: {} (the message does not decode as {}); nothing was done",
+                status.message(),
+                std::any::type_name::<U>().rsplit("::").next().unwrap_or("this call's message"),
+            ))
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
 /// Wall-clock time in unix milliseconds (what detectors and the RM put in messages and
 /// status; timers use tokio's clock).
 pub fn unix_ms() -> u64 {
@@ -130,6 +185,102 @@ pub fn unix_micros() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::{Buf, BufMut, Bytes};
+    use tonic::codec::{EncodeBuf, Encoder};
+
+    /// Sends its bytes as they are, as one gRPC message; takes any answer.
+    #[derive(Debug, Clone, Default)]
+    struct RawCodec;
+
+    impl Encoder for RawCodec {
+        type Item = Bytes;
+        type Error = tonic::Status;
+
+        fn encode(&mut self, item: Bytes, buf: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+            buf.put(item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawCodec {
+        type Item = ();
+        type Error = tonic::Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
+            buf.advance(buf.remaining());
+            Ok(Some(()))
+        }
+    }
+
+    impl Codec for RawCodec {
+        type Encode = Bytes;
+        type Decode = ();
+        type Encoder = Self;
+        type Decoder = Self;
+
+        fn encoder(&mut self) -> Self {
+            Self
+        }
+
+        fn decoder(&mut self) -> Self {
+            Self
+        }
+    }
+
+    /// Calls `method` (`/package.Service/Method`) at `address` with `bytes` as the message.
+    async fn call_raw(address: &str, method: &'static str, bytes: &'static [u8]) -> tonic::Status {
+        let mut grpc = tonic::client::Grpc::new(dial(address, None).expect("address"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            // The server may still be starting.
+            if grpc.ready().await.is_ok() {
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+                let answer = grpc.unary(tonic::Request::new(Bytes::from_static(bytes)), path, RawCodec).await;
+                match answer {
+                    Err(status) if status.code() == tonic::Code::Unavailable => {}
+                    Err(status) => return status,
+                    Ok(_) => panic!("{method} took garbage"),
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{method}: no server at {address}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Issue 9: a message that does not decode was answered INTERNAL (prost's codec), as if
+    /// the receiver had a bug. It is the sender's: INVALID_ARGUMENT, on every service.
+    #[tokio::test]
+    async fn malformed_protobuf_on_any_service_is_invalid_argument() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let replica = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("port");
+        let replica_address = replica.local_addr().expect("address");
+        let mut settings = crate::node::ReplicaSettings::new("r1", replica_address);
+        settings.bootstrap = true;
+        let node = crate::node::Node::new(settings, shutdown.clone());
+        tokio::spawn(crate::server::serve(node, replica));
+        let gfd = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("port");
+        let gfd_address = gfd.local_addr().expect("address").to_string();
+        let detector = crate::detector::service::Gfd::new(Default::default(), Default::default());
+        tokio::spawn(crate::detector::service::serve_gfd(detector, gfd, shutdown.clone()));
+
+        // Field 1 with wire type 7, which does not exist; then a varint that never ends.
+        let garbage: &'static [u8] = b"\x0f\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff";
+        let replica_address = replica_address.to_string();
+        let calls = [
+            (&replica_address, "/tandem.v1.Replica/Execute"),
+            (&replica_address, "/tandem.v1.Peer/Append"),
+            (&replica_address, "/tandem.v1.Peer/InstallCheckpoint"),
+            (&replica_address, "/tandem.v1.Control/InstallConfiguration"),
+            (&gfd_address, "/tandem.v1.FaultDetector/UpdateDetectorSettings"),
+            (&gfd_address, "/tandem.v1.FaultDetector/Members"),
+        ];
+        for (address, method) in calls {
+            let status = call_raw(address, method, garbage).await;
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{method}: {status:?}");
+            assert!(status.message().contains("malformed protobuf"), "{method}: {}", status.message());
+        }
+        shutdown.cancel();
+    }
 
     #[tokio::test]
     async fn an_address_without_a_port_is_refused_with_what_to_write() {
