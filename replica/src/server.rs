@@ -33,12 +33,7 @@ pub async fn serve(
     tokio::spawn(peers::run_senders(Arc::clone(&node)).instrument(span.clone()));
     let spans = Arc::clone(&node);
     let shutdown = node.shutdown.clone();
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        // A client that stopped answering (paused, cut off) loses its connection, and
-        // with it the calls it left waiting here.
-        .http2_keepalive_interval(Some(Duration::from_secs(1)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+    let router = crate::wire::server()
         .trace_fn(move |_| spans.call_span())
         .add_service(health_service)
         .add_service(

@@ -96,17 +96,65 @@ pub async fn within<T>(
 /// a stopping process (a pod being deleted) until it is killed.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
-/// Serves `incoming` with `router` until `shutdown`, then at most `SHUTDOWN_GRACE` more.
+/// Most connections one server (replica, GFD, RM API) keeps open at once. Real use is
+/// far below: a client keeps one connection per replica, a replica one per peer, an LFD
+/// one to its GFD, so thousands of clients still fit; each connection costs a socket and
+/// some tens of KiB of HTTP/2 buffers, and a flood of them must not exhaust the process's
+/// memory or file descriptors. Connections beyond it are closed as they come.
+pub const MAX_CONNECTIONS: usize = 8192;
+/// Calls (HTTP/2 streams) open at once on one connection: a client multiplexes all its
+/// calls on one connection (a benchmark's hundreds of writers included); a peer that
+/// opens streams and leaves them idle gets no further than this.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// A connection that sends nothing for this long is closed. Every server pings its
+/// clients every `KEEPALIVE_INTERVAL` and a live HTTP/2 client answers each ping, so only
+/// a dead peer, or one that connected and never spoke HTTP/2, stays this silent.
+pub const SILENT_CONNECTION_LIMIT: Duration = Duration::from_secs(20);
+
+/// The one server configuration of every Tandem service: keepalive pings (a client that
+/// stopped answering, paused or cut off, loses its connection and the calls it left
+/// waiting), and the per-connection stream limits. No overall call timeout: a checkpoint
+/// stream takes minutes, and every handler bounds its own waits.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+}
+
+/// How many connections a server admits, and how long one may stay silent.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub silent_limit: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self { max_connections: MAX_CONNECTIONS, silent_limit: SILENT_CONNECTION_LIMIT }
+    }
+}
+
+/// Serves `incoming` with `router` until `shutdown`, then at most `SHUTDOWN_GRACE` more,
+/// within the default `ConnectionLimits`.
 pub async fn serve_until_shutdown(
     router: tonic::transport::server::Router,
     incoming: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    serve_limited(router, incoming, shutdown, ConnectionLimits::default()).await
+}
+
+/// `serve_until_shutdown` with explicit limits.
+pub async fn serve_limited(
+    router: tonic::transport::server::Router,
+    incoming: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+    limits: ConnectionLimits,
+) -> Result<(), tonic::transport::Error> {
     let stopping = shutdown.clone();
-    let server = router.serve_with_incoming_shutdown(
-        tokio_stream::wrappers::TcpListenerStream::new(incoming),
-        shutdown.cancelled_owned(),
-    );
+    let server = router.serve_with_incoming_shutdown(admit(incoming, limits), shutdown.cancelled_owned());
     tokio::pin!(server);
     tokio::select! {
         served = &mut server => served,
@@ -114,6 +162,135 @@ pub async fn serve_until_shutdown(
             stopping.cancelled().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         } => Ok(()),
+    }
+}
+
+/// The connections `listener` accepts, each holding one of `limits.max_connections`
+/// places until it closes; beyond that, a new connection is closed at once. An accept
+/// error (out of file descriptors) pauses accepting briefly rather than spinning.
+fn admit(
+    listener: tokio::net::TcpListener,
+    limits: ConnectionLimits,
+) -> impl futures::Stream<Item = Result<Admitted, std::io::Error>> {
+    let places = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let refused_since_warning = 0u64;
+    let state = (listener, places, None::<tokio::time::Instant>, refused_since_warning);
+    futures::stream::unfold(state, move |(listener, places, mut warned, mut refused)| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => match Arc::clone(&places).try_acquire_owned() {
+                    Ok(place) => {
+                        // tonic's own nodelay setting applies only to listeners it binds.
+                        let _ = stream.set_nodelay(true);
+                        let connection = Admitted::new(stream, place, limits.silent_limit);
+                        return Some((Ok(connection), (listener, places, warned, refused)));
+                    }
+                    Err(_) => {
+                        drop(stream);
+                        refused += 1;
+                        // One warning a second at most: a flood must not flood the log too.
+                        if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                            tracing::warn!(%peer, refused, limit = limits.max_connections, "too many connections; closing new ones");
+                            warned = Some(tokio::time::Instant::now());
+                            refused = 0;
+                        }
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(%error, "cannot accept connections; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
+
+/// An admitted connection: holds its place among `MAX_CONNECTIONS` until dropped, and
+/// fails its reads once the peer has been silent for the limit (hyper then closes it).
+pub struct Admitted {
+    stream: tokio::net::TcpStream,
+    _place: tokio::sync::OwnedSemaphorePermit,
+    silent_limit: Duration,
+    silence: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Admitted {
+    fn new(
+        stream: tokio::net::TcpStream,
+        place: tokio::sync::OwnedSemaphorePermit,
+        silent_limit: Duration,
+    ) -> Self {
+        Self { stream, _place: place, silent_limit, silence: Box::pin(tokio::time::sleep(silent_limit)) }
+    }
+}
+
+impl tokio::io::AsyncRead for Admitted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                let until = tokio::time::Instant::now() + self.silent_limit;
+                self.silence.as_mut().reset(until);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match self.silence.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the peer sent nothing for {} s", self.silent_limit.as_secs()),
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Admitted {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Admitted {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
     }
 }
 
@@ -279,6 +456,49 @@ mod tests {
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{method}: {status:?}");
             assert!(status.message().contains("malformed protobuf"), "{method}: {}", status.message());
         }
+        shutdown.cancel();
+    }
+
+    /// Reads from a raw connection until the server closes it; false if it stays open
+    /// past `limit`.
+    async fn closed_within(socket: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, socket.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return true,
+                // The server's HTTP/2 preface and pings: it is still open.
+                Ok(Ok(_)) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Issue 9: limits on connections. Beyond the cap a new connection is closed at once;
+    /// a connection that never speaks is closed after the silence limit, which frees its
+    /// place; a real client is served throughout once there is room.
+    #[tokio::test]
+    async fn connections_beyond_the_cap_and_silent_ones_are_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("port");
+        let address = listener.local_addr().expect("address").to_string();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (_, health) = tonic_health::server::health_reporter();
+        let limits = ConnectionLimits { max_connections: 2, silent_limit: Duration::from_millis(500) };
+        tokio::spawn(serve_limited(server().add_service(health), listener, shutdown.clone(), limits));
+
+        let connect = || tokio::net::TcpStream::connect(address.clone());
+        let (mut first, mut second) = (connect().await.expect("first"), connect().await.expect("second"));
+        let mut third = connect().await.expect("the kernel accepts; the server closes");
+        assert!(closed_within(&mut third, Duration::from_secs(5)).await, "a third connection was kept");
+        assert!(closed_within(&mut first, Duration::from_secs(10)).await, "a silent connection was kept");
+        assert!(closed_within(&mut second, Duration::from_secs(10)).await, "a silent connection was kept");
+
+        let mut client =
+            tonic_health::pb::health_client::HealthClient::new(dial(&address, None).expect("address"));
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let answer = within(Duration::from_secs(10), client.check(request)).await;
+        assert!(answer.is_ok(), "a real client once there is room: {answer:?}");
         shutdown.cancel();
     }
 

@@ -24,7 +24,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let service = pb::manager_server::ManagerServer::new(ManagerService { shared, spec });
-    let router = tonic::transport::Server::builder().add_service(service);
+    let router = tandem_replica::wire::server().add_service(service);
     let result = tandem_replica::wire::serve_until_shutdown(router, listener, shutdown).await;
     if let Err(error) = result {
         tracing::error!(%error, "the RM's API stopped");

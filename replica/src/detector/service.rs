@@ -490,10 +490,7 @@ pub async fn serve_gfd(
 ) -> Result<(), tonic::transport::Error> {
     info!(listen = ?listener.local_addr().ok(), "GFD started");
     tokio::spawn(Arc::clone(&gfd).heartbeat_loop(shutdown.clone()).in_current_span());
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(1)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+    let router = crate::wire::server()
         .add_service(pb::fault_detector_server::FaultDetectorServer::new(GfdService(gfd)));
     crate::wire::serve_until_shutdown(router, listener, shutdown).await
 }
