@@ -267,6 +267,13 @@ impl pb::control_server::Control for Service {
     ) -> Result<Response<pb::Settings>, Status> {
         let node = &self.0;
         let update = request.into_inner();
+        // Checked before anything changes: a refused update changes nothing.
+        if let Some(ms) = update.checkpoint_interval_ms {
+            crate::limits::check_checkpoint_interval(ms).map_err(|problem| ReplicaError::InvalidRequest {
+                field: "checkpoint_interval_ms".into(),
+                reason: problem.to_string(),
+            })?;
+        }
         if let Some(ms) = update.checkpoint_interval_ms {
             node.checkpoint_interval.send_replace(Duration::from_millis(ms));
             info!(checkpoint_interval_ms = ms, "settings changed");
@@ -315,5 +322,39 @@ pub fn describe(op: Option<&pb::Operation>) -> String {
         Some(Kind::CompareAndSwap(op)) => format!("cas {}", op.key),
         Some(Kind::Increment(op)) => format!("incr {} by {}", op.key, op.delta),
         None => "unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::ReplicaSettings;
+
+    /// Issue 9: settings are bounded everywhere. An out-of-range checkpoint interval is
+    /// INVALID_ARGUMENT naming the allowed range, and changes nothing.
+    #[tokio::test]
+    async fn an_out_of_range_checkpoint_interval_is_refused_and_changes_nothing() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("port");
+        let address = listener.local_addr().expect("address");
+        let node = Node::new(ReplicaSettings::new("r1", address), shutdown.clone());
+        tokio::spawn(serve(Arc::clone(&node), listener));
+        let channel = crate::wire::dial(&address.to_string(), None).expect("address");
+        let mut control = pb::control_client::ControlClient::new(channel);
+        for ms in [1, 49, 3_600_001, u64::MAX] {
+            let update =
+                pb::Settings { checkpoint_interval_ms: Some(ms), gfd_address: Some("moved:1".into()) };
+            let refused = crate::wire::within(Duration::from_secs(10), control.update_settings(update))
+                .await
+                .expect_err("an out-of-range interval");
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{ms}: {refused:?}");
+            assert!(refused.message().contains("50..3600000"), "{}", refused.message());
+        }
+        assert_eq!(*node.checkpoint_interval.borrow(), Duration::from_secs(2), "nothing changed");
+        assert_eq!(*node.gfd_address.borrow(), "", "nothing changed");
+        let update = pb::Settings { checkpoint_interval_ms: Some(0), gfd_address: None };
+        control.update_settings(update).await.expect("0 turns checkpoints off");
+        assert_eq!(*node.checkpoint_interval.borrow(), Duration::ZERO);
+        shutdown.cancel();
     }
 }

@@ -244,8 +244,11 @@ async fn relay(
                 }
                 Some(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Settings(update)) })) => {
                     heard = tokio::time::Instant::now();
-                    if let Some(ms) = update.gfd_heartbeat_interval_ms {
-                        gfd_heartbeat = Duration::from_millis(ms.max(1));
+                    // A wild interval (u64::MAX overflowed `patience` below) is ignored.
+                    match update.gfd_heartbeat_interval_ms.map(|ms| (ms, limits::check_interval(ms))) {
+                        Some((ms, Ok(()))) => gfd_heartbeat = Duration::from_millis(ms),
+                        Some((_, Err(problem))) => warn!("LFD {}: ignoring the GFD's heartbeat interval: {problem}", config.replica_id),
+                        None => {}
                     }
                     let mut next = *settings.borrow();
                     if let Some(ms) = update.heartbeat_interval_ms {
