@@ -520,3 +520,63 @@ async fn a_faulty_follower_sends_out_of_range_replies_and_the_leader_keeps_servi
     assert!(!log.contains("panicked"), "the leader panicked:\n{log}");
     assert!(log.contains("refused a follower's answer"), "the refusals are logged");
 }
+
+/// Issue 9: a checkpoint stream that stopped after its header left a backup without a
+/// state for good, and an endless one grew a backup from 11 MiB to 1 GiB. Both are now
+/// refused (BadCheckpoint, INVALID_ARGUMENT) and the backup is as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_or_oversized_checkpoint_stream_is_refused_and_changes_nothing() {
+    use pb::checkpoint_chunk::Part;
+    let group = Group::start(2, Mode::Passive).await;
+    let mut client = Client::new(ClientSettings::new(group.endpoints())).expect("client");
+    for i in 0..10 {
+        client.put(&format!("k{i}"), "v").await.expect("put");
+    }
+    let before = group.wait_converged(&["r1", "r2"], CONVERGE).await;
+    let r2_before = group.status("r2").await.expect("r2");
+    let header = |seq: u64, bytes: u64| pb::CheckpointChunk {
+        part: Some(Part::Header(pb::CheckpointHeader {
+            epoch: group.config.epoch,
+            leader_id: "r1".into(),
+            seq,
+            seq_epoch: group.config.epoch,
+            keys: 1_000_000,
+            sessions: 0,
+            bytes,
+        })),
+    };
+    let values = |n: usize| pb::CheckpointChunk {
+        part: Some(Part::KeyValues(pb::KeyValueBatch {
+            entries: vec![pb::KeyValue { key: format!("flood{n}"), value: vec![b'x'; 64 * 1024].into() }],
+        })),
+    };
+    let streams: Vec<(&str, Vec<pb::CheckpointChunk>, &str)> = vec![
+        ("header only", vec![header(r2_before.last_seq + 1_000, 0)], "stream ended before the trailer"),
+        (
+            "more than announced",
+            (0..64).map(values).fold(vec![header(r2_before.last_seq + 1_000, 100_000)], |mut v, c| {
+                v.push(c);
+                v
+            }),
+            "more bytes than its header announced",
+        ),
+        ("too large", vec![header(r2_before.last_seq + 1_000, u64::MAX)], "more than a replica receives"),
+        ("no header", vec![values(0)], "expected a header first"),
+    ];
+    let mut peer = pb::peer_client::PeerClient::new(channel(&group.address("r2")));
+    for (what, chunks, reason) in streams {
+        let refused = peer.install_checkpoint(futures::stream::iter(chunks)).await.expect_err(what);
+        assert_eq!(refused.code(), Code::InvalidArgument, "{what}: {refused:?}");
+        assert!(refused.message().contains(reason), "{what}: {}", refused.message());
+        let r2 = group.status("r2").await.expect("r2");
+        assert!(r2.ready && r2.has_state, "{what} left r2 without its state: {r2:?}");
+        assert_eq!(
+            (r2.last_seq, r2.checkpoint_seq),
+            (r2_before.last_seq, r2_before.checkpoint_seq),
+            "{what}"
+        );
+    }
+    client.put("after", "v").await.expect("the group still serves");
+    let after = group.wait_converged(&["r1", "r2"], CONVERGE).await;
+    assert!(after.seq > before.seq);
+}
