@@ -41,7 +41,7 @@ pub struct GroupFlags {
     pub mode: Mode,
     #[command(flatten)]
     pub detectors: DetectorFlags,
-    /// Passive mode checkpoint period, ms (0: off).
+    /// Passive mode checkpoint period, ms (0: off, else 50..3600000).
     #[arg(long, env = "TANDEM_CHECKPOINT_INTERVAL_MS", default_value_t = 2000)]
     pub checkpoint_interval_ms: u64,
 }

@@ -29,7 +29,8 @@ pub struct ReplicaArgs {
     /// Replicas (host:port, comma-separated) to ask for the configuration at start.
     #[arg(long, env = "TANDEM_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
-    /// Passive mode: checkpoint interval in milliseconds (0: off). Changeable at run time.
+    /// Passive mode: checkpoint interval in milliseconds (0: off, else 50..3600000).
+    /// Changeable at run time.
     #[arg(long, env = "TANDEM_CHECKPOINT_INTERVAL_MS", default_value_t = 2000)]
     pub checkpoint_interval_ms: u64,
     /// Timeout of one call to a peer, in milliseconds.
@@ -83,6 +84,8 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     settings.gfd_address = args.gfd;
     settings.group = args.group;
     settings.seeds = args.peers.into_iter().filter(|p| !p.trim().is_empty()).collect();
+    tandem_replica::limits::check_checkpoint_interval(args.checkpoint_interval_ms)
+        .context("--checkpoint-interval-ms")?;
     settings.checkpoint_interval = Duration::from_millis(args.checkpoint_interval_ms);
     settings.peer_timeout = Duration::from_millis(args.peer_timeout_ms);
     settings.request_timeout = Duration::from_millis(args.request_timeout_ms);

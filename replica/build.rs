@@ -17,6 +17,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Values travel as `bytes::Bytes`, so log entries and checkpoints share buffers
     // instead of copying them.
     config.bytes([".tandem.v1"]);
-    tonic_prost_build::configure().compile_with_config(config, &protos, &["../proto".to_owned()])?;
+    // Our codec: a malformed message is INVALID_ARGUMENT, not prost's INTERNAL.
+    tonic_prost_build::configure().codec_path("crate::wire::ProtoCodec").compile_with_config(
+        config,
+        &protos,
+        &["../proto".to_owned()],
+    )?;
     Ok(())
 }

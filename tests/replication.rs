@@ -427,3 +427,194 @@ async fn a_request_id_reused_for_another_operation_is_refused_in_both_modes() {
         group.wait_converged(&["r1", "r2", "r3"], CONVERGE).await;
     }
 }
+
+/// A follower that answers every call, with numbers no correct follower could send:
+/// matches and checkpoints beyond anything its leader holds. Its first answer asks for a
+/// checkpoint (no state), so both kinds of answer reach the leader.
+#[derive(Clone, Default)]
+struct FaultyFollower {
+    appends: Arc<std::sync::atomic::AtomicU64>,
+    checkpoints: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for FaultyFollower {
+    async fn append(
+        &self,
+        _: tonic::Request<pb::AppendRequest>,
+    ) -> Result<tonic::Response<pb::AppendReply>, tonic::Status> {
+        let n = self.appends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let reply = match if n == 0 { 0 } else { 1 + n % 3 } {
+            0 => pb::AppendReply { matched: false, has_state: false, ..Default::default() },
+            1 => pb::AppendReply {
+                matched: true,
+                match_seq: u64::MAX,
+                last_seq: u64::MAX,
+                has_state: true,
+                base_seq: 0,
+            },
+            2 => pb::AppendReply {
+                matched: false,
+                match_seq: 0,
+                last_seq: u64::MAX,
+                has_state: true,
+                base_seq: u64::MAX,
+            },
+            _ => pb::AppendReply {
+                matched: true,
+                match_seq: 1 << 40,
+                last_seq: 1 << 40,
+                has_state: true,
+                base_seq: 1 << 40,
+            },
+        };
+        Ok(tonic::Response::new(reply))
+    }
+
+    async fn order(
+        &self,
+        _: tonic::Request<pb::OrderRequest>,
+    ) -> Result<tonic::Response<pb::OrderReply>, tonic::Status> {
+        Ok(tonic::Response::new(pb::OrderReply { seq: u64::MAX }))
+    }
+
+    async fn install_checkpoint(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::CheckpointChunk>>,
+    ) -> Result<tonic::Response<pb::InstallCheckpointReply>, tonic::Status> {
+        let mut chunks = request.into_inner();
+        while let Ok(Some(_)) = chunks.message().await {}
+        let n = self.checkpoints.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let installed_seq = if n.is_multiple_of(2) { u64::MAX } else { 1 << 40 };
+        Ok(tonic::Response::new(pb::InstallCheckpointReply { installed_seq, last_seq: installed_seq }))
+    }
+
+    async fn join(
+        &self,
+        _: tonic::Request<pb::JoinRequest>,
+    ) -> Result<tonic::Response<pb::JoinReply>, tonic::Status> {
+        Ok(tonic::Response::new(pb::JoinReply { epoch: u64::MAX }))
+    }
+}
+
+/// Issue 9: an out-of-range checkpoint sequence in a follower's answer made the leader's
+/// sender panic in a loop while the primary still reported SERVING, so no failover came.
+/// A faulty (but admitted) follower now only gets its answers refused: the leader stays
+/// up and says that follower does not answer (what the RM fails a follower for); once
+/// the RM drops it, writes go on and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_faulty_follower_sends_out_of_range_replies_and_the_leader_keeps_serving() {
+    let mut group = Group::start(2, Mode::Passive).await;
+    let mut client = Client::new(ClientSettings::new(group.endpoints())).expect("client");
+    for i in 0..20 {
+        client.put(&format!("k{i}"), "v").await.expect("put");
+    }
+
+    let faulty = FaultyFollower::default();
+    // Peers reach it on its internal port: its client address + 10000.
+    let faulty_address = format!("127.0.0.1:{}", support::cluster::free_port());
+    let internal = tandem_replica::wire::internal_address(&faulty_address).expect("an internal address");
+    let listener = tokio::net::TcpListener::bind(&internal).await.expect("a port for the faulty follower");
+    let serving = CancellationToken::new();
+    let router =
+        tonic::transport::Server::builder().add_service(pb::peer_server::PeerServer::new(faulty.clone()));
+    tokio::spawn(tandem_replica::wire::serve_until_shutdown(router, listener, serving.clone()));
+    let mut with_faulty = group.config.clone();
+    with_faulty.epoch += 1;
+    with_faulty.members.push(pb::Member { id: "r3".into(), address: faulty_address });
+    group.install(&with_faulty, &group.running()).await;
+    group.config = with_faulty;
+
+    // Both kinds of bad answer reach the leader, again and again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let count = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    while count(&faulty.appends) < 20 || count(&faulty.checkpoints) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader stopped talking to its follower: {} appends, {} checkpoints",
+            count(&faulty.appends),
+            count(&faulty.checkpoints)
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    // The leader is up and tells the RM that this follower has not answered.
+    let r1 = group.status("r1").await.expect("the leader answers");
+    assert_eq!(r1.role(), pb::Role::Primary, "{r1:?}");
+    let r3 = r1.followers.iter().find(|f| f.replica_id == "r3").expect("r3 is a follower");
+    assert!(r3.ack_age_ms >= 1_000 && r3.match_seq == 0, "a faulty follower counts as answering: {r3:?}");
+
+    // The RM fails it; the group serves again, and nothing was lost.
+    group.reconfigure("r1", &["r1", "r2"]).await;
+    serving.cancel();
+    for i in 20..30 {
+        client.put(&format!("k{i}"), "v").await.expect("put after the faulty follower is gone");
+    }
+    for i in 0..30 {
+        assert_eq!(client.get(&format!("k{i}")).await.expect("get").as_deref(), Some(&b"v"[..]), "k{i}");
+    }
+    group.wait_converged(&["r1", "r2"], CONVERGE).await;
+    let log = std::fs::read_to_string(group.log_dir().join("r1.1.log")).expect("r1's log");
+    assert!(!log.contains("panicked"), "the leader panicked:\n{log}");
+    assert!(log.contains("refused a follower's answer"), "the refusals are logged");
+}
+
+/// Issue 9: a checkpoint stream that stopped after its header left a backup without a
+/// state for good, and an endless one grew a backup from 11 MiB to 1 GiB. Both are now
+/// refused (BadCheckpoint, INVALID_ARGUMENT) and the backup is as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_or_oversized_checkpoint_stream_is_refused_and_changes_nothing() {
+    use pb::checkpoint_chunk::Part;
+    let group = Group::start(2, Mode::Passive).await;
+    let mut client = Client::new(ClientSettings::new(group.endpoints())).expect("client");
+    for i in 0..10 {
+        client.put(&format!("k{i}"), "v").await.expect("put");
+    }
+    let before = group.wait_converged(&["r1", "r2"], CONVERGE).await;
+    let r2_before = group.status("r2").await.expect("r2");
+    let header = |seq: u64, bytes: u64| pb::CheckpointChunk {
+        part: Some(Part::Header(pb::CheckpointHeader {
+            epoch: group.config.epoch,
+            leader_id: "r1".into(),
+            seq,
+            seq_epoch: group.config.epoch,
+            keys: 1_000_000,
+            sessions: 0,
+            bytes,
+            ..Default::default()
+        })),
+    };
+    let values = |n: usize| pb::CheckpointChunk {
+        part: Some(Part::KeyValues(pb::KeyValueBatch {
+            entries: vec![pb::KeyValue { key: format!("flood{n}"), value: vec![b'x'; 64 * 1024].into() }],
+        })),
+    };
+    let streams: Vec<(&str, Vec<pb::CheckpointChunk>, &str)> = vec![
+        ("header only", vec![header(r2_before.last_seq + 1_000, 0)], "stream ended before the trailer"),
+        (
+            "more than announced",
+            (0..64).map(values).fold(vec![header(r2_before.last_seq + 1_000, 100_000)], |mut v, c| {
+                v.push(c);
+                v
+            }),
+            "more bytes than its header announced",
+        ),
+        ("too large", vec![header(r2_before.last_seq + 1_000, u64::MAX)], "more than a replica receives"),
+        ("no header", vec![values(0)], "expected a header first"),
+    ];
+    let mut peer = pb::peer_client::PeerClient::new(internal_channel(&group.address("r2")));
+    for (what, chunks, reason) in streams {
+        let refused = peer.install_checkpoint(futures::stream::iter(chunks)).await.expect_err(what);
+        assert_eq!(refused.code(), Code::InvalidArgument, "{what}: {refused:?}");
+        assert!(refused.message().contains(reason), "{what}: {}", refused.message());
+        let r2 = group.status("r2").await.expect("r2");
+        assert!(r2.ready && r2.has_state, "{what} left r2 without its state: {r2:?}");
+        assert_eq!(
+            (r2.last_seq, r2.checkpoint_seq),
+            (r2_before.last_seq, r2_before.checkpoint_seq),
+            "{what}"
+        );
+    }
+    client.put("after", "v").await.expect("the group still serves");
+    let after = group.wait_converged(&["r1", "r2"], CONVERGE).await;
+    assert!(after.seq > before.seq);
+}

@@ -31,7 +31,7 @@ pub fn follow(
     let channel = dial_internal(gfd, None)?;
     tokio::spawn(async move {
         loop {
-            let mut client = pb::fault_detector_client::FaultDetectorClient::new(channel.clone());
+            let mut client = tandem_replica::detector::service::subscriber(channel.clone());
             let reason = match client.subscribe(pb::SubscribeRequest {}).await {
                 Ok(stream) => {
                     let mut stream = stream.into_inner();

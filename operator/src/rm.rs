@@ -57,8 +57,7 @@ pub const TERMINATING_PATIENCE_MS: u64 = 2_000;
 /// the detection window is) fails like a dead member: three keepalives.
 pub const UNREACHABLE_MS: u64 = 3 * tandem_replica::peers::KEEPALIVE.as_millis() as u64;
 
-/// The most replicas a group may have (the CRD's schema says the same).
-pub const MAX_REPLICAS: u32 = 9;
+pub use tandem_replica::limits::MAX_REPLICAS;
 
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +79,7 @@ impl Default for Spec {
             mode: Mode::Passive,
             heartbeat_interval_ms: limits::DEFAULT_HEARTBEAT_INTERVAL_MS,
             failure_threshold: limits::DEFAULT_FAILURE_THRESHOLD,
-            checkpoint_interval_ms: 2_000,
+            checkpoint_interval_ms: limits::DEFAULT_CHECKPOINT_INTERVAL_MS,
             recreate_lost_epoch: None,
         }
     }
@@ -92,13 +91,16 @@ impl Spec {
     /// `tandem set`, which asks this).
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        if !(1..=MAX_REPLICAS).contains(&self.replicas) {
-            problems.push(format!("replicas must be 1..{MAX_REPLICAS}, got {}", self.replicas));
+        if let Err(problem) = limits::check_replicas(self.replicas) {
+            problems.push(problem.to_string());
         }
         if !matches!(self.mode, Mode::Passive | Mode::Active) {
             problems.push("mode must be passive or active".into());
         }
         if let Err(problem) = limits::check(self.heartbeat_interval_ms, self.failure_threshold) {
+            problems.push(problem.to_string());
+        }
+        if let Err(problem) = limits::check_checkpoint_interval(self.checkpoint_interval_ms) {
             problems.push(problem.to_string());
         }
         if self.checkpoint_interval_ms != 0 && self.checkpoint_interval_ms < self.heartbeat_interval_ms {

@@ -3,6 +3,8 @@
 //! digest) so a large state never needs one giant message. The sender works from an
 //! O(1) clone of the state, so the primary keeps serving while a checkpoint streams.
 
+use std::time::Duration;
+
 use prost::Message;
 
 use crate::pb::{self, checkpoint_chunk::Part};
@@ -10,6 +12,28 @@ use crate::state::{SessionRecord, StateMachine};
 
 /// Soft size limit of one chunk; a single larger value travels alone in its chunk.
 pub const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Largest checkpoint a replica receives (payload bytes, see `CheckpointHeader.bytes`):
+/// a replica holds its whole state in memory, and a group is sized far below this. A
+/// header announcing more is refused before anything is received, so a faulty sender
+/// cannot grow a replica without bound (seen: an endless stream took one from 11 MiB
+/// to 1 GiB).
+pub const MAX_CHECKPOINT_BYTES: u64 = 4 << 30;
+
+/// How long a checkpoint transfer may take, end to end: the sender gives up after it, and
+/// so does the receiver (a stream that stalls must not hold a half-received state). At
+/// a modest 50 MB/s, the largest checkpoint still fits.
+pub const CHECKPOINT_TRANSFER_LIMIT: Duration = Duration::from_secs(120);
+
+/// Payload bytes of one key-value, as `CheckpointHeader.bytes` counts them.
+fn key_value_bytes(key: &str, value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64
+}
+
+/// Payload bytes of one session, as `CheckpointHeader.bytes` counts them.
+fn session_bytes(client_id: &str, last_reply: Option<&pb::OpResult>) -> u64 {
+    (client_id.len() + last_reply.map_or(0, Message::encoded_len)) as u64
+}
 
 /// The state after executing every entry up to `seq`.
 #[derive(Debug, Clone)]
@@ -24,17 +48,22 @@ impl Checkpoint {
     /// The chunks that carry this checkpoint, produced lazily (a large state is never
     /// encoded all at once). The digest is computed from the same immutable snapshot.
     pub fn into_chunks(self, epoch: u64, leader_id: String) -> impl Iterator<Item = pb::CheckpointChunk> {
+        let digest_source = self.state.clone();
+        let (keys, session_count) = (self.state.keys() as u64, self.state.session_count() as u64);
+        let clock_ms = self.state.clock_ms();
+        let (key_values, sessions) = self.state.into_parts();
+        let bytes = key_values.iter().map(|(key, value)| key_value_bytes(key, value)).sum::<u64>()
+            + sessions.iter().map(|(id, s)| session_bytes(id, Some(&s.last_reply))).sum::<u64>();
         let header = Part::Header(pb::CheckpointHeader {
             epoch,
             leader_id,
             seq: self.seq,
             seq_epoch: self.seq_epoch,
-            keys: self.state.keys() as u64,
-            sessions: self.state.session_count() as u64,
-            clock_ms: self.state.clock_ms(),
+            keys,
+            sessions: session_count,
+            clock_ms,
+            bytes,
         });
-        let digest_source = self.state.clone();
-        let (key_values, sessions) = self.state.into_parts();
         let key_values = batches(key_values.into_iter().map(|(key, value)| pb::KeyValue { key, value }))
             .map(|entries| Part::KeyValues(pb::KeyValueBatch { entries }));
         let sessions = batches(sessions.into_iter().map(|(client_id, session)| pb::Session {
@@ -90,6 +119,10 @@ pub enum AssemblyError {
     CountMismatch { what: &'static str, expected: u64, got: u64 },
     #[error("digest mismatch: sender {expected}, received state {got}")]
     DigestMismatch { expected: String, got: String },
+    #[error("header announces {declared} bytes, more than a replica receives ({MAX_CHECKPOINT_BYTES})")]
+    TooLarge { declared: u64 },
+    #[error("chunk {index}: the stream carries more {what} than its header announced ({declared})")]
+    BeyondHeader { index: usize, what: &'static str, declared: u64 },
 }
 
 /// Rebuilds a checkpoint from its chunks, checking their order, counts and digest.
@@ -98,6 +131,8 @@ pub struct Assembler {
     header: Option<pb::CheckpointHeader>,
     state: StateMachine,
     chunks: usize,
+    /// Payload bytes received so far (see `CheckpointHeader.bytes`).
+    bytes: u64,
     finished: Option<Checkpoint>,
 }
 
@@ -116,6 +151,9 @@ impl Assembler {
         let part = chunk.part.ok_or(AssemblyError::EmptyChunk { index })?;
         let Some(header) = &self.header else {
             return match part {
+                Part::Header(header) if header.bytes > MAX_CHECKPOINT_BYTES => {
+                    Err(AssemblyError::TooLarge { declared: header.bytes })
+                }
                 Part::Header(header) => {
                     self.state.restore_clock(header.clock_ms);
                     Ok(Some(self.header.insert(header)))
@@ -123,14 +161,34 @@ impl Assembler {
                 _ => Err(AssemblyError::MissingHeader { index }),
             };
         };
+        // Checked before anything is kept: memory stays within what the header announced.
+        let beyond = |what, declared| AssemblyError::BeyondHeader { index, what, declared };
         match part {
             Part::Header(_) => return Err(AssemblyError::DuplicateHeader { index }),
             Part::KeyValues(batch) => {
+                self.bytes += batch.entries.iter().map(|kv| key_value_bytes(&kv.key, &kv.value)).sum::<u64>();
+                if self.bytes > header.bytes {
+                    return Err(beyond("bytes", header.bytes));
+                }
                 for kv in batch.entries {
                     self.state.restore_key_value(kv.key, kv.value);
                 }
+                if self.state.keys() as u64 > header.keys {
+                    return Err(beyond("keys", header.keys));
+                }
             }
             Part::Sessions(batch) => {
+                self.bytes += batch
+                    .sessions
+                    .iter()
+                    .map(|s| session_bytes(&s.client_id, s.last_reply.as_ref()))
+                    .sum::<u64>();
+                if self.bytes > header.bytes {
+                    return Err(beyond("bytes", header.bytes));
+                }
+                if (self.state.session_count() + batch.sessions.len()) as u64 > header.sessions {
+                    return Err(beyond("sessions", header.sessions));
+                }
                 for session in batch.sessions {
                     let record = SessionRecord {
                         last_request_id: session.last_request_id,
@@ -243,5 +301,68 @@ mod tests {
         let header = checkpoint.into_chunks(1, "r1".into()).next().expect("header");
         assembler.push(header).expect("header");
         assert_eq!(assembler.finish().err(), Some(AssemblyError::Truncated));
+    }
+
+    fn chunk(part: Part) -> pb::CheckpointChunk {
+        pb::CheckpointChunk { part: Some(part) }
+    }
+
+    fn header(keys: u64, bytes: u64) -> pb::CheckpointChunk {
+        chunk(Part::Header(pb::CheckpointHeader {
+            epoch: 1,
+            leader_id: "r1".into(),
+            seq: 9,
+            seq_epoch: 1,
+            keys,
+            sessions: 0,
+            bytes,
+            ..Default::default()
+        }))
+    }
+
+    fn key_values(from: usize, n: usize, value_bytes: usize) -> pb::CheckpointChunk {
+        let entries = (from..from + n)
+            .map(|i| pb::KeyValue { key: format!("k{i:05}"), value: Bytes::from(vec![b'x'; value_bytes]) })
+            .collect();
+        chunk(Part::KeyValues(pb::KeyValueBatch { entries }))
+    }
+
+    /// Issue 9: an endless InstallCheckpoint stream took a backup from 11 MiB to 1 GiB.
+    /// The receiver keeps no more than the header announced, and refuses a header that
+    /// announces more than any replica receives.
+    #[test]
+    fn a_stream_carrying_more_than_its_header_announced_is_refused_at_once() {
+        let mut assembler = Assembler::default();
+        assembler.push(header(1_000_000, 2 * 1024)).expect("header");
+        assembler.push(key_values(0, 1, 1000)).expect("within what was announced");
+        let refused = (1..100).find_map(|i| assembler.push(key_values(i, 1, 1000)).err());
+        assert_eq!(refused, Some(AssemblyError::BeyondHeader { index: 3, what: "bytes", declared: 2048 }));
+        assert!(assembler.state.keys() <= 2, "kept only what the header announced");
+
+        // More keys than announced, within the bytes: refused as well.
+        let mut assembler = Assembler::default();
+        assembler.push(header(2, 1 << 20)).expect("header");
+        let refused = assembler.push(key_values(0, 3, 1)).expect_err("3 keys of 2");
+        assert!(matches!(refused, AssemblyError::BeyondHeader { what: "keys", .. }), "{refused:?}");
+
+        let mut assembler = Assembler::default();
+        let refused = assembler.push(header(1, MAX_CHECKPOINT_BYTES + 1)).expect_err("too large");
+        assert_eq!(refused, AssemblyError::TooLarge { declared: MAX_CHECKPOINT_BYTES + 1 });
+        assert!(assembler.header().is_none(), "nothing of it is kept");
+    }
+
+    #[test]
+    fn the_header_announces_exactly_the_bytes_the_body_carries() {
+        let state = state_with(40, 3000);
+        let chunks: Vec<_> =
+            Checkpoint { seq: 40, seq_epoch: 1, state }.into_chunks(1, "r1".into()).collect();
+        let Some(Part::Header(header)) = chunks[0].part.clone() else { panic!("no header first") };
+        assert!(header.bytes >= 40 * 3000, "{header:?}");
+        let mut assembler = Assembler::default();
+        for chunk in chunks {
+            assembler.push(chunk).expect("a correct stream");
+        }
+        assert_eq!(assembler.bytes, header.bytes);
+        assembler.finish().expect("complete");
     }
 }

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod detector;
 pub mod error;
+pub mod limits;
 pub mod log;
 pub mod node;
 pub mod peers;

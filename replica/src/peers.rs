@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{CHECKPOINT_TRANSFER_LIMIT, Checkpoint};
 use crate::client::newest_configuration;
 use crate::error::error_detail;
 use crate::node::{Node, RequestTag};
@@ -22,8 +22,6 @@ use crate::wire::{MAX_MESSAGE_BYTES, within};
 /// How often a leader tells an idle follower that it is still there (and where the
 /// commit point is); also how soon a deposed leader hears of it.
 pub const KEEPALIVE: Duration = Duration::from_millis(200);
-/// A checkpoint transfer may take much longer than one call.
-const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(120);
 /// A learner that cannot be reached for this long is forgotten (it re-joins if alive).
 const LEARNER_GIVE_UP: Duration = Duration::from_secs(10);
 /// How often a non-member asks the leader to feed it.
@@ -141,9 +139,18 @@ async fn send_append(node: &Arc<Node>, peer: &str, address: &str, request: pb::A
     match within(node.settings.peer_timeout, client.append(request.clone())).await {
         Ok(reply) => {
             let reply = reply.into_inner();
-            node.follower_answered(peer);
-            node.apply(|inner| inner.core.on_append_reply(peer, &request, &reply));
-            if reply.matched { Sent::Matched } else { Sent::Mismatched }
+            match node.apply(|inner| inner.core.on_append_reply(peer, &request, &reply)) {
+                Ok(()) => {
+                    node.follower_answered(peer);
+                    if reply.matched { Sent::Matched } else { Sent::Mismatched }
+                }
+                // A faulty follower: as if it had not answered (it is retried with
+                // back-off, and the RM fails it if it never answers right).
+                Err(bad) => {
+                    warn!(%peer, %address, error = %bad, "refused a follower's answer");
+                    Sent::Failed
+                }
+            }
         }
         Err(status) => {
             handle_refusal(node, peer, &status).await;
@@ -193,22 +200,32 @@ async fn send_checkpoint(node: Arc<Node>, peer: String, address: String, checkpo
     let result = match node.peer_client(&address) {
         Ok(mut client) => {
             let chunks = checkpoint_stream(checkpoint, epoch, leader);
-            within(CHECKPOINT_TIMEOUT, client.install_checkpoint(tonic::Request::new(chunks))).await
+            within(CHECKPOINT_TRANSFER_LIMIT, client.install_checkpoint(tonic::Request::new(chunks))).await
         }
         Err(status) => Err(status),
     };
-    match &result {
+    let failed = match &result {
         Ok(reply) => {
-            info!(%peer, seq, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint installed by follower");
-            node.follower_answered(&peer);
-            node.apply(|inner| inner.core.on_checkpoint_sent(&peer, seq, Some(reply.get_ref())));
+            match node.apply(|inner| inner.core.on_checkpoint_sent(&peer, seq, Some(reply.get_ref()))) {
+                Ok(()) => {
+                    info!(%peer, seq, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint installed by follower");
+                    node.follower_answered(&peer);
+                    false
+                }
+                Err(bad) => {
+                    warn!(%peer, seq, error = %bad, "refused a follower's answer to a checkpoint");
+                    true
+                }
+            }
         }
         Err(status) => {
             warn!(%peer, seq, error = %status.message(), "checkpoint transfer failed");
-            node.apply(|inner| inner.core.on_checkpoint_sent(&peer, seq, None));
+            // Cannot be refused: there is no answer to check.
+            let _ = node.apply(|inner| inner.core.on_checkpoint_sent(&peer, seq, None));
+            true
         }
-    }
-    if result.is_err() {
+    };
+    if failed {
         tokio::time::sleep(Duration::from_millis(200)).await;
         node.changed.send_modify(|v| *v += 1);
     }

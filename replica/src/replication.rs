@@ -33,6 +33,39 @@ pub const MAX_BATCH_BYTES: usize = 2 << 20;
 /// behind (further behind, they get a checkpoint instead).
 pub const LEADER_LOG_RETENTION: u64 = 4096;
 
+/// Highest sequence number a replica accepts from a peer (a checkpoint's): no group
+/// orders 2^62 requests, and staying far below `u64::MAX` keeps `seq + 1` from
+/// overflowing anywhere.
+pub const MAX_SEQ: u64 = 1 << 62;
+
+/// Epochs grow only by what the RM hands out: one per configuration change. A replica
+/// never adopts an epoch from a peer message (Append, Order, checkpoint, Join): a newer
+/// one is answered `ConfigurationRequired`, and only a whole configuration (from the RM,
+/// relayed by the leader, learned from a refusal or a seed) moves it. Such a
+/// configuration may jump ahead of the replica's by at most `MAX_EPOCH_JUMP`: enough for
+/// every change a group makes while one replica is away (the RM counts one epoch per
+/// change, each a round of pushes; 100,000 is days of back-to-back failovers), never an
+/// absurd jump (2^63 was tried) that would make the replica refuse every later
+/// configuration of the RM for good. A replica that fell further behind is out of the
+/// group already, and the RM replaces it with a fresh instance, which has no
+/// configuration and takes the current one whatever its epoch (below `MAX_EPOCH`).
+pub const MAX_EPOCH_JUMP: u64 = 100_000;
+/// Highest epoch any configuration may have: one change a second for 9,000 years, and far
+/// enough below `u64::MAX` that `epoch + 1` never overflows.
+pub const MAX_EPOCH: u64 = 1 << 48;
+
+/// A follower's answer that no correct follower could give (it names entries this leader
+/// never had). The leader ignores it, as if the follower had not answered, and the shell
+/// logs it: one faulty follower must never crash the leader or stall its other peers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("follower {peer} answered {field} = {got}, beyond what it can hold ({limit}): answer ignored")]
+pub struct BadReply {
+    pub peer: String,
+    pub field: &'static str,
+    pub got: u64,
+    pub limit: u64,
+}
+
 /// A request that executed here (or was refused by the session table at its turn), for
 /// the shell to answer whoever waits for it.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +160,10 @@ pub struct Core {
     has_state: bool,
     /// Header of a checkpoint being received, past the end of our log.
     pending_checkpoint: Option<u64>,
+    /// The log and `has_state` as they were before that header restarted the log: put
+    /// back if the checkpoint's body never arrives, so a stream that stops after its
+    /// header (a failed transfer, a faulty sender) changes nothing.
+    before_checkpoint: Option<(Log, bool)>,
     /// Last checkpoint installed (follower) or taken for a follower (leader).
     checkpoint_seq: u64,
     /// Leader only: followers.
@@ -163,6 +200,7 @@ impl Core {
             commit_seq: 0,
             has_state: bootstrap,
             pending_checkpoint: None,
+            before_checkpoint: None,
             checkpoint_seq: 0,
             peers: BTreeMap::new(),
             ordered: HashMap::new(),
@@ -368,6 +406,17 @@ impl Core {
     /// Installs a configuration from the RM (directly, or relayed by a peer).
     pub fn install_config(&mut self, config: pb::Configuration) -> Result<ConfigChange, ReplicaError> {
         check_configuration(&config)?;
+        if let Some(current) = &self.config
+            && config.epoch > current.epoch.saturating_add(MAX_EPOCH_JUMP)
+        {
+            return Err(ReplicaError::InvalidRequest {
+                field: "configuration.epoch".into(),
+                reason: format!(
+                    "epoch {} is more than {MAX_EPOCH_JUMP} ahead of this replica's {}: no RM hands out such a jump; refused",
+                    config.epoch, current.epoch
+                ),
+            });
+        }
         if let Some(current) = &self.config {
             if config.epoch < current.epoch {
                 return Err(ReplicaError::WrongEpoch {
@@ -615,9 +664,13 @@ impl Core {
         }
         let applied = self.applied_seq;
         let base = self.log.base_seq();
+        let last = self.log.last_seq();
         let Some(progress) = self.peers.get_mut(peer) else {
             return PeerWork::Gone;
         };
+        // Replies are checked before they move `next_seq`; this only makes sure that no
+        // bookkeeping slip can ever point past the log (and panic the sender in a loop).
+        progress.next_seq = progress.next_seq.min(last + 1);
         if progress.next_seq <= base && !progress.checkpoint_in_flight {
             progress.checkpoint_wanted = true;
         }
@@ -637,58 +690,87 @@ impl Core {
             return PeerWork::Idle;
         }
         let prev_seq = progress.next_seq - 1;
+        let Some(prev_epoch) = self.log.epoch_at(prev_seq) else {
+            // Cannot happen (base < next_seq <= last + 1); if it did, a checkpoint heals it.
+            progress.checkpoint_wanted = true;
+            return PeerWork::Idle;
+        };
         let config = self.config.as_ref().expect("a leader has a configuration");
         PeerWork::Append(pb::AppendRequest {
             epoch: config.epoch,
             leader_id: self.id.clone(),
             prev_seq,
-            prev_epoch: self.log.epoch_at(prev_seq).expect("prev_seq is inside the leader's log"),
+            prev_epoch,
             entries,
             commit_seq: self.commit_seq,
             epoch_start_seq: self.epoch_start_seq,
         })
     }
 
-    /// A follower answered an append.
-    pub fn on_append_reply(&mut self, peer: &str, sent: &pb::AppendRequest, reply: &pb::AppendReply) {
+    /// A follower answered an append. An answer no correct follower could give is
+    /// refused (`BadReply`) and changes nothing.
+    pub fn on_append_reply(
+        &mut self,
+        peer: &str,
+        sent: &pb::AppendRequest,
+        reply: &pb::AppendReply,
+    ) -> Result<(), BadReply> {
         if sent.epoch != self.epoch() || !self.is_leader() {
-            return;
+            return Ok(());
         }
+        check_append_reply(peer, reply, self.log.last_seq())?;
         let Some(progress) = self.peers.get_mut(peer) else {
-            return;
+            return Ok(());
         };
         progress.has_state = reply.has_state;
         if reply.matched {
             let sent_through = sent.prev_seq + sent.entries.len() as u64;
             let through = reply.match_seq.min(sent_through);
-            progress.match_seq = progress.match_seq.max(through);
+            if reply.has_state {
+                // Entries held without a state (while a checkpoint streams in) do not
+                // count: if that checkpoint never arrives, the follower puts its old log
+                // back, and a match raised now would count entries it no longer has.
+                progress.match_seq = progress.match_seq.max(through);
+                progress.told_commit = progress.told_commit.max(sent.commit_seq.min(through));
+            } else if !progress.checkpoint_in_flight {
+                // No state and nothing on its way from us: whatever it waits for (another
+                // leader's checkpoint) may never come.
+                progress.checkpoint_wanted = true;
+            }
             progress.next_seq = progress.next_seq.max(through + 1);
-            progress.told_commit = progress.told_commit.max(sent.commit_seq.min(through));
             progress.checkpoint_seq = progress.checkpoint_seq.max(reply.base_seq);
         } else if !progress.checkpoint_in_flight {
             // Back up: one entry, or straight to the follower's end if that is earlier.
-            let backed_up = (sent.prev_seq).min(reply.last_seq + 1).max(reply.base_seq + 1);
+            let backed_up = (sent.prev_seq).min(reply.last_seq.saturating_add(1)).max(reply.base_seq + 1);
             progress.next_seq = backed_up.min(progress.next_seq).max(1);
             if !reply.has_state {
                 progress.checkpoint_wanted = true;
             }
         }
         self.advance();
+        Ok(())
     }
 
     /// A checkpoint transfer to `peer` ended: the follower's answer, or `None` when the
-    /// transfer failed (the shell logged why; it is retried).
+    /// transfer failed (the shell logged why; it is retried). An answer no correct
+    /// follower could give counts as a failed transfer, and comes back as `BadReply`.
     pub fn on_checkpoint_sent(
         &mut self,
         peer: &str,
         seq: u64,
         installed: Option<&pb::InstallCheckpointReply>,
-    ) {
+    ) -> Result<(), BadReply> {
+        let limit = self.log.last_seq();
+        // A follower's checkpoint only ever holds committed entries, all in a leader's log
+        // (a replica that does not lead has no follower: a late answer changes nothing).
+        let bad = installed.filter(|reply| self.is_leader() && reply.installed_seq > limit).map(|reply| {
+            BadReply { peer: peer.to_owned(), field: "installed_seq", got: reply.installed_seq, limit }
+        });
         let Some(progress) = self.peers.get_mut(peer) else {
-            return;
+            return bad.map_or(Ok(()), Err);
         };
         progress.checkpoint_in_flight = false;
-        match installed {
+        match installed.filter(|_| bad.is_none()) {
             Some(reply) => {
                 progress.checkpoint_seq = progress.checkpoint_seq.max(reply.installed_seq);
                 progress.has_state = true;
@@ -700,6 +782,7 @@ impl Core {
             None => progress.checkpoint_wanted = true,
         }
         self.checkpoint_seq = self.checkpoint_seq.max(seq);
+        bad.map_or(Ok(()), Err)
     }
 
     /// Leader: the commit point is what every member holds. Everyone: execute what is
@@ -805,16 +888,41 @@ impl Core {
 
     /// The header of a checkpoint arrived. If it reaches past our log, the log restarts
     /// at its sequence number (entries after it may arrive while the body streams), and
-    /// we have no consistent state until the body is installed.
+    /// we have no consistent state until the body is installed. The log as it was is
+    /// kept aside until then: `abandon_checkpoint` puts it back.
     pub fn on_checkpoint_header(&mut self, header: &pb::CheckpointHeader) -> Result<(), ReplicaError> {
         self.check_epoch(header.epoch)?;
         self.check_leader(&header.leader_id)?;
+        if header.seq > MAX_SEQ {
+            return Err(ReplicaError::BadCheckpoint {
+                reason: format!("sequence number {} is beyond any group's (at most {MAX_SEQ})", header.seq),
+            });
+        }
         if header.seq > self.log.last_seq() && header.seq > self.applied_seq {
-            self.log.compact_to(header.seq, header.seq_epoch);
+            let restarted = Log::starting_at(header.seq, header.seq_epoch);
+            let before = std::mem::replace(&mut self.log, restarted);
+            // A second header while the first streams: go back to the log before the first.
+            if self.before_checkpoint.is_none() {
+                self.before_checkpoint = Some((before, self.has_state));
+            }
             self.has_state = false;
             self.pending_checkpoint = Some(header.seq);
         }
         Ok(())
+    }
+
+    /// The checkpoint announced at `seq` will not arrive (its stream broke, timed out, or
+    /// was refused): the log and state go back to what they were before its header.
+    pub fn abandon_checkpoint(&mut self, seq: u64) {
+        if self.pending_checkpoint != Some(seq) {
+            return;
+        }
+        self.pending_checkpoint = None;
+        if let Some((log, has_state)) = self.before_checkpoint.take() {
+            self.log = log;
+            self.has_state = has_state;
+        }
+        self.advance();
     }
 
     /// A whole, verified checkpoint arrived: it replaces the state if it is newer; the
@@ -824,6 +932,7 @@ impl Core {
             return;
         }
         self.pending_checkpoint = None;
+        self.before_checkpoint = None;
         if checkpoint.seq >= self.log.base_seq() {
             self.log.compact_to(checkpoint.seq, checkpoint.seq_epoch);
         } else {
@@ -867,12 +976,30 @@ impl Core {
     }
 }
 
+/// Whether a follower's append answer is one a correct follower could give, with this
+/// leader's log ending at `last_seq`: what it matched, and its checkpoint, lie within the
+/// leader's log (every committed entry is in it; a follower's checkpoint only ever holds
+/// committed ones). Its own log may be longer (a deposed leader's leftovers).
+fn check_append_reply(peer: &str, reply: &pb::AppendReply, last_seq: u64) -> Result<(), BadReply> {
+    let bad = |field, got, limit| Err(BadReply { peer: peer.to_owned(), field, got, limit });
+    if reply.matched && reply.match_seq > last_seq {
+        return bad("match_seq", reply.match_seq, last_seq);
+    }
+    if reply.base_seq > last_seq {
+        return bad("base_seq", reply.base_seq, last_seq);
+    }
+    if reply.base_seq > reply.last_seq {
+        return bad("base_seq", reply.base_seq, reply.last_seq);
+    }
+    Ok(())
+}
+
 /// Rejects a configuration that no RM could have meant.
 pub fn check_configuration(config: &pb::Configuration) -> Result<(), ReplicaError> {
     let invalid =
         |field: &str, reason: String| Err(ReplicaError::InvalidRequest { field: field.into(), reason });
-    if config.epoch == 0 {
-        return invalid("epoch", "must be at least 1".into());
+    if config.epoch == 0 || config.epoch > MAX_EPOCH {
+        return invalid("epoch", format!("must be 1..{MAX_EPOCH}, got {}", config.epoch));
     }
     if !matches!(config.mode(), Mode::Passive | Mode::Active) {
         return invalid("mode", format!("must be passive or active, got {}", config.mode));
@@ -893,4 +1020,209 @@ pub fn check_configuration(config: &pb::Configuration) -> Result<(), ReplicaErro
         return invalid("primary", format!("{:?} is not a member", config.primary));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(epoch: u64, primary: &str, ids: &[&str]) -> pb::Configuration {
+        pb::Configuration {
+            epoch,
+            mode: Mode::Passive.into(),
+            primary: primary.into(),
+            members: ids
+                .iter()
+                .map(|id| pb::Member { id: (*id).into(), address: format!("{id}:1") })
+                .collect(),
+        }
+    }
+
+    fn put(client: &str, request_id: u64, key: &str) -> pb::ExecuteRequest {
+        pb::ExecuteRequest {
+            client_id: client.into(),
+            request_id,
+            op: Some(pb::Operation {
+                kind: Some(pb::operation::Kind::Put(pb::Put { key: key.into(), value: "v".into() })),
+            }),
+            epoch: 0,
+        }
+    }
+
+    /// A passive group of two at epoch 1: leader r1, backup r2.
+    fn pair() -> (Core, Core) {
+        let (mut leader, mut backup) = (Core::new("r1", true), Core::new("r2", true));
+        leader.install_config(config(1, "r1", &["r1", "r2"])).expect("epoch 1");
+        backup.install_config(config(1, "r1", &["r1", "r2"])).expect("epoch 1");
+        (leader, backup)
+    }
+
+    /// Delivers whatever the leader has for the backup, and the backup's correct
+    /// answers, until the leader has nothing more to send (bounded).
+    fn exchange(leader: &mut Core, backup: &mut Core) {
+        for _ in 0..100 {
+            match leader.next_work("r2", false) {
+                PeerWork::Append(request) => {
+                    let reply = backup.on_append(&request).expect("the backup takes the append");
+                    leader.on_append_reply("r2", &request, &reply).expect("a correct answer");
+                }
+                PeerWork::Checkpoint(checkpoint) => {
+                    let seq = checkpoint.seq;
+                    let header = pb::CheckpointHeader {
+                        epoch: leader.epoch(),
+                        leader_id: "r1".into(),
+                        seq,
+                        seq_epoch: checkpoint.seq_epoch,
+                        ..Default::default()
+                    };
+                    backup.on_checkpoint_header(&header).expect("header");
+                    backup.install_checkpoint(checkpoint);
+                    let reply = backup.checkpoint_reply();
+                    leader.on_checkpoint_sent("r2", seq, Some(&reply)).expect("a correct answer");
+                }
+                PeerWork::Idle | PeerWork::Gone => return,
+            }
+        }
+        panic!("the leader never ran out of work for its backup");
+    }
+
+    /// Writes `n` keys through the leader and replicates them; returns the leader's
+    /// commit point.
+    fn write(leader: &mut Core, backup: &mut Core, client: &str, n: u64) -> u64 {
+        for request_id in 1..=n {
+            let route = leader.route(&put(client, request_id, &format!("{client}{request_id}")));
+            assert!(matches!(route, Route::Wait { .. }), "{route:?}");
+            exchange(leader, backup);
+        }
+        leader.commit_seq()
+    }
+
+    /// Issue 9: an out-of-range checkpoint sequence in InstallCheckpointReply made the
+    /// leader's sender panic at `next_work` in a loop while the primary stayed SERVING.
+    /// Every out-of-range answer is refused, changes nothing, and the leader goes on
+    /// replicating (and committing) once the follower answers right again.
+    #[test]
+    fn a_faulty_follower_sends_out_of_range_replies_and_the_leader_keeps_serving() {
+        let (mut leader, mut backup) = pair();
+        let committed = write(&mut leader, &mut backup, "c", 3);
+        assert_eq!(committed, 3);
+        let last = leader.last_seq();
+        let append = pb::AppendRequest {
+            epoch: 1,
+            leader_id: "r1".into(),
+            prev_seq: last,
+            prev_epoch: 1,
+            commit_seq: last,
+            ..Default::default()
+        };
+        let faulty_appends = [
+            pb::AppendReply {
+                matched: true,
+                match_seq: u64::MAX,
+                last_seq: u64::MAX,
+                has_state: true,
+                base_seq: 0,
+            },
+            pb::AppendReply {
+                matched: true,
+                match_seq: last + 7,
+                last_seq: last + 7,
+                has_state: true,
+                base_seq: 0,
+            },
+            pb::AppendReply {
+                matched: false,
+                match_seq: 0,
+                last_seq: u64::MAX,
+                has_state: true,
+                base_seq: u64::MAX,
+            },
+            pb::AppendReply { matched: false, match_seq: 0, last_seq: 2, has_state: false, base_seq: 9 },
+        ];
+        for reply in &faulty_appends {
+            let refused = leader.on_append_reply("r2", &append, reply).expect_err("an impossible answer");
+            assert_eq!(refused.peer, "r2");
+            // The sender asks again, and gets work that fits the log, not a panic.
+            for keepalive in [false, true] {
+                if let PeerWork::Append(request) = leader.next_work("r2", keepalive) {
+                    assert!(request.prev_seq <= leader.last_seq(), "{request:?}");
+                }
+            }
+        }
+        for installed_seq in [u64::MAX, last + 1, MAX_SEQ] {
+            let reply = pb::InstallCheckpointReply { installed_seq, last_seq: installed_seq };
+            let refused = leader.on_checkpoint_sent("r2", last, Some(&reply)).expect_err("an impossible seq");
+            assert_eq!((refused.field, refused.got), ("installed_seq", installed_seq));
+            for keepalive in [false, true] {
+                if let PeerWork::Append(request) = leader.next_work("r2", keepalive) {
+                    assert!(request.prev_seq <= leader.last_seq(), "{request:?}");
+                }
+            }
+        }
+        assert!(leader.is_leader());
+
+        // The follower answers right again: new writes commit, and both hold them.
+        let committed = write(&mut leader, &mut backup, "d", 2);
+        assert_eq!(committed, last + 2, "the leader still commits");
+        assert_eq!(backup.last_seq(), leader.last_seq());
+    }
+
+    /// A stream that stops after its header (a failed transfer, or a faulty sender's
+    /// header-only checkpoint) used to leave the backup without a state and its log
+    /// wiped, for good. Abandoned, the header changes nothing.
+    #[test]
+    fn a_checkpoint_that_stops_after_its_header_changes_nothing() {
+        let (mut leader, mut backup) = pair();
+        write(&mut leader, &mut backup, "c", 5);
+        let before = (backup.last_seq(), backup.commit_seq(), backup.is_ready(), backup.role());
+        let header = pb::CheckpointHeader {
+            epoch: 1,
+            leader_id: "r1".into(),
+            seq: 1_000,
+            seq_epoch: 1,
+            ..Default::default()
+        };
+        backup.on_checkpoint_header(&header).expect("a header from the leader");
+        assert!(!backup.is_ready(), "while the body streams, the backup has no consistent state");
+        backup.abandon_checkpoint(1_000);
+        assert_eq!((backup.last_seq(), backup.commit_seq(), backup.is_ready(), backup.role()), before);
+        // And replication goes on from where it was.
+        assert_eq!(write(&mut leader, &mut backup, "d", 1), 6);
+
+        let absurd = pb::CheckpointHeader { seq: u64::MAX, ..header };
+        let refused = backup.on_checkpoint_header(&absurd).expect_err("an absurd sequence number");
+        assert!(matches!(refused, ReplicaError::BadCheckpoint { .. }), "{refused:?}");
+        assert_eq!(backup.last_seq(), 6);
+    }
+
+    /// Issue 9: a forged configuration at epoch 2^63 made every later configuration of
+    /// the RM "older", a permanent outage. Epochs only move by whole configurations, and
+    /// those only within what an RM could have handed out.
+    #[test]
+    fn an_absurd_epoch_is_never_adopted_and_a_replica_that_missed_configurations_catches_up() {
+        let (mut leader, mut backup) = pair();
+        write(&mut leader, &mut backup, "c", 2);
+        let append = match leader.next_work("r2", true) {
+            PeerWork::Append(request) => request,
+            other => panic!("expected an append, got {other:?}"),
+        };
+        for epoch in [1 << 63, u64::MAX, 1 + MAX_EPOCH_JUMP + 1] {
+            // A peer message from a far epoch is not adopted: it asks for the configuration.
+            let refused =
+                backup.on_append(&pb::AppendRequest { epoch, ..append.clone() }).expect_err("far epoch");
+            assert!(matches!(refused, ReplicaError::ConfigurationRequired { .. }), "{refused:?}");
+            let refused = backup.install_config(config(epoch, "r1", &["r1", "r2"])).expect_err("absurd jump");
+            assert!(matches!(refused, ReplicaError::InvalidRequest { .. }), "{refused:?}");
+            assert_eq!(backup.epoch(), 1, "nothing changed");
+        }
+        // A fresh replica takes any sane epoch; an insane one never.
+        let mut fresh = Core::new("r3", false);
+        assert!(fresh.install_config(config(1 << 63, "r1", &["r1", "r2"])).is_err());
+        assert!(fresh.install_config(config(5_000_000, "r1", &["r1", "r2"])).is_ok());
+        // A backup that missed many configurations still takes the current one.
+        let current = 1 + MAX_EPOCH_JUMP;
+        backup.install_config(config(current, "r1", &["r1", "r2"])).expect("a replica catches up");
+        leader.install_config(config(current, "r1", &["r1", "r2"])).expect("a replica catches up");
+        assert_eq!(write(&mut leader, &mut backup, "d", 1), 3, "the group goes on at the new epoch");
+    }
 }

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::checkpoint::Assembler;
+use crate::checkpoint::{Assembler, AssemblyError, CHECKPOINT_TRANSFER_LIMIT, Checkpoint};
 use crate::error::ReplicaError;
 use crate::node::{Node, RequestTag};
 use crate::pb;
@@ -233,23 +233,34 @@ impl pb::peer_server::Peer for Service {
         request: Request<Streaming<pb::CheckpointChunk>>,
     ) -> Result<Response<pb::InstallCheckpointReply>, Status> {
         let node = &self.0;
-        let caller = tls::caller(&request);
-        let mut chunks = request.into_inner();
-        let mut assembler = Assembler::default();
         let started = tokio::time::Instant::now();
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk?;
-            let header =
-                assembler.push(chunk).map_err(|e| ReplicaError::BadCheckpoint { reason: e.to_string() })?;
-            if let Some(header) = header {
-                caller.must_be_replica(&node.settings.group, &header.leader_id, "send a checkpoint")?;
-                node.apply(|inner| inner.core.on_checkpoint_header(header))?;
-                info!(seq = header.seq, keys = header.keys, leader = %header.leader_id, "receiving checkpoint");
+        let mut announced = None;
+        let received = tokio::time::timeout(
+            CHECKPOINT_TRANSFER_LIMIT,
+            receive_checkpoint(node, tls::caller(&request), request.into_inner(), &mut announced),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ReplicaError::BadCheckpoint {
+                reason: format!(
+                    "the stream did not end within {} s; the sender may retry",
+                    CHECKPOINT_TRANSFER_LIMIT.as_secs()
+                ),
             }
-        }
-        let epoch = assembler.header().map_or(0, |h| h.epoch);
-        let checkpoint =
-            assembler.finish().map_err(|e| ReplicaError::BadCheckpoint { reason: e.to_string() })?;
+            .into())
+        });
+        let (checkpoint, epoch) = match received {
+            Ok(received) => received,
+            Err(status) => {
+                // Whatever its header started is undone: a broken or refused stream
+                // changes nothing.
+                if let Some(seq) = announced {
+                    node.apply(|inner| inner.core.abandon_checkpoint(seq));
+                }
+                warn!(seq = ?announced, error = %status.message(), "checkpoint not installed");
+                return Err(status);
+            }
+        };
         let (seq, keys) = (checkpoint.seq, checkpoint.state.keys());
         let (reply, replayed, current) = node.apply(|inner| {
             let before = inner.core.applied_seq();
@@ -297,6 +308,13 @@ impl pb::control_server::Control for Service {
         tls::authorize(&request, "change a replica's settings", |caller| *caller == Identity::Manager)?;
         let node = &self.0;
         let update = request.into_inner();
+        // Checked before anything changes: a refused update changes nothing.
+        if let Some(ms) = update.checkpoint_interval_ms {
+            crate::limits::check_checkpoint_interval(ms).map_err(|problem| ReplicaError::InvalidRequest {
+                field: "checkpoint_interval_ms".into(),
+                reason: problem.to_string(),
+            })?;
+        }
         if let Some(ms) = update.checkpoint_interval_ms {
             node.checkpoint_interval.send_replace(Duration::from_millis(ms));
             info!(checkpoint_interval_ms = ms, "settings changed");
@@ -322,6 +340,30 @@ impl pb::control_server::Control for Service {
     }
 }
 
+/// Receives a checkpoint's chunks, checking each as it comes, and applies its header to
+/// the core as soon as it arrives (`announced`: the header's seq, for the caller to undo
+/// if the rest never comes). Returns the checkpoint and the epoch it was sent in.
+async fn receive_checkpoint(
+    node: &Node,
+    caller: tls::Caller,
+    mut chunks: Streaming<pb::CheckpointChunk>,
+    announced: &mut Option<u64>,
+) -> Result<(Checkpoint, u64), Status> {
+    let refused = |e: AssemblyError| ReplicaError::BadCheckpoint { reason: e.to_string() };
+    let mut assembler = Assembler::default();
+    while let Some(chunk) = chunks.next().await {
+        let header = assembler.push(chunk?).map_err(refused)?;
+        if let Some(header) = header {
+            caller.must_be_replica(&node.settings.group, &header.leader_id, "send a checkpoint")?;
+            node.apply(|inner| inner.core.on_checkpoint_header(header))?;
+            *announced = Some(header.seq);
+            info!(seq = header.seq, keys = header.keys, bytes = header.bytes, leader = %header.leader_id, "receiving checkpoint");
+        }
+    }
+    let epoch = assembler.header().map_or(0, |h| h.epoch);
+    Ok((assembler.finish().map_err(refused)?, epoch))
+}
+
 /// A short description of an operation for the trace, e.g. `put k (3 bytes)`.
 pub fn describe(op: Option<&pb::Operation>) -> String {
     use pb::operation::Kind;
@@ -332,5 +374,44 @@ pub fn describe(op: Option<&pb::Operation>) -> String {
         Some(Kind::CompareAndSwap(op)) => format!("cas {}", op.key),
         Some(Kind::Increment(op)) => format!("incr {} by {}", op.key, op.delta),
         None => "unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::ReplicaSettings;
+
+    /// Issue 9: settings are bounded everywhere. An out-of-range checkpoint interval is
+    /// INVALID_ARGUMENT naming the allowed range, and changes nothing.
+    #[tokio::test]
+    async fn an_out_of_range_checkpoint_interval_is_refused_and_changes_nothing() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("port");
+        let address = listener.local_addr().expect("address");
+        let node = Node::new(ReplicaSettings::new("r1", address), shutdown.clone());
+        let internal = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("port");
+        let internal_address = internal.local_addr().expect("address").to_string();
+        tokio::spawn(serve(Arc::clone(&node), listener, internal));
+        let channel = crate::wire::dial(&internal_address, None).expect("address");
+        let mut control = pb::control_client::ControlClient::new(channel);
+        for ms in [1, 49, 3_600_001, u64::MAX] {
+            let update = pb::Settings {
+                checkpoint_interval_ms: Some(ms),
+                gfd_address: Some("moved:1".into()),
+                ..Default::default()
+            };
+            let refused = crate::wire::within(Duration::from_secs(10), control.update_settings(update))
+                .await
+                .expect_err("an out-of-range interval");
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{ms}: {refused:?}");
+            assert!(refused.message().contains("50..3600000"), "{}", refused.message());
+        }
+        assert_eq!(*node.checkpoint_interval.borrow(), Duration::from_secs(2), "nothing changed");
+        assert_eq!(*node.gfd_address.borrow(), "", "nothing changed");
+        let update = pb::Settings { checkpoint_interval_ms: Some(0), ..Default::default() };
+        control.update_settings(update).await.expect("0 turns checkpoints off");
+        assert_eq!(*node.checkpoint_interval.borrow(), Duration::ZERO);
+        shutdown.cancel();
     }
 }

@@ -294,7 +294,7 @@ impl Sim {
             }
             Message::AppendReply { to, from, request, reply } => {
                 let core = self.core(&to).expect("alive");
-                core.on_append_reply(&from, &request, &reply);
+                core.on_append_reply(&from, &request, &reply).expect("a correct follower's answer");
                 self.drain(&to);
             }
             Message::Checkpoint { to, from, epoch, checkpoint } => {
@@ -306,7 +306,7 @@ impl Sim {
                     seq_epoch: checkpoint.seq_epoch,
                     keys: 0,
                     sessions: 0,
-                    clock_ms: 0,
+                    ..Default::default()
                 };
                 let seq = checkpoint.seq;
                 let reply = match core.on_checkpoint_header(&header) {
@@ -325,7 +325,7 @@ impl Sim {
             }
             Message::CheckpointDone { to, from, seq, reply } => {
                 let core = self.core(&to).expect("alive");
-                core.on_checkpoint_sent(&from, seq, reply.as_ref());
+                core.on_checkpoint_sent(&from, seq, reply.as_ref()).expect("a correct follower's answer");
             }
             Message::Order { to, request } => {
                 let core = self.core(&to).expect("alive");

@@ -59,13 +59,15 @@ impl Group {
                 match leader.next_work(id, false) {
                     PeerWork::Append(request) => {
                         let reply = follower.on_append(&request).expect("append accepted");
-                        leader.on_append_reply(id, &request, &reply);
+                        leader.on_append_reply(id, &request, &reply).expect("a valid reply");
                         sent = true;
                     }
                     PeerWork::Checkpoint(checkpoint) => {
                         let seq = checkpoint.seq;
                         follower.install_checkpoint(checkpoint);
-                        leader.on_checkpoint_sent(id, seq, Some(&follower.checkpoint_reply()));
+                        leader
+                            .on_checkpoint_sent(id, seq, Some(&follower.checkpoint_reply()))
+                            .expect("a valid reply");
                         sent = true;
                     }
                     PeerWork::Idle | PeerWork::Gone => {}

@@ -450,10 +450,12 @@ fn a_record_without_incarnations_adopts_the_members_that_serve() {
 fn nonsensical_specs_are_explained() {
     let spec =
         Spec { replicas: 0, checkpoint_interval_ms: 10, heartbeat_interval_ms: 100, ..Spec::default() };
-    assert_eq!(spec.problems().len(), 2, "{:?}", spec.problems());
+    assert_eq!(spec.problems().len(), 3, "{:?}", spec.problems());
     let spec = Spec { replicas: 100, heartbeat_interval_ms: 5, ..Spec::default() };
     let problems = spec.problems().join("; ");
     assert!(problems.contains("1..9") && problems.contains("20..60000"), "{problems}");
+    let spec = Spec { checkpoint_interval_ms: u64::MAX, ..Spec::default() };
+    assert!(spec.problems().join("; ").contains("50..3600000"), "{:?}", spec.problems());
     assert!(Spec::default().problems().is_empty());
 }
 

@@ -17,6 +17,31 @@ pub type LinkId = u64;
 /// names: the membership must not grow for good).
 pub const FORGET_GONE_AFTER_MS: u64 = 10 * 60 * 1000;
 
+/// Most members the GFD keeps. One GFD may watch every group of a cluster, so this is
+/// far above any real use (a hundred groups of up to 9), and it keeps the membership,
+/// which goes out whole in every event, well below a gRPC message's size limit (seen: 6,000
+/// fake members made every event too large, and the RM's subscription broke for good).
+pub const MAX_MEMBERS: usize = 1024;
+/// Most LFD streams open at once: a replica may have a second one for a moment (an LFD
+/// that reattached before its old stream was noticed closed).
+pub const MAX_LINKS: usize = 2 * MAX_MEMBERS;
+/// Longest replica id or address an LFD may announce (a Kubernetes namespace/pod name, or
+/// a host:port, is far shorter).
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// Why the GFD refused an LFD. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error(
+        "the GFD already keeps {MAX_MEMBERS} members (none gone long enough to forget): {replica_id} is not admitted; remove replicas, or retry once some are gone"
+    )]
+    TooManyMembers { replica_id: String },
+    #[error("the GFD already has {MAX_LINKS} LFD streams open; retry later")]
+    TooManyLinks,
+    #[error("{field} is {len} bytes, more than the {MAX_NAME_BYTES} a GFD accepts")]
+    TooLong { field: &'static str, len: usize },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GfdSettings {
     /// How often the GFD heartbeats each LFD.
@@ -103,16 +128,44 @@ impl GfdCore {
         }
     }
 
-    pub fn link_opened(&mut self, link: LinkId, now: u64) {
+    pub fn link_opened(&mut self, link: LinkId, now: u64) -> Result<(), Refused> {
+        if self.links.len() >= MAX_LINKS {
+            return Err(Refused::TooManyLinks);
+        }
         self.links.insert(link, Link { replica_id: None, last_answer_ms: now });
+        Ok(())
     }
 
     /// An LFD introduced itself: its replica is a candidate member (alive once the LFD
     /// reports so). A replica may have several streams open for a moment (an LFD that
     /// reattached while its old stream was still being noticed closed): any of them
     /// speaks for it, and it is lost only once none is left.
-    pub fn hello(&mut self, link: LinkId, replica_id: &str, address: &str, now: u64) {
-        let Some(state) = self.links.get_mut(&link) else { return };
+    /// Beyond `MAX_MEMBERS`, a new replica takes the place of the member gone longest
+    /// (not alive, no stream), or is refused if there is none.
+    pub fn hello(&mut self, link: LinkId, replica_id: &str, address: &str, now: u64) -> Result<(), Refused> {
+        for (field, name) in [("replica_id", replica_id), ("replica_address", address)] {
+            if name.len() > MAX_NAME_BYTES {
+                return Err(Refused::TooLong { field, len: name.len() });
+            }
+        }
+        if !self.links.contains_key(&link) {
+            return Ok(());
+        }
+        if !self.members.contains_key(replica_id) && self.members.len() >= MAX_MEMBERS {
+            let linked: std::collections::HashSet<&str> =
+                self.links.values().filter_map(|l| l.replica_id.as_deref()).collect();
+            let gone_longest = self
+                .members
+                .iter()
+                .filter(|(id, m)| !m.alive && !linked.contains(id.as_str()))
+                .min_by_key(|(_, m)| m.since_ms)
+                .map(|(id, _)| id.clone());
+            let Some(forgotten) = gone_longest else {
+                return Err(Refused::TooManyMembers { replica_id: replica_id.to_owned() });
+            };
+            self.members.remove(&forgotten);
+        }
+        let Some(state) = self.links.get_mut(&link) else { return Ok(()) };
         state.replica_id = Some(replica_id.to_owned());
         state.last_answer_ms = now;
         let member = self.members.entry(replica_id.to_owned()).or_insert_with(|| Member {
@@ -124,6 +177,7 @@ impl GfdCore {
         });
         member.address = address.to_owned();
         member.last_heartbeat_ms = now;
+        Ok(())
     }
 
     /// Whether a stream other than `except` speaks for `replica_id`.
@@ -307,8 +361,8 @@ mod tests {
     #[test]
     fn member_joins_turns_ready_and_fails_as_its_lfd_reports() {
         let mut gfd = GfdCore::new(GfdSettings::default(), 0);
-        gfd.link_opened(1, 0);
-        gfd.hello(1, "r1", "127.0.0.1:1", 0);
+        gfd.link_opened(1, 0).expect("admitted");
+        gfd.hello(1, "r1", "127.0.0.1:1", 0).expect("admitted");
         assert_eq!(gfd.alive(), Vec::<String>::new(), "hello alone is not alive");
         assert_eq!(kinds(&gfd.report(1, &report(true, false), 10)), vec![MembershipChange::Joined]);
         assert_eq!(kinds(&gfd.report(1, &report(true, true), 20)), vec![MembershipChange::Ready]);
@@ -320,8 +374,8 @@ mod tests {
     #[test]
     fn a_silent_lfd_loses_its_member_after_threshold_heartbeats() {
         let mut gfd = GfdCore::new(GfdSettings::default(), 0);
-        gfd.link_opened(7, 0);
-        gfd.hello(7, "r2", "a", 0);
+        gfd.link_opened(7, 0).expect("admitted");
+        gfd.hello(7, "r2", "a", 0).expect("admitted");
         gfd.report(7, &report(true, true), 0);
         for now in [100, 200] {
             assert!(gfd.tick(now).changes.iter().all(|c| c.kind != MembershipChange::DetectorLost));
@@ -340,16 +394,16 @@ mod tests {
     #[test]
     fn a_silent_lfd_that_comes_back_on_a_new_stream_is_re_admitted() {
         let mut gfd = GfdCore::new(GfdSettings::default(), 0);
-        gfd.link_opened(1, 0);
-        gfd.hello(1, "r1", "a", 0);
+        gfd.link_opened(1, 0).expect("admitted");
+        gfd.hello(1, "r1", "a", 0).expect("admitted");
         gfd.report(1, &report(true, true), 0);
         for now in (100..=400).step_by(100) {
             gfd.tick(now);
         }
         assert!(gfd.alive().is_empty(), "lost after its LFD stalled");
         // The LFD resumes, finds its stream closed, and attaches again.
-        gfd.link_opened(2, 450);
-        gfd.hello(2, "r1", "a", 450);
+        gfd.link_opened(2, 450).expect("admitted");
+        gfd.hello(2, "r1", "a", 450).expect("admitted");
         let back = gfd.report(2, &report(true, true), 451);
         assert_eq!(kinds(&back), vec![MembershipChange::Joined, MembershipChange::Ready]);
         assert_eq!(gfd.alive(), vec!["r1".to_string()]);
@@ -358,8 +412,8 @@ mod tests {
     #[test]
     fn a_member_gone_for_long_is_forgotten() {
         let mut gfd = GfdCore::new(GfdSettings::default(), 0);
-        gfd.link_opened(1, 0);
-        gfd.hello(1, "ns/pod-r1", "a", 0);
+        gfd.link_opened(1, 0).expect("admitted");
+        gfd.hello(1, "ns/pod-r1", "a", 0).expect("admitted");
         gfd.report(1, &report(true, true), 0);
         gfd.link_closed(1, 10);
         let mut now = 10;
@@ -375,8 +429,8 @@ mod tests {
     #[test]
     fn the_gfd_pausing_itself_blames_no_lfd() {
         let mut gfd = GfdCore::new(GfdSettings::default(), 0);
-        gfd.link_opened(1, 0);
-        gfd.hello(1, "r1", "a", 0);
+        gfd.link_opened(1, 0).expect("admitted");
+        gfd.hello(1, "r1", "a", 0).expect("admitted");
         gfd.report(1, &report(true, true), 0);
         gfd.tick(100);
         // SIGSTOP of the GFD for 5 s: its next tick comes late.
@@ -391,12 +445,12 @@ mod tests {
     #[test]
     fn a_replacement_stream_takes_over_and_the_old_one_closing_changes_nothing() {
         let mut gfd = GfdCore::new(GfdSettings::default(), 0);
-        gfd.link_opened(1, 0);
-        gfd.hello(1, "r1", "a", 0);
+        gfd.link_opened(1, 0).expect("admitted");
+        gfd.hello(1, "r1", "a", 0).expect("admitted");
         gfd.report(1, &report(true, true), 0);
         // The LFD restarted and reconnected before its old stream was noticed closed.
-        gfd.link_opened(2, 5);
-        gfd.hello(2, "r1", "a", 5);
+        gfd.link_opened(2, 5).expect("admitted");
+        gfd.hello(2, "r1", "a", 5).expect("admitted");
         assert!(gfd.link_closed(1, 6).is_empty());
         assert_eq!(gfd.alive(), vec!["r1".to_string()]);
         assert_eq!(kinds(&gfd.link_closed(2, 7)), vec![MembershipChange::DetectorLost]);
@@ -409,8 +463,8 @@ mod tests {
     fn streams_processed_out_of_order_never_strand_a_live_lfd() {
         let mut gfd = GfdCore::new(GfdSettings::default(), 0);
         for link in [3, 1, 2] {
-            gfd.link_opened(link, 0);
-            gfd.hello(link, "r1", "a", 0);
+            gfd.link_opened(link, 0).expect("admitted");
+            gfd.hello(link, "r1", "a", 0).expect("admitted");
         }
         gfd.report(2, &report(true, true), 1);
         // The LFD abandoned streams 1 and 3; they close. Stream 2 lives.
@@ -431,5 +485,32 @@ mod tests {
         assert_eq!(kinds(&settled), vec![MembershipChange::Snapshot]);
         assert!(gfd.tick(2100).changes.is_empty());
         assert!(gfd.snapshot(2100).settled);
+    }
+
+    /// At the cap, a newcomer takes the place of the member gone longest; with none gone,
+    /// it is refused with the reason and nothing changes.
+    #[test]
+    fn at_the_cap_a_newcomer_replaces_the_member_gone_longest_or_is_refused() {
+        let mut gfd = GfdCore::new(GfdSettings::default(), 0);
+        for link in 0..MAX_MEMBERS as u64 {
+            gfd.link_opened(link, 0).expect("room");
+            gfd.hello(link, &format!("r{link}"), "a", 0).expect("room");
+            gfd.report(link, &report(true, true), 0);
+        }
+        gfd.link_opened(9_000, 1).expect("room for a stream");
+        let refused = gfd.hello(9_000, "newcomer", "a", 1).expect_err("full, nobody gone");
+        assert_eq!(refused, Refused::TooManyMembers { replica_id: "newcomer".into() });
+        assert_eq!(gfd.snapshot(1).members.len(), MAX_MEMBERS);
+        gfd.link_closed(5, 2);
+        gfd.link_closed(7, 3);
+        gfd.hello(9_000, "newcomer", "a", 4).expect("r5 is gone: its place is free");
+        let ids: Vec<String> = gfd.snapshot(4).members.into_iter().map(|m| m.replica_id).collect();
+        assert!(
+            !ids.contains(&"r5".to_string()) && ids.contains(&"r7".to_string()),
+            "the one gone longest goes"
+        );
+        assert!(ids.contains(&"newcomer".to_string()));
+        let long = "x".repeat(MAX_NAME_BYTES + 1);
+        assert!(matches!(gfd.hello(9_000, &long, "a", 5), Err(Refused::TooLong { field: "replica_id", .. })));
     }
 }

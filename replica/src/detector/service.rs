@@ -18,7 +18,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tracing::{Instrument, debug, info, warn};
 
-use super::gfd::{Change, GfdCore, GfdSettings, LinkId};
+use super::gfd::{Change, GfdCore, GfdSettings, LinkId, MAX_NAME_BYTES};
 use super::lfd::{LfdCore, LfdSettings, Probe, Verdict};
 use super::limits;
 use crate::pb::{
@@ -245,8 +245,11 @@ async fn relay(
                 }
                 Some(Ok(pb::GfdMessage { kind: Some(gfd_message::Kind::Settings(update)) })) => {
                     heard = tokio::time::Instant::now();
-                    if let Some(ms) = update.gfd_heartbeat_interval_ms {
-                        gfd_heartbeat = Duration::from_millis(ms.max(1));
+                    // A wild interval (u64::MAX overflowed `patience` below) is ignored.
+                    match update.gfd_heartbeat_interval_ms.map(|ms| (ms, limits::check_interval(ms))) {
+                        Some((ms, Ok(()))) => gfd_heartbeat = Duration::from_millis(ms),
+                        Some((_, Err(problem))) => warn!("LFD {}: ignoring the GFD's heartbeat interval: {problem}", config.replica_id),
+                        None => {}
                     }
                     let mut next = *settings.borrow();
                     if let Some(ms) = update.heartbeat_interval_ms {
@@ -302,6 +305,20 @@ pub struct Gfd {
     next_link: AtomicU64,
 }
 
+/// Membership events kept for subscribers that fall behind (each up to a whole
+/// membership of `MAX_MEMBERS`, a few hundred KiB).
+const MEMBERSHIP_EVENTS_KEPT: usize = 64;
+
+/// A client of the GFD's membership stream (the RM's): it accepts a whole membership of
+/// `MAX_MEMBERS`, whatever tonic's default message limit.
+pub fn subscriber(channel: Channel) -> FaultDetectorClient<Channel> {
+    FaultDetectorClient::new(channel).max_decoding_message_size(crate::wire::MAX_MESSAGE_BYTES)
+}
+
+/// Most replica prefixes with settings of their own (one per group, or per replica in a
+/// test): the map must not grow with every caller's whim.
+const MAX_SCOPED_SETTINGS: usize = 256;
+
 /// How often the whole membership goes out even when nothing changed: a subscriber
 /// whose view lost a replica's state (the RM forgets a restarted replica's old verdict;
 /// a change may reach it before its subscription) has it back within this long, instead
@@ -322,7 +339,9 @@ impl Gfd {
             core: Mutex::new(GfdCore::new(settings, unix_ms())),
             lfd_settings: Mutex::new(lfd_settings),
             scoped_settings: Mutex::new(std::collections::BTreeMap::new()),
-            events: broadcast::channel(1024).0,
+            // Each event carries the whole membership: keep few (a subscriber that falls
+            // further behind gets a fresh snapshot instead).
+            events: broadcast::channel(MEMBERSHIP_EVENTS_KEPT).0,
             links: Mutex::new(HashMap::new()),
             next_link: AtomicU64::new(1),
         })
@@ -404,6 +423,14 @@ impl Gfd {
         }
     }
 
+    /// Ends an LFD's stream with `status` (the LFD logs it, and attaches again later).
+    fn refuse(&self, link: LinkId, status: Status) {
+        let outbound = self.links.lock().unwrap_or_else(|p| p.into_inner()).remove(&link).map(|(o, _)| o);
+        if let Some(outbound) = outbound {
+            let _ = outbound.try_send(Err(status));
+        }
+    }
+
     /// Heartbeats every LFD and lets the core notice silent ones.
     async fn heartbeat_loop(self: Arc<Self>, shutdown: CancellationToken) {
         let mut n = 0u64;
@@ -471,7 +498,13 @@ impl Gfd {
                         break;
                     }
                     debug!(link, replica = %hello.replica_id, "LFD attached");
-                    self.core().hello(link, &hello.replica_id, &hello.replica_address, now);
+                    if let Err(refused) =
+                        self.core().hello(link, &hello.replica_id, &hello.replica_address, now)
+                    {
+                        warn!(link, %refused, "GFD: LFD refused");
+                        self.refuse(link, tonic::Status::resource_exhausted(refused.to_string()));
+                        break;
+                    }
                     // A (re)attached LFD adopts the settings in force, changed at run time or not.
                     self.send_settings(link, self.settings_for(&hello.replica_id));
                 }
@@ -521,7 +554,10 @@ impl pb::fault_detector_server::FaultDetector for GfdService {
         let link = gfd.next_link.fetch_add(1, Ordering::Relaxed);
         let (outbound, receiver) = mpsc::channel(16);
         let closed = CancellationToken::new();
-        gfd.core().link_opened(link, unix_ms());
+        gfd.core().link_opened(link, unix_ms()).map_err(|refused| {
+            warn!(%refused, "GFD: LFD stream refused");
+            Status::resource_exhausted(refused.to_string())
+        })?;
         gfd.links.lock().unwrap_or_else(|p| p.into_inner()).insert(link, (outbound, closed.clone()));
         tokio::spawn(Arc::clone(gfd).read_link(link, caller, request.into_inner(), closed).in_current_span());
         Ok(Response::new(ReceiverStream::new(receiver)))
@@ -585,6 +621,20 @@ impl pb::fault_detector_server::FaultDetector for GfdService {
                 Status::invalid_argument(format!("detector settings refused: {problem}"))
             })?;
         }
+        if !prefix.is_empty() {
+            let scoped = gfd.scoped_settings.lock().unwrap_or_else(|p| p.into_inner());
+            if prefix.len() > MAX_NAME_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "replica_prefix is {} bytes, more than {MAX_NAME_BYTES}",
+                    prefix.len()
+                )));
+            }
+            if !scoped.contains_key(&prefix) && scoped.len() >= MAX_SCOPED_SETTINGS {
+                return Err(Status::resource_exhausted(format!(
+                    "the GFD already keeps settings for {MAX_SCOPED_SETTINGS} prefixes; change one of those"
+                )));
+            }
+        }
         if prefix.is_empty() {
             gfd.core().set_heartbeat(update.gfd_heartbeat_interval_ms, update.failure_threshold);
             let mut current = gfd.lfd_settings.lock().unwrap_or_else(|p| p.into_inner());
@@ -645,8 +695,8 @@ mod tests {
             let mut events = gfd.events.subscribe();
             for link in 0..REPLICAS {
                 let mut core = gfd.core();
-                core.link_opened(link, unix_ms());
-                core.hello(link, &format!("r{link}"), "127.0.0.1:1", unix_ms());
+                core.link_opened(link, unix_ms()).expect("admitted");
+                core.hello(link, &format!("r{link}"), "127.0.0.1:1", unix_ms()).expect("admitted");
             }
             let threads: Vec<_> = (0..REPLICAS)
                 .map(|link| {
@@ -666,7 +716,13 @@ mod tests {
                 thread.join().expect("publisher");
             }
             let mut last: Option<pb::Membership> = None;
-            while let Ok(event) = events.try_recv() {
+            // A subscriber that falls behind skips to the oldest event still kept.
+            loop {
+                let event = match events.try_recv() {
+                    Ok(event) => event,
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                    Err(_) => break,
+                };
                 let membership = event.membership.expect("a membership");
                 let previous = last.as_ref().map_or(0, |m| m.version);
                 assert!(membership.version > previous, "version {} after {previous}", membership.version);
@@ -687,8 +743,8 @@ mod tests {
         let mut events = gfd.events.subscribe();
         let changes = {
             let mut core = gfd.core();
-            core.link_opened(1, unix_ms());
-            core.hello(1, "r1", "127.0.0.1:1", unix_ms());
+            core.link_opened(1, unix_ms()).expect("admitted");
+            core.hello(1, "r1", "127.0.0.1:1", unix_ms()).expect("admitted");
             core.report(1, &pb::ReplicaReport { alive: true, ready: true, ..Default::default() }, unix_ms())
         };
         assert_eq!(changes.len(), 2, "{changes:?}");
@@ -706,8 +762,8 @@ mod tests {
         let gfd = Gfd::new(GfdSettings { settle_ms: 0, ..GfdSettings::default() }, LfdSettings::default());
         {
             let mut core = gfd.core();
-            core.link_opened(1, unix_ms());
-            core.hello(1, "r1", "127.0.0.1:1", unix_ms());
+            core.link_opened(1, unix_ms()).expect("admitted");
+            core.hello(1, "r1", "127.0.0.1:1", unix_ms()).expect("admitted");
             let changes = core.report(
                 1,
                 &pb::ReplicaReport { alive: true, ready: true, ..Default::default() },
@@ -747,5 +803,50 @@ mod tests {
         }
         let gap = periodic[1].at_unix_ms.saturating_sub(periodic[0].at_unix_ms);
         assert!(gap >= PERIODIC_SNAPSHOT_MS, "{gap} ms apart");
+    }
+
+    /// Issue 9: 6,000 fake members made every membership event too large for the RM, and
+    /// its subscription broke for good. The GFD keeps at most `MAX_MEMBERS` (refusing
+    /// the rest with the reason), and its whole membership, names at their longest,
+    /// still reaches a subscriber.
+    #[tokio::test]
+    async fn a_flood_of_members_is_capped_and_the_membership_still_reaches_subscribers() {
+        use super::super::gfd::{MAX_MEMBERS, Refused};
+        let gfd = Gfd::new(GfdSettings { settle_ms: 0, ..GfdSettings::default() }, LfdSettings::default());
+        let long = |i: u64| format!("{i:0>width$}", width = MAX_NAME_BYTES);
+        let mut refused = Vec::new();
+        {
+            let mut core = gfd.core();
+            // Past the cap by a few hundred: each refusal is as good as the next 5,000.
+            for link in 0..(MAX_MEMBERS as u64 + 300) {
+                let admitted = core
+                    .link_opened(link, unix_ms())
+                    .and_then(|()| core.hello(link, &long(link), &long(link), unix_ms()));
+                if let Err(refusal) = admitted {
+                    refused.push(refusal);
+                    core.link_closed(link, unix_ms());
+                }
+            }
+            assert_eq!(core.snapshot(unix_ms()).members.len(), MAX_MEMBERS);
+        }
+        assert_eq!(refused.len(), 300);
+        assert!(matches!(&refused[0], Refused::TooManyMembers { .. }), "{:?}", refused[0]);
+        assert!(refused[0].to_string().contains("is not admitted"), "{}", refused[0]);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("port");
+        let address = listener.local_addr().expect("address").to_string();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_gfd(Arc::clone(&gfd), listener, stop.clone()));
+        let mut client = subscriber(dial(&address, None).expect("address"));
+        let mut events = within(Duration::from_secs(20), client.subscribe(pb::SubscribeRequest {}))
+            .await
+            .expect("subscribed")
+            .into_inner();
+        let first = within(Duration::from_secs(20), async { events.message().await })
+            .await
+            .expect("an event")
+            .expect("the stream is open");
+        assert_eq!(first.membership.expect("membership").members.len(), MAX_MEMBERS);
+        stop.cancel();
     }
 }
