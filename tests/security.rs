@@ -195,8 +195,17 @@ fn assert_all_refused(who: &str, outcomes: &[(&str, Result<(), tonic::Status>)],
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn forged_messages_from_outside_or_from_a_member_change_nothing() {
-    let system = LocalSystem::start(3, &["--mode", "passive"]).await;
+async fn passive_forged_messages_from_outside_or_from_a_member_change_nothing() {
+    forged_messages_change_nothing("passive").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn active_forged_messages_from_outside_or_from_a_member_change_nothing() {
+    forged_messages_change_nothing("active").await;
+}
+
+async fn forged_messages_change_nothing(mode: &str) {
+    let system = LocalSystem::start(3, &["--mode", mode]).await;
     let recorder = Recorder::new();
     let stop = CancellationToken::new();
     let writers =
