@@ -846,6 +846,7 @@ impl Core {
     pub fn on_append(&mut self, request: &pb::AppendRequest) -> Result<pb::AppendReply, ReplicaError> {
         self.check_epoch(request.epoch)?;
         self.check_leader(&request.leader_id)?;
+        self.check_entries(request)?;
         if !self.has_state && self.pending_checkpoint.is_none() {
             return Ok(self.append_reply(false, 0));
         }
@@ -872,6 +873,30 @@ impl Core {
                     self.epoch()
                 ),
             });
+        }
+        Ok(())
+    }
+
+    /// Refuses entries no correct leader sends, before the log changes: out of sequence
+    /// after `prev_seq`, of an epoch after the leader's, or replacing an entry this
+    /// replica knows committed (only an uncommitted suffix of a deposed leader is ever
+    /// replaced; a committed one replaced would diverge from the group).
+    fn check_entries(&self, request: &pb::AppendRequest) -> Result<(), ReplicaError> {
+        let invalid = |reason: String| Err(ReplicaError::InvalidRequest { field: "entries".into(), reason });
+        for (i, entry) in request.entries.iter().enumerate() {
+            if Some(entry.seq) != request.prev_seq.checked_add(i as u64 + 1) {
+                return invalid(format!("entry {i} after seq {} has seq {}", request.prev_seq, entry.seq));
+            }
+            if entry.epoch > request.epoch {
+                return invalid(format!(
+                    "entry {} is of epoch {}, after {}",
+                    entry.seq, entry.epoch, request.epoch
+                ));
+            }
+            if entry.seq <= self.commit_seq && self.log.epoch_at(entry.seq).is_some_and(|e| e != entry.epoch)
+            {
+                return invalid(format!("entry {} would replace a committed entry", entry.seq));
+            }
         }
         Ok(())
     }

@@ -166,6 +166,12 @@ impl GfdCore {
             self.members.remove(&forgotten);
         }
         let Some(state) = self.links.get_mut(&link) else { return Ok(()) };
+        // A stream speaks for one replica (its LFD's certificate names one): were a
+        // second hello to rename it, the first replica would stay alive with no stream
+        // left whose loss could ever report it gone.
+        if state.replica_id.as_deref().is_some_and(|speaks_for| speaks_for != replica_id) {
+            return Ok(());
+        }
         state.replica_id = Some(replica_id.to_owned());
         state.last_answer_ms = now;
         let member = self.members.entry(replica_id.to_owned()).or_insert_with(|| Member {
