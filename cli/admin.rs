@@ -13,6 +13,13 @@ use crate::endpoints::EndpointArgs;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Where the admin commands read replicas' Status and Digest: the internal port as the
+/// group's manager when this process has its certificate (it needs no client token
+/// there), else the client port.
+fn admin_plane() -> Plane {
+    if tandem_replica::tls::installed().is_some() { Plane::Internal } else { Plane::Client }
+}
+
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     #[command(flatten)]
@@ -74,7 +81,7 @@ where
 }
 
 async fn statuses_of(addresses: Vec<String>) -> Vec<(String, anyhow::Result<pb::ReplicaStatus>)> {
-    ask_each(Plane::Client, addresses, |channel| async move {
+    ask_each(admin_plane(), addresses, |channel| async move {
         pb::replica_client::ReplicaClient::new(channel).status(pb::StatusRequest {}).await
     })
     .await
@@ -194,7 +201,7 @@ async fn rm_trouble(target: &EndpointArgs) -> Option<String> {
 pub async fn digest(args: DigestArgs) -> anyhow::Result<()> {
     let addresses: Vec<String> =
         all_statuses(args.endpoints.resolve()?).await.into_iter().map(|(a, _)| a).collect();
-    let digests = ask_each(Plane::Client, addresses, |channel| async move {
+    let digests = ask_each(admin_plane(), addresses, |channel| async move {
         pb::replica_client::ReplicaClient::new(channel).digest(pb::DigestRequest {}).await
     })
     .await;

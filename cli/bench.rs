@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use tandem_operator::local::{self, LocalSettings, StateFile};
+use tandem_operator::local::{self, LocalSettings, Security, StateFile};
 use tandem_operator::rm::Spec;
 use tandem_replica::client::{Client, ClientSettings};
 use tandem_replica::pb::{self, MembershipChange, operation};
@@ -187,7 +187,7 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
                 binary: std::env::current_exe().context("cannot find the tandem executable")?,
                 log_level: "info".into(),
                 loopback_per_replica: false,
-                tls: !args.no_tls,
+                security: Security { tls: !args.no_tls, ..Security::default() },
                 session_expiry_ms: tandem_replica::state::DEFAULT_SESSION_EXPIRY_MS,
             };
             let stop = system.clone();

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use tandem_operator::local::StateFile;
+use tandem_operator::local::{self, StateFile};
 use tandem_replica::tls::{self, Identity, Material};
+use tandem_replica::wire::ClientCredentials;
 
 #[derive(Debug, Clone, Args)]
 pub struct EndpointArgs {
@@ -16,6 +17,14 @@ pub struct EndpointArgs {
     /// The directory of a running `tandem up`, used when no endpoints are given.
     #[arg(long, env = "TANDEM_DIR", default_value = ".tandem", global = true)]
     pub dir: PathBuf,
+    /// The group's CA (PEM), for a group whose client ports serve TLS (default: DIR/tls/ca.crt
+    /// when the `tandem up` in DIR runs with --client-tls).
+    #[arg(long, env = "TANDEM_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// A file holding the group's client token (default: DIR/client-token when the
+    /// `tandem up` in DIR runs with --client-token).
+    #[arg(long, env = "TANDEM_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
 }
 
 impl EndpointArgs {
@@ -23,6 +32,8 @@ impl EndpointArgs {
         if !self.endpoints.is_empty() {
             return Ok(self.endpoints.clone());
         }
+        // The group of the `tandem up` in DIR: speak to it as its manager.
+        self.use_local_identity()?;
         let written = std::fs::read_to_string(self.dir.join("endpoints")).unwrap_or_default();
         let endpoints: Vec<String> =
             written.split(',').map(str::trim).filter(|e| !e.is_empty()).map(String::from).collect();
@@ -42,6 +53,29 @@ impl EndpointArgs {
         })?;
         self.use_local_identity()?;
         Ok(state)
+    }
+
+    /// What a client needs for this group's client ports: `--ca-file` and
+    /// `--token-file`, else what the `tandem up` in DIR made, if it asks for them.
+    pub fn credentials(&self) -> anyhow::Result<ClientCredentials> {
+        let security = StateFile::read(&self.dir).map(|s| s.security).unwrap_or_default();
+        let ca = match (&self.ca_file, security.client_tls) {
+            (Some(path), _) => Some(path.clone()),
+            (None, true) => Some(self.dir.join("tls").join(tls::CA_FILE)),
+            (None, false) => None,
+        };
+        let ca = ca
+            .map(|path| {
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read the CA {}", path.display()))
+            })
+            .transpose()?;
+        let token = match (&self.token_file, security.client_token) {
+            (Some(path), _) => Some(crate::replica::read_token(path)?),
+            (None, true) => Some(crate::replica::read_token(&self.dir.join(local::CLIENT_TOKEN_FILE))?),
+            (None, false) => None,
+        };
+        Ok(ClientCredentials { ca, token })
     }
 
     /// Takes the manager's certificate that `tandem up` keeps in DIR/tls/manager, when

@@ -30,6 +30,7 @@ impl ClientArgs {
         let mut settings = ClientSettings::new(self.endpoints.resolve()?);
         settings.client_id = self.client_id.clone();
         settings.deadline = Duration::from_millis(self.deadline_ms);
+        settings.credentials = self.endpoints.credentials()?;
         Ok(Client::new(settings)?)
     }
 }

@@ -47,6 +47,14 @@ pub struct ReplicaArgs {
     /// where one CA serves every group): peers must present `tandem://replica/GROUP/ID`.
     #[arg(long, env = "TANDEM_GROUP", default_value = "")]
     pub group: String,
+    /// Serve the client port over TLS too, with this replica's certificate (--tls-dir);
+    /// clients verify it with the group's CA (`tandem get --ca-file`).
+    #[arg(long, env = "TANDEM_CLIENT_TLS")]
+    pub client_tls: bool,
+    /// A file holding the group's client token: every call on the client port must
+    /// carry it (`authorization: Bearer <token>`; `tandem get --token-file`).
+    #[arg(long, env = "TANDEM_CLIENT_TOKEN_FILE")]
+    pub client_token_file: Option<std::path::PathBuf>,
     /// The GFD address this replica's LFD should use (reported in Status).
     #[arg(long, env = "TANDEM_GFD", default_value = "")]
     pub gfd: String,
@@ -83,6 +91,15 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     }
     settings.gfd_address = args.gfd;
     settings.group = args.group;
+    anyhow::ensure!(
+        !args.client_tls || tandem_replica::tls::installed().is_some(),
+        "--client-tls serves clients with this replica's certificate: pass --tls-dir too"
+    );
+    settings.client_tls = args.client_tls;
+    settings.client_token = match &args.client_token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
     settings.seeds = args.peers.into_iter().filter(|p| !p.trim().is_empty()).collect();
     tandem_replica::limits::check_checkpoint_interval(args.checkpoint_interval_ms)
         .context("--checkpoint-interval-ms")?;
@@ -107,6 +124,15 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     server::serve(node, listener, internal).instrument(span).await.context("gRPC server failed")?;
     info!("replica stopped");
     Ok(())
+}
+
+/// The token in `path`: its first line, which must not be empty.
+pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim().to_owned();
+    anyhow::ensure!(!token.is_empty(), "the token file {} is empty", path.display());
+    Ok(token)
 }
 
 /// Cancels `shutdown` on Ctrl-C or SIGTERM.
@@ -145,7 +171,7 @@ pub async fn health(args: HealthArgs) -> anyhow::Result<()> {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let channel = tandem_replica::wire::dial(&args.address, None)?;
+    let channel = tandem_replica::wire::dial_replica_health(&args.address, None)?;
     let answer = tokio::time::timeout(
         Duration::from_secs(1),
         HealthClient::new(channel).check(HealthCheckRequest::default()),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use tandem_operator::local::{self, LocalSettings};
+use tandem_operator::local::{self, LocalSettings, Security};
 use tandem_operator::rm::Spec;
 use tokio_util::sync::CancellationToken;
 
@@ -37,8 +37,16 @@ pub struct UpArgs {
     /// Plaintext internal plane: no CA, no certificates. Anyone who can reach a
     /// replica's internal port (client port + 10000) can then change the group; for
     /// measuring what TLS costs, not for use.
-    #[arg(long, env = "TANDEM_NO_TLS")]
+    #[arg(long, env = "TANDEM_NO_TLS", conflicts_with = "client_tls")]
     pub no_tls: bool,
+    /// Serve the replicas' client ports over TLS too (clients verify them with
+    /// DIR/tls/ca.crt; the client commands find it there).
+    #[arg(long, env = "TANDEM_CLIENT_TLS")]
+    pub client_tls: bool,
+    /// Require a token on the client ports: `tandem up` makes one in DIR/client-token
+    /// (0600); the client commands send it, others pass it with --token-file.
+    #[arg(long, env = "TANDEM_CLIENT_TOKEN")]
+    pub client_token: bool,
     /// How long the replicas remember an idle client session, ms (1000..604800000).
     #[arg(long, env = "TANDEM_SESSION_EXPIRY_MS", default_value_t = tandem_replica::state::DEFAULT_SESSION_EXPIRY_MS)]
     pub session_expiry_ms: u64,
@@ -70,7 +78,11 @@ impl UpArgs {
             binary: std::env::current_exe().context("cannot find the tandem executable")?,
             log_level: self.child_log_level.clone(),
             loopback_per_replica: self.loopback_per_replica,
-            tls: !self.no_tls,
+            security: Security {
+                tls: !self.no_tls,
+                client_tls: self.client_tls,
+                client_token: self.client_token,
+            },
             session_expiry_ms: self.session_expiry_ms,
         })
     }

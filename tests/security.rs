@@ -14,10 +14,10 @@ use std::time::Duration;
 use futures::stream;
 use support::local::LocalSystem;
 use support::workload::{self, Recorder, Workload};
-use tandem_replica::client::{Client, ClientSettings};
+use tandem_replica::client::{Client, ClientError, ClientSettings};
 use tandem_replica::pb::{self, Mode, checkpoint_chunk, lfd_message, operation};
 use tandem_replica::tls::{Authority, Identity, Material};
-use tandem_replica::wire::{dial_with, internal_address, within};
+use tandem_replica::wire::{ClientCredentials, dial_with, internal_address, within};
 use tokio::time::sleep;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -277,4 +277,49 @@ async fn forged_messages_change_nothing(mode: &str) {
     system.verify(&recorder, stop, writers).await;
     let mut client = Client::new(ClientSettings::new(system.endpoints())).expect("client");
     assert_eq!(client.get("forged").await.expect("read"), None, "a forged write is visible");
+}
+
+/// The client port with `--client-tls --client-token`: a client with the group's CA and
+/// token is served; without the token, with a wrong one, or with another CA it is
+/// refused at once (not after retrying until its deadline), and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_client_port_asks_for_tls_and_the_token_when_told_to() {
+    let system = LocalSystem::start(3, &["--client-tls", "--client-token"]).await;
+    let dir = system.dir();
+    let ca = std::fs::read_to_string(dir.join("tls").join("ca.crt")).expect("the group's CA");
+    let token = std::fs::read_to_string(dir.join("client-token")).expect("the token").trim().to_owned();
+    let client_with = |credentials: ClientCredentials| {
+        let mut settings = ClientSettings::new(system.endpoints());
+        settings.credentials = credentials;
+        settings.deadline = Duration::from_secs(5);
+        Client::new(settings).expect("client")
+    };
+
+    let mut good = client_with(ClientCredentials { ca: Some(ca.clone()), token: Some(token.clone()) });
+    good.put("k", "v").await.expect("a client with the CA and the token is served");
+    assert_eq!(good.get("k").await.expect("read").as_deref(), Some(&b"v"[..]));
+
+    let refusals = [
+        ("no token", ClientCredentials { ca: Some(ca.clone()), token: None }),
+        ("a wrong token", ClientCredentials { ca: Some(ca.clone()), token: Some(format!("{token}x")) }),
+    ];
+    for (what, credentials) in refusals {
+        let started = std::time::Instant::now();
+        let error = client_with(credentials).put("k", "forged").await.expect_err(what);
+        assert!(matches!(error, ClientError::Refused(_)), "{what}: {error}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{what}: refused only after retrying");
+    }
+    let evil = Authority::generate("evil").expect("CA");
+    for (what, credentials) in [
+        ("plaintext", ClientCredentials { ca: None, token: Some(token.clone()) }),
+        ("another CA", ClientCredentials { ca: Some(evil.ca_pem().to_owned()), token: Some(token.clone()) }),
+    ] {
+        client_with(credentials).put("k", "forged").await.expect_err(what);
+    }
+    assert_eq!(good.get("k").await.expect("read").as_deref(), Some(&b"v"[..]), "nothing was overwritten");
+    // The admin commands read the replicas as the group's manager (internal port).
+    let status = system.tandem(&["status"]);
+    assert_eq!(status.lines().filter(|l| l.contains(" yes ")).count(), 3, "{status}");
+    let read = system.tandem(&["get", "k"]);
+    assert_eq!(read.trim(), "v", "the CLI finds the CA and the token in the directory");
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use tandem_operator::local::{self, LocalSettings, StateFile};
+use tandem_operator::local::{self, LocalSettings, Security, StateFile};
 use tandem_operator::rm::Spec;
 use tandem_replica::client::random_client_id;
 use tandem_replica::pb::{self, Mode, operation};
@@ -60,7 +60,7 @@ pub async fn sessions(args: SessionsArgs) -> anyhow::Result<()> {
         binary: std::env::current_exe().context("cannot find the tandem executable")?,
         log_level: "warn".into(),
         loopback_per_replica: false,
-        tls: true,
+        security: Security { tls: true, ..Security::default() },
         session_expiry_ms: DEFAULT_SESSION_EXPIRY_MS,
     };
     let system = CancellationToken::new();

@@ -33,7 +33,7 @@ use tracing::debug;
 
 use crate::error::error_detail;
 use crate::pb::{self, Mode, error_detail::Kind as Detail, op_result, operation};
-use crate::wire::{Channels, unix_micros, within};
+use crate::wire::{Channels, ClientCredentials, unix_micros, within};
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -50,6 +50,8 @@ pub struct ClientSettings {
     /// `hedge_after / 2`, whether a newer configuration names another primary (a
     /// failover under way); it then goes there instead of waiting for the slow one.
     pub hedge_after: Duration,
+    /// For a group whose client port requires TLS or a token.
+    pub credentials: ClientCredentials,
 }
 
 impl ClientSettings {
@@ -60,6 +62,7 @@ impl ClientSettings {
             deadline: Duration::from_secs(15),
             attempt_timeout: Duration::from_secs(6),
             hedge_after: Duration::from_millis(50),
+            credentials: ClientCredentials::default(),
         }
     }
 }
@@ -88,6 +91,8 @@ pub enum ClientError {
     Timeout { request_id: u64, waited_ms: u64, last_error: String },
     #[error("bad endpoint {0:?}")]
     BadEndpoint(String),
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 impl ClientError {
@@ -145,14 +150,8 @@ impl Client {
         // (continue above it), and the group tells a new session by its clock-based id.
         let client_id = settings.client_id.clone().unwrap_or_else(random_client_id);
         let last_request_id = unix_micros();
-        Ok(Self {
-            settings,
-            client_id,
-            last_request_id,
-            channels: Arc::default(),
-            view: View::default(),
-            rotation: 0,
-        })
+        let channels = Arc::new(Channels::client(settings.credentials.clone()));
+        Ok(Self { settings, client_id, last_request_id, channels, view: View::default(), rotation: 0 })
     }
 
     pub fn client_id(&self) -> &str {
@@ -306,7 +305,7 @@ impl Client {
             self.view.primary.clone().unwrap_or_else(|| endpoints[self.rotation % endpoints.len()].clone());
         let channel = self.channel(&target).map_err(Attempt::Fatal)?;
         let answer = tokio::select! {
-            answer = call_execute(channel, request.clone(), self.settings.attempt_timeout) => answer,
+            answer = call_execute(channel, self.channels.credentials().request(request.clone()), self.settings.attempt_timeout) => answer,
             newer = self.newer_configuration(std::slice::from_ref(&target)) => {
                 debug!(request = request.request_id, slow = %target, epoch = newer.epoch, "a newer configuration exists; leaving the slow primary");
                 self.view = newer;
@@ -338,7 +337,7 @@ impl Client {
         for address in self.view.members.clone() {
             let channel = self.channel(&address).map_err(Attempt::Fatal)?;
             let timeout = self.settings.attempt_timeout;
-            let request = request.clone();
+            let request = self.channels.credentials().request(request.clone());
             calls.push(async move { (address, call_execute(channel, request, timeout).await) });
         }
         let mut last = Attempt::Retry("no member answered".into());
@@ -439,7 +438,7 @@ impl Client {
 
 async fn call_execute(
     channel: Channel,
-    request: pb::ExecuteRequest,
+    request: tonic::Request<pb::ExecuteRequest>,
     timeout: Duration,
 ) -> Result<pb::ExecuteReply, Status> {
     let mut client = pb::replica_client::ReplicaClient::new(channel);
@@ -463,7 +462,7 @@ pub async fn newest_configuration(
         .filter_map(|address| channels.get(address).ok())
         .map(|channel| async move {
             let mut client = pb::replica_client::ReplicaClient::new(channel);
-            within(timeout, client.status(pb::StatusRequest {})).await
+            within(timeout, client.status(channels.credentials().request(pb::StatusRequest {}))).await
         })
         .collect();
     let mut newest: Option<pb::Configuration> = None;
@@ -545,6 +544,10 @@ fn classify(status: &Status) -> Attempt {
         Some(Detail::NotPrimary(_)) => Attempt::Redirected,
         _ if status.code() == Code::InvalidArgument => {
             Attempt::Fatal(ClientError::Invalid { field: String::new(), reason: status.message().to_owned() })
+        }
+        // Every replica of a group asks for the same token: retrying cannot help.
+        _ if matches!(status.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+            Attempt::Fatal(ClientError::Refused(status.message().to_owned()))
         }
         _ => Attempt::Retry(status.message().to_owned()),
     }

@@ -51,6 +51,10 @@ pub struct ReplicaSettings {
     /// bounds it; changeable). The leader's setting is the group's: it stamps it on the
     /// entries it orders.
     pub session_expiry: Duration,
+    /// Serve the client port over TLS (with this process's certificate).
+    pub client_tls: bool,
+    /// Calls on the client port must carry this token (`authorization: Bearer …`).
+    pub client_token: Option<String>,
 }
 
 impl ReplicaSettings {
@@ -67,6 +71,8 @@ impl ReplicaSettings {
             gfd_address: String::new(),
             group: String::new(),
             session_expiry: Duration::from_millis(crate::state::DEFAULT_SESSION_EXPIRY_MS),
+            client_tls: false,
+            client_token: None,
         }
     }
 

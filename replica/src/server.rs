@@ -47,10 +47,24 @@ pub async fn serve(
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
     };
     let spans = Arc::clone(&node);
-    let clients = wire::server(Plane::Client)?
+    let mut clients = wire::server(Plane::Client)?;
+    if node.settings.client_tls {
+        // The CLI refuses --client-tls without --tls-dir; a library user gets plaintext
+        // and this error in the log rather than a replica that cannot start.
+        match tls::installed() {
+            Some(material) => clients = clients.tls_config(material.server_config_for_clients())?,
+            None => tracing::error!(
+                "client TLS asked for without a certificate (--tls-dir): serving clients in plaintext"
+            ),
+        }
+    }
+    let token = node.settings.client_token.clone();
+    let clients = clients
         .trace_fn(move |_| spans.call_span())
         .add_service(health_service.clone())
-        .add_service(replica());
+        .add_service(tonic::service::interceptor::InterceptedService::new(replica(), move |request| {
+            require_token(token.as_deref(), request)
+        }));
     let spans = Arc::clone(&node);
     let internals = wire::server(Plane::Internal)?
         .trace_fn(move |_| spans.call_span())
@@ -67,6 +81,17 @@ pub async fn serve(
         serve_until_shutdown(internals, internal, shutdown),
     );
     served.and(served_internal)
+}
+
+/// On the client port of a group with a token: every call carries it. (The internal
+/// plane's callers are authenticated by their certificates instead.)
+fn require_token(token: Option<&str>, request: Request<()>) -> Result<Request<()>, Status> {
+    match token {
+        Some(token) if !wire::carries_token(&request, token) => Err(Status::unauthenticated(
+            "this group requires a client token: pass it with --token-file (TANDEM_TOKEN_FILE), or set ClientCredentials::token",
+        )),
+        _ => Ok(request),
+    }
 }
 
 /// Mirrors readiness into grpc.health.v1: SERVING only while the replica is ready.

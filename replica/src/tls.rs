@@ -156,6 +156,12 @@ impl Material {
             .client_ca_root(Certificate::from_pem(&self.ca))
     }
 
+    /// TLS for the client port: this certificate, no client certificate asked for
+    /// (clients prove themselves with the token, when the group has one).
+    pub fn server_config_for_clients(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(&self.cert, &self.key))
+    }
+
     pub fn client_config(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .domain_name(SERVER_NAME)
@@ -164,7 +170,13 @@ impl Material {
     }
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
+/// A new client token: 256 random bits, hex.
+pub fn new_token() -> String {
+    format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>())
+}
+
+/// Writes `text` to `path`, readable by the owner only, whole or not at all.
+pub fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;

@@ -47,6 +47,17 @@ pub fn dial_internal(address: &str, local: Option<IpAddr>) -> Result<Channel, Ba
     dial_on(Plane::Internal, address, local)
 }
 
+/// A channel for heartbeating the replica whose client address is `address` (the LFD,
+/// the readiness probe): its internal port over mutual TLS when this process has an
+/// identity (so it works whether or not the client port wants TLS or a token), else
+/// its client port.
+pub fn dial_replica_health(address: &str, local: Option<IpAddr>) -> Result<Channel, BadAddress> {
+    match crate::tls::installed() {
+        Some(_) => dial_internal(&internal_address(address)?, local),
+        None => dial(address, local),
+    }
+}
+
 /// Which of a replica's two ports a connection is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Plane {
@@ -70,6 +81,17 @@ pub fn dial_on(plane: Plane, address: &str, local: Option<IpAddr>) -> Result<Cha
     dial_with(plane.tls(), address, local)
 }
 
+/// Dials a client port that serves TLS with a certificate of the CA `ca` (PEM); no
+/// client certificate.
+pub fn dial_client_tls(ca: &str, address: &str, local: Option<IpAddr>) -> Result<Channel, BadAddress> {
+    let bad = |reason: String| BadAddress { address: address.to_owned(), reason };
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .domain_name(crate::tls::SERVER_NAME)
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    let endpoint = endpoint("https", address)?.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+    Ok(tune(endpoint, local))
+}
+
 /// Dials `address` over mutual TLS with `tls` (a certificate other than this process's
 /// own: a test speaking as a group's manager), or in plaintext without.
 pub fn dial_with(
@@ -78,23 +100,33 @@ pub fn dial_with(
     local: Option<IpAddr>,
 ) -> Result<Channel, BadAddress> {
     let bad = |reason: String| BadAddress { address: address.to_owned(), reason };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut endpoint =
-        Endpoint::from_shared(format!("{scheme}://{address}")).map_err(|e| bad(e.to_string()))?;
-    if endpoint.uri().port_u16().is_none() {
-        return Err(bad("no port".into()));
-    }
+    let mut endpoint = endpoint(if tls.is_some() { "https" } else { "http" }, address)?;
     if let Some(material) = tls {
         endpoint = endpoint.tls_config(material.client_config()).map_err(|e| bad(e.to_string()))?;
     }
-    Ok(endpoint
+    Ok(tune(endpoint, local))
+}
+
+/// `scheme://address`, refused unless it names a port.
+fn endpoint(scheme: &str, address: &str) -> Result<Endpoint, BadAddress> {
+    let bad = |reason: String| BadAddress { address: address.to_owned(), reason };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{address}")).map_err(|e| bad(e.to_string()))?;
+    if endpoint.uri().port_u16().is_none() {
+        return Err(bad("no port".into()));
+    }
+    Ok(endpoint)
+}
+
+/// Every channel's timeouts and keepalives, lazily connected from `local`.
+fn tune(endpoint: Endpoint, local: Option<IpAddr>) -> Channel {
+    endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
         .local_address(local)
-        .connect_lazy())
+        .connect_lazy()
 }
 
 /// A replica's internal port is its client port plus this, as Redis Cluster's bus port
@@ -127,14 +159,66 @@ pub struct Channels {
     /// Addresses given are replicas' client addresses: dial their internal port.
     to_replicas: bool,
     local: Option<IpAddr>,
+    /// On the client plane: how to reach a group that requires TLS or a token.
+    credentials: ClientCredentials,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
+/// What a client needs for a group whose client port requires it: the CA that signed
+/// the replicas' certificates (TLS to the client port), and the group's token.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ClientCredentials {
+    /// PEM of the group's CA; TLS to the client port when set.
+    pub ca: Option<String>,
+    pub token: Option<String>,
+}
+
+/// The metadata key of the client token (`authorization: Bearer <token>`).
+pub const TOKEN_HEADER: &str = "authorization";
+
+impl ClientCredentials {
+    /// `message` as a request carrying the token, when there is one.
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(value) = self
+            .token
+            .as_ref()
+            .and_then(|t| format!("Bearer {t}").parse::<tonic::metadata::MetadataValue<_>>().ok())
+        {
+            request.metadata_mut().insert(TOKEN_HEADER, value);
+        }
+        request
+    }
+}
+
+/// Whether `request` carries `token` (compared in constant time: a wrong guess tells
+/// nothing of how close it was).
+pub fn carries_token<T>(request: &tonic::Request<T>, token: &str) -> bool {
+    let presented = request
+        .metadata()
+        .get(TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let (a, b) = (presented.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
 impl Channels {
+    /// Client-plane channels with `credentials` (TLS to the client port with their CA,
+    /// their token on every call made through `credentials().request`).
+    pub fn client(credentials: ClientCredentials) -> Self {
+        Self { credentials, ..Self::default() }
+    }
+
+    pub fn credentials(&self) -> &ClientCredentials {
+        &self.credentials
+    }
+
     /// Internal-plane channels to replicas, named by their client addresses (what
     /// configurations hold); connections start from `local` (see `dial`).
     pub fn replicas_internal(local: Option<IpAddr>) -> Self {
-        Self { plane: Plane::Internal, to_replicas: true, local, channels: Arc::default() }
+        Self { plane: Plane::Internal, to_replicas: true, local, ..Self::default() }
     }
 
     pub fn get(&self, address: &str) -> Result<Channel, BadAddress> {
@@ -142,10 +226,10 @@ impl Channels {
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let channel = if self.to_replicas {
-            dial_on(self.plane, &internal_address(address)?, self.local)?
-        } else {
-            dial_on(self.plane, address, self.local)?
+        let channel = match (&self.credentials.ca, self.to_replicas) {
+            (Some(ca), _) => dial_client_tls(ca, address, self.local)?,
+            (None, true) => dial_on(self.plane, &internal_address(address)?, self.local)?,
+            (None, false) => dial_on(self.plane, address, self.local)?,
         };
         channels.insert(address.to_owned(), channel.clone());
         Ok(channel)

@@ -30,7 +30,7 @@ use crate::membership::{self, MembershipUpdate, MembershipView, alive_members, d
 use crate::replicas::{self, CALL_TIMEOUT};
 use crate::rm::{self, Action, Instance, Observed, Record, Spec, Trouble};
 pub use manager::ManagerService;
-pub use state::{ReplicaEntry, SavedRecord, StateFile};
+pub use state::{ReplicaEntry, SavedRecord, Security, StateFile};
 pub use supervisor::ProcessId;
 use supervisor::{Exit, Role, Supervisor};
 
@@ -59,8 +59,9 @@ pub struct LocalSettings {
     /// 127.0.11.N: links can then be cut one by one with firewall rules (the nemesis).
     pub loopback_per_replica: bool,
     /// Mutual TLS on the internal plane, from a CA kept in `dir/tls` (off: plaintext,
-    /// for measuring what TLS costs).
-    pub tls: bool,
+    /// for measuring what TLS costs); TLS and a token (`dir/client-token`) on the client
+    /// port.
+    pub security: Security,
     /// How long the replicas remember an idle client session, ms (`--session-expiry-ms`).
     pub session_expiry_ms: u64,
 }
@@ -107,8 +108,12 @@ pub enum LocalError {
     Spawn { what: String, source: std::io::Error },
     #[error("cannot read {path}: {source} (move it away to start a new group)")]
     BadRecord { path: PathBuf, source: std::io::Error },
-    #[error("{0} (choose another --port)")]
+    #[error("{0}")]
     Address(#[from] wire::BadAddress),
+    #[error(
+        "the group recorded in this directory runs with {recorded}, not {asked}: start `tandem up` with the same {what} to adopt it, or stop it first (Ctrl-C on its `tandem up`, or kill its processes) and remove the directory"
+    )]
+    Mismatch { what: String, recorded: String, asked: String },
     #[error("TLS material in {dir}: {source}")]
     Tls { dir: PathBuf, source: tandem_replica::tls::TlsError },
     #[error(
@@ -143,8 +148,29 @@ pub async fn run(settings: LocalSettings, shutdown: CancellationToken) -> Result
     let log_dir = settings.dir.join("logs");
     std::fs::create_dir_all(&log_dir)
         .map_err(|source| LocalError::Dir { dir: settings.dir.clone(), source })?;
-    let authority = if settings.tls { Some(open_authority(&settings.dir)?) } else { None };
     let previous = StateFile::read(&settings.dir);
+    // A killed `tandem up` leaves its state file: the group it describes may still run,
+    // on its ports and with its security, which a restart must match to adopt it.
+    if let Some(previous) = &previous {
+        if previous.gfd != settings.gfd_address() {
+            return Err(LocalError::Mismatch {
+                what: "ports".into(),
+                recorded: format!("the GFD at {}", previous.gfd),
+                asked: format!("the GFD at {}", settings.gfd_address()),
+            });
+        }
+        if previous.security != settings.security {
+            return Err(LocalError::Mismatch {
+                what: "security".into(),
+                recorded: previous.security.to_string(),
+                asked: settings.security.to_string(),
+            });
+        }
+    }
+    let authority = if settings.security.tls { Some(open_authority(&settings.dir)?) } else { None };
+    if settings.security.client_token {
+        client_token(&settings.dir)?;
+    }
     if let Some(previous) = &previous
         && manager::answers(&previous.manager).await
     {
@@ -208,6 +234,20 @@ pub async fn run(settings: LocalSettings, shutdown: CancellationToken) -> Result
     say("RM: stopped every replica, LFD and the GFD");
     Ok(())
 }
+
+/// The group's client token, in `dir/client-token` (0600), made on the first start.
+pub fn client_token(dir: &Path) -> Result<PathBuf, LocalError> {
+    let path = dir.join(CLIENT_TOKEN_FILE);
+    if !path.exists() {
+        let token = tls::new_token();
+        tls::write_private(&path, &format!("{token}\n"))
+            .map_err(|source| LocalError::Tls { dir: dir.to_owned(), source })?;
+    }
+    Ok(path)
+}
+
+/// Where `tandem up` keeps the group's client token.
+pub const CLIENT_TOKEN_FILE: &str = "client-token";
 
 /// The group's CA, kept in `dir/tls` (created on the first start), with this process,
 /// the RM, installed as the group's manager.
@@ -474,6 +514,13 @@ impl Local {
         match self.tls_args(&Identity::Replica(id.into())) {
             Ok(tls) => args.extend(tls),
             Err(error) => return say(format!("RM: cannot start {id}: {error}")),
+        }
+        if self.settings.security.client_tls {
+            args.push("--client-tls".into());
+        }
+        if self.settings.security.client_token {
+            let path = self.settings.dir.join(CLIENT_TOKEN_FILE);
+            args.extend(["--client-token-file".into(), path.display().to_string()]);
         }
         self.facts.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         self.known.insert(id.into(), address);
@@ -770,6 +817,7 @@ impl Local {
             gfd_pid: None,
             gfd_started: None,
             replicas: BTreeMap::new(),
+            security: self.settings.security,
         };
         state.set_gfd(self.supervisor.process(&Role::Gfd));
         for id in self.known.keys() {

@@ -37,6 +37,30 @@ pub struct StateFile {
     #[serde(default)]
     pub gfd_started: Option<u64>,
     pub replicas: BTreeMap<String, ReplicaEntry>,
+    /// How the planes are secured: a `tandem up` adopting this group must match it.
+    #[serde(default)]
+    pub security: Security,
+}
+
+/// Mutual TLS on the internal plane; TLS and a token on the client port.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Security {
+    pub tls: bool,
+    pub client_tls: bool,
+    pub client_token: bool,
+}
+
+impl std::fmt::Display for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let flag = |on: bool, name: &str| if on { format!(" {name}") } else { String::new() };
+        write!(
+            f,
+            "{}{}{}",
+            if self.tls { "mutual TLS inside" } else { "plaintext inside (--no-tls)" },
+            flag(self.client_tls, "--client-tls"),
+            flag(self.client_token, "--client-token")
+        )
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

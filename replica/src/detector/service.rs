@@ -25,7 +25,7 @@ use crate::pb::{
     self, MembershipChange, fault_detector_client::FaultDetectorClient, gfd_message, lfd_message,
 };
 use crate::tls::{self, Caller, Identity};
-use crate::wire::{BadAddress, dial, dial_internal, unix_ms, within};
+use crate::wire::{BadAddress, dial_internal, unix_ms, within};
 
 /// How long an LFD waits to be attached to the GFD before it tries again.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -44,7 +44,7 @@ pub struct LfdConfig {
 
 /// Runs an LFD until shutdown: heartbeats the replica, reports to the GFD.
 pub async fn run_lfd(config: LfdConfig, shutdown: CancellationToken) -> Result<(), BadAddress> {
-    let replica = dial(&config.replica_address, config.dial_from)?;
+    let replica = crate::wire::dial_replica_health(&config.replica_address, config.dial_from)?;
     dial_internal(&config.gfd_address, config.dial_from)?;
     let settings = watch::Sender::new(config.settings);
     let verdicts = watch::Sender::new(None::<Verdict>);
