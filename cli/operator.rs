@@ -60,6 +60,14 @@ pub struct OperatorArgs {
     /// measuring what TLS costs only.
     #[arg(long, env = "TANDEM_TLS", default_value_t = true, action = clap::ArgAction::Set)]
     pub tls: bool,
+    /// Serve the replicas' client ports over TLS (needs --tls): clients verify them
+    /// with `ca.crt` from the Secret `<service>-client` in the service's namespace.
+    #[arg(long, env = "TANDEM_CLIENT_TLS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub client_tls: bool,
+    /// Require a token on the replicas' client ports: `token` in the Secret
+    /// `<service>-client` (made once per service).
+    #[arg(long, env = "TANDEM_CLIENT_TOKEN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub client_token: bool,
     /// Where to write the GFD sidecar's certificate (a volume both containers mount).
     #[arg(long, env = "TANDEM_GFD_TLS_DIR")]
     pub gfd_tls_dir: Option<std::path::PathBuf>,
@@ -118,6 +126,8 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         gfd_address: format!("{}:{}", args.pod_ip, args.gfd_port),
         log_level: args.replica_log_level,
         tls: authority.is_some(),
+        client_tls: args.client_tls && authority.is_some(),
+        client_token: args.client_token,
         session_expiry_ms: args.replica_session_expiry_ms,
     };
     let gfd_local = format!("127.0.0.1:{}", args.gfd_port);

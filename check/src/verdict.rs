@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_replica::pb;
-use tandem_replica::wire::{dial, within};
+use tandem_replica::wire::{Channels, within};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::linearizability::{self, Event, Op, Outcome};
-use crate::workload::{COUNTERS, Recorder, RecordingClient, Workload, lost_acknowledged_writes};
+use crate::workload::{COUNTERS, Recorder, RecordingClient, Target, Workload, lost_acknowledged_writes};
 
 /// What the checks found.
 #[derive(Debug, Clone)]
@@ -62,25 +62,26 @@ impl Verdict {
 
 /// Stops the writers, then runs every check against the replicas at `live`.
 pub async fn judge(
-    live: &[String],
+    live: impl Into<Target>,
     workload: &Workload,
     recorder: &Arc<Recorder>,
     stop: CancellationToken,
     mut writers: tokio::task::JoinSet<()>,
 ) -> Verdict {
+    let live = live.into();
     stop.cancel();
     while writers.join_next().await.is_some() {}
     let mut verdict = Verdict {
         operations: 0,
         violation: None,
-        lost_acked: lost_acknowledged_writes(live.to_vec(), recorder).await,
+        lost_acked: lost_acknowledged_writes(&live, recorder).await,
         duplicates: Vec::new(),
         converged: Err("not checked yet".into()),
         unanswered: recorder.failures().len(),
         acknowledged_writes: recorder.acked().len(),
     };
     // Final reads join the history, so the end state is checked too.
-    let mut reader = RecordingClient::new(live.to_vec(), "final-reader".into(), Arc::clone(recorder));
+    let mut reader = RecordingClient::new(&live, "final-reader".into(), Arc::clone(recorder));
     let mut finals = BTreeMap::new();
     for key in workload.final_keys() {
         match reader.run(Op::Get { key: key.clone() }).await {
@@ -94,9 +95,9 @@ pub async fn judge(
     verdict.operations = history.len();
     verdict.violation = linearizability::check(&history).err().map(|v| v.to_string());
     verdict.duplicates = duplicate_increments(&history, &finals);
-    verdict.converged = wait_converged(live, Duration::from_secs(30))
+    verdict.converged = wait_converged(&live, Duration::from_secs(30))
         .await
-        .map_err(|digests| format!("replicas {live:?} did not converge: {digests:#?}"));
+        .map_err(|digests| format!("replicas {:?} did not converge: {digests:#?}", live.endpoints));
     verdict
 }
 
@@ -106,7 +107,7 @@ const MIN_PROGRESS: usize = 20;
 /// Stops the writers (once they made enough progress to prove something, waiting up to
 /// 30 s for it) and checks the run; Err: what failed, with the evidence.
 pub async fn stop_and_verify(
-    live: &[String],
+    live: impl Into<Target>,
     recorder: &Arc<Recorder>,
     stop: CancellationToken,
     writers: tokio::task::JoinSet<()>,
@@ -160,9 +161,9 @@ pub fn duplicate_increments(history: &[Event], finals: &BTreeMap<String, Option<
     duplicates
 }
 
-pub async fn digest_of(address: &str) -> Option<pb::DigestReply> {
-    let mut client = pb::replica_client::ReplicaClient::new(dial(address, None).ok()?);
-    within(Duration::from_secs(10), client.digest(pb::DigestRequest {}))
+pub async fn digest_of(address: &str, channels: &Channels) -> Option<pb::DigestReply> {
+    let mut client = pb::replica_client::ReplicaClient::new(channels.get(address).ok()?);
+    within(Duration::from_secs(10), client.digest(channels.credentials().request(pb::DigestRequest {})))
         .await
         .ok()
         .map(tonic::Response::into_inner)
@@ -171,14 +172,15 @@ pub async fn digest_of(address: &str) -> Option<pb::DigestReply> {
 /// Waits until every replica at `addresses` reports the same digest at the same sequence
 /// number. Err: what each answered at the deadline.
 pub async fn wait_converged(
-    addresses: &[String],
+    target: &Target,
     limit: Duration,
 ) -> Result<pb::DigestReply, Vec<Option<pb::DigestReply>>> {
     let deadline = Instant::now() + limit;
+    let channels = Channels::client(target.credentials.clone());
     loop {
         let mut digests = Vec::new();
-        for address in addresses {
-            digests.push(digest_of(address).await);
+        for address in &target.endpoints {
+            digests.push(digest_of(address, &channels).await);
         }
         let first = digests.first().cloned().flatten();
         let all_equal = first.as_ref().is_some_and(|f| {

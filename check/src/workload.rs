@@ -9,6 +9,7 @@ use bytes::Bytes;
 use rand::Rng;
 use tandem_replica::client::{Client, ClientError, ClientSettings};
 use tandem_replica::pb::{self, op_result, operation};
+use tandem_replica::wire::ClientCredentials;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -104,9 +105,43 @@ fn to_outcome(result: Option<op_result::Kind>) -> Outcome {
     }
 }
 
+/// The replicas a run talks to, and how: their client addresses, and the CA and token
+/// their client ports ask for (none locally, by default).
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    pub endpoints: Vec<String>,
+    pub credentials: ClientCredentials,
+}
+
+impl From<Vec<String>> for Target {
+    fn from(endpoints: Vec<String>) -> Self {
+        Self { endpoints, credentials: ClientCredentials::default() }
+    }
+}
+
+impl From<&Vec<String>> for Target {
+    fn from(endpoints: &Vec<String>) -> Self {
+        endpoints.clone().into()
+    }
+}
+
+impl From<&[String]> for Target {
+    fn from(endpoints: &[String]) -> Self {
+        endpoints.to_vec().into()
+    }
+}
+
+impl Target {
+    pub fn client_settings(&self) -> ClientSettings {
+        let mut settings = ClientSettings::new(self.endpoints.clone());
+        settings.credentials = self.credentials.clone();
+        settings
+    }
+}
+
 impl RecordingClient {
-    pub fn new(endpoints: Vec<String>, client_id: String, recorder: Arc<Recorder>) -> Self {
-        let mut settings = ClientSettings::new(endpoints);
+    pub fn new(target: &Target, client_id: String, recorder: Arc<Recorder>) -> Self {
+        let mut settings = target.client_settings();
         settings.client_id = Some(client_id);
         settings.deadline = Duration::from_secs(20);
         settings.attempt_timeout = Duration::from_secs(3);
@@ -177,13 +212,14 @@ impl Workload {
 /// Starts the writers; they stop at `max_ops` or when `stop` is cancelled.
 pub fn start(
     workload: Workload,
-    endpoints: Vec<String>,
+    target: impl Into<Target>,
     recorder: Arc<Recorder>,
     stop: CancellationToken,
 ) -> tokio::task::JoinSet<()> {
+    let target = target.into();
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..workload.clients {
-        let mut client = RecordingClient::new(endpoints.clone(), format!("w{c}"), Arc::clone(&recorder));
+        let mut client = RecordingClient::new(&target, format!("w{c}"), Arc::clone(&recorder));
         let (stop, workload, recorder) = (stop.clone(), workload.clone(), Arc::clone(&recorder));
         tasks.spawn(async move {
             let mut last_seen: Option<Vec<u8>> = None;
@@ -221,14 +257,13 @@ pub fn start(
 
 /// Reads every acknowledged unique key back (eight readers at once); returns those
 /// missing or wrong.
-pub async fn lost_acknowledged_writes(endpoints: Vec<String>, recorder: &Arc<Recorder>) -> Vec<String> {
+pub async fn lost_acknowledged_writes(target: &Target, recorder: &Arc<Recorder>) -> Vec<String> {
     const READERS: usize = 8;
     let acked = recorder.acked();
     let mut readers = tokio::task::JoinSet::new();
     for reader in 0..READERS {
         let mine: Vec<(String, String)> = acked.iter().skip(reader).step_by(READERS).cloned().collect();
-        let mut client =
-            RecordingClient::new(endpoints.clone(), format!("verifier{reader}"), Arc::clone(recorder));
+        let mut client = RecordingClient::new(target, format!("verifier{reader}"), Arc::clone(recorder));
         readers.spawn(async move {
             let mut lost = Vec::new();
             for (key, value) in mine {

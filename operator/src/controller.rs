@@ -262,6 +262,7 @@ async fn act(
             // Admission refuses a pod whose ServiceAccount does not exist yet, and the
             // kubelet starts none whose Secret does not.
             ensure_replica_account(rsvc, ctx, &namespace).await?;
+            ensure_client_secret(rsvc, ctx, &namespace).await?;
             issue_certificates(rsvc, ctx, &namespace, &id).await?;
             let peers: Vec<String> =
                 pods.iter().filter(|p| status::pod_running(p)).filter_map(status::pod_address).collect();
@@ -409,6 +410,31 @@ async fn ensure_replica_account(
     let account = pods::replica_service_account(rsvc);
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     accounts.patch(&account.name_any(), &apply, &Patch::Apply(&account)).await?;
+    Ok(())
+}
+
+/// The Secret the service's clients read (`ca.crt`, and `token` when the group asks
+/// for one), made before the first pod that mounts it. An existing token is kept:
+/// clients hold it.
+async fn ensure_client_secret(rsvc: &ReplicatedService, ctx: &Context, namespace: &str) -> Result<(), Error> {
+    let settings = &ctx.pod_settings;
+    let Some(authority) = ctx.authority.as_ref().filter(|_| settings.client_tls || settings.client_token)
+    else {
+        return Ok(());
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = pods::client_secret_name(&rsvc.name_any());
+    let existing = secrets.get_opt(&name).await?;
+    let data = existing.as_ref().and_then(|s| s.data.clone()).unwrap_or_default();
+    let held_token = data.get("token").and_then(|t| String::from_utf8(t.0.clone()).ok());
+    let has_ca = data.get("ca.crt").is_some_and(|ca| ca.0 == authority.ca_pem().as_bytes());
+    if existing.is_some() && has_ca && (held_token.is_some() || !settings.client_token) {
+        return Ok(());
+    }
+    let token = settings.client_token.then(|| held_token.unwrap_or_else(tandem_replica::tls::new_token));
+    let secret = pods::client_secret(rsvc, authority.ca_pem(), token.as_deref());
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    secrets.patch(&name, &apply, &Patch::Apply(&secret)).await?;
     Ok(())
 }
 

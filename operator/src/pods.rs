@@ -38,6 +38,11 @@ pub struct PodSettings {
     pub log_level: String,
     /// Mount each pod's certificates (`tls_secret`) and speak mutual TLS internally.
     pub tls: bool,
+    /// Serve the client port over TLS (needs `tls`): clients verify it with the CA in
+    /// the service's `<service>-client` Secret.
+    pub client_tls: bool,
+    /// Require the token in the service's `<service>-client` Secret on the client port.
+    pub client_token: bool,
     /// How long the replicas remember an idle client session, ms.
     pub session_expiry_ms: u64,
 }
@@ -160,7 +165,7 @@ pub fn replica_pod(
             node_selector: overrides.node_selector,
             tolerations: overrides.tolerations,
             priority_class_name: overrides.priority_class_name,
-            volumes: Some(volumes(settings, &name)),
+            volumes: Some(volumes(settings, &rsvc.name_any(), &name)),
             ..PodSpec::default()
         }),
         status: None,
@@ -211,12 +216,34 @@ pub fn tls_secret(
     }
 }
 
+/// The Secret a service's clients read: `ca.crt` (to verify the client port's TLS) and,
+/// when the group asks for one, `token`.
+pub fn client_secret_name(service: &str) -> String {
+    format!("{service}-client")
+}
+
+pub fn client_secret(rsvc: &ReplicatedService, ca: &str, token: Option<&str>) -> Secret {
+    let mut data = BTreeMap::from([("ca.crt".to_owned(), ByteString(ca.as_bytes().to_vec()))]);
+    if let Some(token) = token {
+        data.insert("token".into(), ByteString(token.as_bytes().to_vec()));
+    }
+    Secret {
+        metadata: owned_metadata(rsvc, &client_secret_name(&rsvc.name_any())),
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Secret::default()
+    }
+}
+
 /// The identity the group's members carry in their certificates: `namespace/service`.
 pub fn group_name(rsvc: &ReplicatedService) -> String {
     format!("{}/{}", rsvc.namespace().unwrap_or_default(), rsvc.name_any())
 }
 
-fn volumes(settings: &PodSettings, pod: &str) -> Vec<Volume> {
+const CLIENT_VOLUME: &str = "client";
+const CLIENT_DIR: &str = "/etc/tandem/client";
+
+fn volumes(settings: &PodSettings, service: &str, pod: &str) -> Vec<Volume> {
     let mut volumes = vec![Volume {
         name: RUN_VOLUME.into(),
         empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -238,6 +265,22 @@ fn volumes(settings: &PodSettings, pod: &str) -> Vec<Volume> {
                     item("lfd.crt", "lfd/tls.crt"),
                     item("lfd.key", "lfd/tls.key"),
                 ]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    if settings.client_token {
+        volumes.push(Volume {
+            name: CLIENT_VOLUME.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(client_secret_name(service)),
+                default_mode: Some(0o440),
+                items: Some(vec![KeyToPath {
+                    key: "token".into(),
+                    path: "token".into(),
+                    ..KeyToPath::default()
+                }]),
                 ..SecretVolumeSource::default()
             }),
             ..Volume::default()
@@ -308,8 +351,20 @@ fn replica_container(
         env("TANDEM_GROUP", group_name(rsvc)),
         env("TANDEM_SESSION_EXPIRY_MS", settings.session_expiry_ms.to_string()),
     ];
-    let (tls_env, tls_mounts) = tls_env_and_mount(settings, "replica");
+    let (tls_env, mut tls_mounts) = tls_env_and_mount(settings, "replica");
     replica_env.extend(tls_env);
+    if settings.client_tls && settings.tls {
+        replica_env.push(env("TANDEM_CLIENT_TLS", "true"));
+    }
+    if settings.client_token {
+        replica_env.push(env("TANDEM_CLIENT_TOKEN_FILE", format!("{CLIENT_DIR}/token")));
+        tls_mounts.push(VolumeMount {
+            name: CLIENT_VOLUME.into(),
+            mount_path: CLIENT_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
     if bootstrap {
         replica_env.push(env("TANDEM_BOOTSTRAP", "true"));
     }
@@ -501,6 +556,8 @@ mod tests {
             gfd_address: "10.0.0.5:7100".into(),
             log_level: "info".into(),
             tls: true,
+            client_tls: true,
+            client_token: true,
             session_expiry_ms: 60_000,
         }
     }

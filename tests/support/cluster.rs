@@ -243,14 +243,14 @@ impl Group {
     }
 
     pub async fn digest(&self, id: &str) -> Option<pb::DigestReply> {
-        digest_of(&self.address(id)).await
+        digest_of(&self.address(id), &tandem_replica::wire::Channels::default()).await
     }
 
     /// Waits until every replica in `ids` reports the same digest at the same sequence
     /// number, and returns it; panics with every replica's answer otherwise.
     pub async fn wait_converged(&self, ids: &[&str], limit: Duration) -> pb::DigestReply {
         let addresses: Vec<String> = ids.iter().map(|id| self.address(id)).collect();
-        match wait_converged(&addresses, limit).await {
+        match wait_converged(&addresses.into(), limit).await {
             Ok(digest) => digest,
             Err(digests) => {
                 self.dump_logs();

@@ -85,6 +85,8 @@ fn context() -> (Arc<Context>, ApiHandle) {
         gfd_address: "127.0.0.1:9".into(),
         log_level: "info".into(),
         tls: true,
+        client_tls: true,
+        client_token: false,
         session_expiry_ms: tandem_replica::state::DEFAULT_SESSION_EXPIRY_MS,
     };
     let authority = tandem_replica::tls::Authority::generate("test").expect("a CA");

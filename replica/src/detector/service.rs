@@ -837,7 +837,7 @@ mod tests {
         let address = listener.local_addr().expect("address").to_string();
         let stop = CancellationToken::new();
         tokio::spawn(serve_gfd(Arc::clone(&gfd), listener, stop.clone()));
-        let mut client = subscriber(dial(&address, None).expect("address"));
+        let mut client = subscriber(crate::wire::dial(&address, None).expect("address"));
         let mut events = within(Duration::from_secs(20), client.subscribe(pb::SubscribeRequest {}))
             .await
             .expect("subscribed")
