@@ -2,7 +2,7 @@
 //! them for you; on Kubernetes they are sidecars).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -82,6 +82,12 @@ pub async fn gfd(args: GfdArgs, tls_dir: Option<PathBuf>) -> anyhow::Result<()> 
         .context("GFD server failed")
 }
 
+/// Whether `key_file` holds another key than `loaded`. Unreadable for a moment (being
+/// replaced) is not a change: the next look decides.
+fn key_replaced(key_file: &Path, loaded: &str) -> bool {
+    std::fs::read_to_string(key_file).is_ok_and(|key| key != loaded)
+}
+
 /// How often the GFD looks at its certificate files.
 const CERTIFICATE_CHECK: Duration = Duration::from_secs(5);
 
@@ -97,8 +103,7 @@ async fn stop_when_replaced(key_file: PathBuf, loaded: String, shutdown: Cancell
             _ = every.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        // Unreadable for a moment (being replaced) is not a change; the next look decides.
-        if std::fs::read_to_string(&key_file).is_ok_and(|key| key != loaded) {
+        if key_replaced(&key_file, &loaded) {
             tracing::info!(
                 file = %key_file.display(),
                 "the GFD's certificate was re-issued (the operator restarted): exiting, so that the restart loads the new one"
@@ -106,5 +111,26 @@ async fn stop_when_replaced(key_file: PathBuf, loaded: String, shutdown: Cancell
             shutdown.cancel();
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_gfd_stops_when_its_key_is_re_issued_and_not_before() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let key = dir.path().join(tls::KEY_FILE);
+        assert!(!key_replaced(&key, "old"), "a missing file is no change");
+        std::fs::write(&key, "old").expect("write");
+        assert!(!key_replaced(&key, "old"));
+        let shutdown = CancellationToken::new();
+        let watcher = tokio::spawn(stop_when_replaced(key.clone(), "old".into(), shutdown.clone()));
+        std::fs::write(&key, "new").expect("write");
+        assert!(key_replaced(&key, "old"));
+        let bound = CERTIFICATE_CHECK * 3;
+        tokio::time::timeout(bound, shutdown.cancelled()).await.expect("stopped within a few checks");
+        watcher.await.expect("the watcher ended");
     }
 }
