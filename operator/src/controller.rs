@@ -220,8 +220,9 @@ async fn reconcile_service(
     }
 
     // Certificate rotation disturbs the group on purpose: only when the RM has nothing
-    // else to do and the group is whole (`rotation::next` checks both).
-    let rotation = ctx.authority.as_ref().and_then(|_| {
+    // else to do and the group is whole (`rotation::next` checks both), and never under
+    // a spec the RM does not act on (nothing would recreate the pod).
+    let rotation = ctx.authority.as_ref().filter(|_| problems.is_empty()).and_then(|_| {
         let certificates: Vec<_> = pods.iter().filter_map(pods::pod_certificate).collect();
         let known = membership.known();
         rotation::next(&spec, &record, &observed, known, &actions, &certificates, unix_ms() as i64 / 1000)
