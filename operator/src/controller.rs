@@ -230,6 +230,7 @@ async fn reconcile_service(
     for action in actions {
         act(&rsvc, &ctx, &spec, &pods, action).await?;
     }
+    let rotating = rotation.is_some();
     if let Some(rotation) = rotation {
         rotate_certificates(&rsvc, &ctx, rotation).await?;
     }
@@ -242,7 +243,8 @@ async fn reconcile_service(
     push_settings(&ctx, &key, &spec, &statuses, &pods).await;
     label_roles(&pod_api, &record, &pods).await;
     ensure_services(&rsvc, &ctx, &namespace, &spec).await?;
-    let whole = rm::whole(&spec, &record, &observed, membership.known());
+    // A pod just deleted for its certificates leaves the group short from now on.
+    let whole = !rotating && rm::whole(&spec, &record, &observed, membership.known());
     Ok(Requeue::requeue(if whole { RESYNC } else { RESYNC_WHILE_HEALING }))
 }
 
