@@ -104,7 +104,7 @@ async fn main() -> std::process::ExitCode {
         Command::Up(args) => up::up(args).await,
         Command::Replica(args) => replica::run(args).await,
         Command::Lfd(args) => detectors::lfd(args).await,
-        Command::Gfd(args) => detectors::gfd(args).await,
+        Command::Gfd(args) => detectors::gfd(args, cli.tls_dir.clone()).await,
         Command::Get(args) => kv::get(args).await,
         Command::Put(args) => kv::put(args).await,
         Command::Del(args) => kv::del(args).await,

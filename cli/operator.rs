@@ -13,6 +13,7 @@ use tandem_operator::crd::Defaults;
 use tandem_operator::leader::{self, LeaseSettings};
 use tandem_operator::pods::PodSettings;
 use tandem_operator::rm::Spec;
+use tandem_operator::rotation;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -71,6 +72,11 @@ pub struct OperatorArgs {
     /// Where to write the GFD sidecar's certificate (a volume both containers mount).
     #[arg(long, env = "TANDEM_GFD_TLS_DIR")]
     pub gfd_tls_dir: Option<std::path::PathBuf>,
+    /// How long the certificates it issues are valid, seconds (60..=31536000; default 90
+    /// days). Each is renewed at two thirds of it: replica pods are replaced one at a
+    /// time, the operator and its GFD restart. Under a day is for tests.
+    #[arg(long, env = "TANDEM_CERTIFICATE_VALIDITY_S", default_value_t = tandem_replica::tls::VALIDITY.as_secs())]
+    pub certificate_validity_s: u64,
 }
 
 pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
@@ -94,10 +100,14 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
         .unwrap_or_else(|| format!("tandem-operator-{}", std::process::id()));
     let client = kube::Client::try_default().await.context("cannot reach the Kubernetes API")?;
+    let validity = certs::check_validity(args.certificate_validity_s)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
     // Before the lease: a standby's GFD needs its certificate as much as the leader's.
     let authority = if args.tls {
-        let authority = certs::operator_authority(&client, &args.namespace).await?;
+        let authority = certs::operator_authority(&client, &args.namespace).await?.with_validity(validity);
         certs::install_operator_identity(&authority, args.gfd_tls_dir.as_deref())?;
+        tokio::spawn(stop_to_renew_certificates(validity, shutdown.clone()));
         Some(Arc::new(authority))
     } else {
         tracing::warn!(
@@ -105,8 +115,6 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         );
         None
     };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
     let lease = args.leader_election.then(|| LeaseSettings {
         namespace: args.namespace.clone(),
         name: "tandem-operator".into(),
@@ -148,6 +156,25 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         }
     }
     info!("operator stopped");
-    // Stopped on a signal, or lost the lease: exit, so a restart competes for it afresh.
+    // Stopped on a signal, lost the lease, or renewing its certificates: exit, so a
+    // restart competes for the lease afresh (with new certificates).
     Ok(())
+}
+
+/// The operator's certificate (and its GFD's, issued with it) were issued at start and
+/// are loaded once: two thirds into their validity, it stops the way it stops on a lost
+/// lease (lease released, a clean exit). Kubernetes restarts it, and the new process
+/// issues itself and its GFD new ones (`install_operator_identity`); the GFD, seeing its
+/// files change, restarts too.
+async fn stop_to_renew_certificates(validity: Duration, shutdown: CancellationToken) {
+    let renew_in = rotation::renew_at(0, validity.as_secs() as i64) as u64;
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_secs(renew_in)) => {}
+        () = shutdown.cancelled() => return,
+    }
+    info!(
+        validity_s = validity.as_secs(),
+        "this operator's certificates are two thirds into their validity: exiting, so that its restart issues it and its GFD new ones"
+    );
+    shutdown.cancel();
 }

@@ -412,6 +412,72 @@ async fn timed_pod_deletion(
     healed
 }
 
+/// Certificate rotation, with the chart's validity cut to 180 s (renewal at 120 s, which
+/// leaves a minute for a round of three): under a writing client, every replica pod is
+/// replaced, one at a time, by one with newer certificates (its annotation), the primary
+/// through a failover; the operator and its GFD restart for their own. The group is
+/// whole again afterwards and no acknowledged write is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn short_lived_certificates_are_rotated_pod_by_pod_without_losing_a_write() {
+    const VALIDITY_S: i64 = 180;
+    const ROTATED: Duration = Duration::from_secs(360);
+    let client = k8s::installed().await;
+    let _short = k8s::ChartValues::set(&[&format!("tls.certificateValiditySeconds={VALIDITY_S}")]);
+    let ns = k8s::namespace(&client, "e2e-rotate").await;
+    kubectl_apply(&ns, &manifest("rot", "passive", 3, "")).expect("apply");
+    let up = k8s::wait_for(&client, &ns, "rot", UP, "up", healthy(3, 0)).await;
+    let not_after = |pod: &k8s_openapi::api::core::v1::Pod| -> i64 {
+        pod.annotations()
+            .get("tandem.dev/certificate-not-after")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{} records no certificate expiry", pod.name_any()))
+    };
+    let first = k8s::pods(&client, &ns).await;
+    let first_uids = k8s::pod_uids(&first);
+    let first_expiry = first.iter().map(not_after).max().expect("pods");
+    let now = tandem_replica::wire::unix_ms() as i64 / 1000;
+    assert!(first_expiry <= now + VALIDITY_S, "the chart's validity reached the operator");
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), k8s::endpoints(&up), Arc::clone(&recorder), stop.clone());
+
+    // Done when no first pod is left, every pod holds newer certificates, and the group
+    // is whole (the RM rotates one pod at a time, so this is a whole group between two).
+    let epoch = up.status.as_ref().map_or(0, |s| s.epoch);
+    let deadline = tokio::time::Instant::now() + ROTATED;
+    let rotated = loop {
+        let pods = k8s::pods(&client, &ns).await;
+        let renewed = pods.len() == 3
+            && pods.iter().all(|p| {
+                p.uid().is_some_and(|uid| !first_uids.contains(&uid))
+                    && p.metadata.deletion_timestamp.is_none()
+                    && not_after(p) > first_expiry
+            });
+        let current = k8s::rsvc(&client, &ns, "rot").await;
+        if renewed && healthy(3, epoch)(&current) {
+            break current;
+        }
+        if tokio::time::Instant::now() > deadline {
+            k8s::dump(&ns);
+            panic!("not every pod rotated within {ROTATED:?}: {:#?}", current.status);
+        }
+        sleep(Duration::from_secs(1)).await;
+    };
+    let reasons = k8s::event_reasons(&client, &ns, "rot").await;
+    let rotations = reasons.iter().filter(|r| *r == "CertificateRotation").count();
+    assert!(rotations >= 3, "a CertificateRotation event per pod: {reasons:?}");
+    assert!(reasons.iter().any(|r| r == "Failover"), "the primary went through a failover: {reasons:?}");
+    assert_ne!(
+        rotated.status.as_ref().and_then(|s| s.primary.clone()),
+        up.status.as_ref().and_then(|s| s.primary.clone()),
+        "the first primary's pod is gone"
+    );
+    // The next round is a minute away at least: the replaced pods are fresh.
+    verify(&ns, &rotated, &recorder, stop, writers).await;
+}
+
 /// What a node drain on a one-node cluster does: every pod of the service deleted at
 /// once. With state in memory, the data is gone; the user is told so (a condition and
 /// a Warning event, with the one command that recreates the group), and that command

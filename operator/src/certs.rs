@@ -3,10 +3,13 @@
 //! operator that finds none). Members' names carry their group (`namespace/service/id`),
 //! so one group's certificate is nobody in another. The operator issues each replica pod
 //! its own certificates in a Secret of the service's namespace (`pods::tls_secret`), new
-//! keys for every pod, and its own and its GFD's at start.
+//! keys for every pod, and its own and its GFD's at start. Certificates are renewed by
+//! replacing what holds them (processes load them once): replica pods one at a time
+//! (`rotation`), the operator and its GFD by restarting (cli/operator.rs).
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -17,6 +20,14 @@ use tracing::info;
 
 pub const CA_SECRET: &str = "tandem-ca";
 
+/// Bounds of the certificates' validity (`--certificate-validity-s`). Under a day or so
+/// is for tests only: every replica pod is replaced, and the operator and its GFD
+/// restart, every two thirds of it, and the kubelet's restart back-off grows for
+/// containers that ran less than 10 minutes. The upper bound stays well inside the CA's
+/// own ten years.
+pub const MIN_VALIDITY: Duration = Duration::from_secs(60);
+pub const MAX_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("Kubernetes API call on Secret {namespace}/{CA_SECRET} failed: {source}")]
@@ -25,8 +36,24 @@ pub enum CertError {
         "Secret {namespace}/{CA_SECRET} holds no usable CA ({reason}); delete it to have a new CA made (every replica pod then needs recreating)"
     )]
     BadSecret { namespace: String, reason: String },
+    #[error(
+        "a certificate validity of {seconds} s is out of bounds ({}..={} s)",
+        MIN_VALIDITY.as_secs(),
+        MAX_VALIDITY.as_secs()
+    )]
+    Validity { seconds: u64 },
     #[error(transparent)]
     Tls(#[from] TlsError),
+}
+
+/// The validity to issue certificates with, if `seconds` is within bounds.
+pub fn check_validity(seconds: u64) -> Result<Duration, CertError> {
+    let validity = Duration::from_secs(seconds);
+    if (MIN_VALIDITY..=MAX_VALIDITY).contains(&validity) {
+        Ok(validity)
+    } else {
+        Err(CertError::Validity { seconds })
+    }
 }
 
 /// The CA in `namespace`'s `tandem-ca` Secret, made and stored there if there is none.
@@ -99,4 +126,19 @@ pub fn issue_pod(
         authority.issue(&Identity::replica(group, id))?,
         authority.issue(&Identity::Lfd(detector_id.into()))?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validity_is_bounded_and_the_default_is_within_bounds() {
+        assert_eq!(check_validity(tls::VALIDITY.as_secs()).ok(), Some(tls::VALIDITY));
+        assert!(check_validity(MIN_VALIDITY.as_secs()).is_ok());
+        assert!(check_validity(MAX_VALIDITY.as_secs()).is_ok());
+        let error = check_validity(59).expect_err("59 s accepted").to_string();
+        assert!(error.contains("59 s") && error.contains("60..="), "{error}");
+        assert!(check_validity(MAX_VALIDITY.as_secs() + 1).is_err());
+    }
 }

@@ -20,7 +20,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tandem_replica::pb;
-use tandem_replica::tls::Authority;
+use tandem_replica::tls::{self, Authority};
 use tandem_replica::wire::{Channels, unix_ms, within};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,7 @@ use crate::membership::{self, MembershipView};
 use crate::pods::{self, MEMBER_LABEL, PodSettings, REPLICA_LABEL, ROLE_LABEL, SERVICE_LABEL};
 use crate::replicas::{self, CALL_TIMEOUT};
 use crate::rm::{self, Action, Record, Restarts, Trouble};
+use crate::rotation::{self, Rotation};
 use crate::status;
 
 pub const FIELD_MANAGER: &str = "tandem-operator";
@@ -218,8 +219,20 @@ async fn reconcile_service(
         ctx.event(&rsvc, EventType::Warning, trouble.reason(), "Report".into(), note).await;
     }
 
+    // Certificate rotation disturbs the group on purpose: only when the RM has nothing
+    // else to do and the group is whole (`rotation::next` checks both), and never under
+    // a spec the RM does not act on (nothing would recreate the pod).
+    let rotation = ctx.authority.as_ref().filter(|_| problems.is_empty()).and_then(|_| {
+        let certificates: Vec<_> = pods.iter().filter_map(pods::pod_certificate).collect();
+        let known = membership.known();
+        rotation::next(&spec, &record, &observed, known, &actions, &certificates, unix_ms() as i64 / 1000)
+    });
     for action in actions {
         act(&rsvc, &ctx, &spec, &pods, action).await?;
+    }
+    let rotating = rotation.is_some();
+    if let Some(rotation) = rotation {
+        rotate_certificates(&rsvc, &ctx, rotation).await?;
     }
     delete_finished_pods(&pod_api, &pods).await;
     if let Some(config) = &record.config {
@@ -230,9 +243,8 @@ async fn reconcile_service(
     push_settings(&ctx, &key, &spec, &statuses, &pods).await;
     label_roles(&pod_api, &record, &pods).await;
     ensure_services(&rsvc, &ctx, &namespace, &spec).await?;
-    let running = observed.iter().filter(|o| o.instance == rm::Instance::Running).count();
-    let whole = running == spec.replicas as usize
-        && record.config.as_ref().is_some_and(|c| c.members.len() == spec.replicas as usize);
+    // A pod just deleted for its certificates leaves the group short from now on.
+    let whole = !rotating && rm::whole(&spec, &record, &observed, membership.known());
     Ok(Requeue::requeue(if whole { RESYNC } else { RESYNC_WHILE_HEALING }))
 }
 
@@ -263,10 +275,14 @@ async fn act(
             // kubelet starts none whose Secret does not.
             ensure_replica_account(rsvc, ctx, &namespace).await?;
             ensure_client_secret(rsvc, ctx, &namespace).await?;
-            issue_certificates(rsvc, ctx, &namespace, &id).await?;
+            let not_after = issue_certificates(rsvc, ctx, &namespace, &id).await?;
             let peers: Vec<String> =
                 pods.iter().filter(|p| status::pod_running(p)).filter_map(status::pod_address).collect();
-            let pod = pods::replica_pod(rsvc, &ctx.defaults, &ctx.pod_settings, spec, &id, bootstrap, &peers);
+            let mut pod =
+                pods::replica_pod(rsvc, &ctx.defaults, &ctx.pod_settings, spec, &id, bootstrap, &peers);
+            if let Some(not_after) = not_after {
+                pods::set_certificate_not_after(&mut pod, not_after);
+            }
             match pod_api
                 .create(
                     &PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() },
@@ -294,24 +310,55 @@ async fn act(
         }
         Action::Stop { id, reason } => {
             let pod_name = pods::pod_name(&name, &id);
-            match pod_api.delete(&pod_name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(error) => return Err(error.into()),
-            }
-            if ctx.authority.is_some() {
-                let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-                match secrets.delete(&pods::tls_secret_name(&pod_name), &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(status)) if status.code == 404 => {}
-                    Err(error) => return Err(error.into()),
-                }
-            }
+            delete_pod(ctx, &namespace, &pod_name).await?;
             let note = format!("deleted {pod_name}: {reason}");
             ctx.event(rsvc, EventType::Normal, "Removed", format!("Delete {pod_name}"), note).await;
         }
         Action::Forget { .. } => {}
     }
+    Ok(())
+}
+
+/// Deletes a replica pod and the Secret of its certificates (a new pod gets new ones).
+async fn delete_pod(ctx: &Context, namespace: &str, pod_name: &str) -> Result<(), Error> {
+    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    match pod_api.delete(pod_name, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 => {}
+        Err(error) => return Err(error.into()),
+    }
+    if ctx.authority.is_some() {
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+        match secrets.delete(&pods::tls_secret_name(pod_name), &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Carries out a certificate rotation: the pod goes, and the RM replaces it as it does
+/// any lost member (a failover first for the primary), through `Action::Start`, which
+/// issues the new pod new certificates.
+async fn rotate_certificates(
+    rsvc: &ReplicatedService,
+    ctx: &Context,
+    rotation: Rotation,
+) -> Result<(), Error> {
+    let namespace = rsvc.namespace().unwrap_or_default();
+    let pod_name = pods::pod_name(&rsvc.name_any(), &rotation.id);
+    let now = unix_ms() as i64 / 1000;
+    let note = format!(
+        "replacing {pod_name}{} to renew its certificates (they expire in {} s; due for renewal since {} s ago)",
+        if rotation.primary { ", the primary, after a failover" } else { "" },
+        rotation.not_after - now,
+        now - rotation.due_since,
+    );
+    info!(service = %rsvc.name_any(), "{note}");
+    delete_pod(ctx, &namespace, &pod_name).await?;
+    let action = format!("Replace {pod_name} for certificates expiring at {}", rotation.not_after);
+    ctx.event(rsvc, EventType::Normal, "CertificateRotation", action, note).await;
     Ok(())
 }
 
@@ -439,21 +486,23 @@ async fn ensure_client_secret(rsvc: &ReplicatedService, ctx: &Context, namespace
 }
 
 /// A new pair of certificates (replica and LFD) for the pod of replica `id`, in its
-/// Secret, applied before the pod is created: every pod gets keys of its own.
+/// Secret, applied before the pod is created: every pod gets keys of its own. Returns
+/// when the first of them expires (unix seconds), None without TLS.
 async fn issue_certificates(
     rsvc: &ReplicatedService,
     ctx: &Context,
     namespace: &str,
     id: &str,
-) -> Result<(), Error> {
-    let Some(authority) = &ctx.authority else { return Ok(()) };
+) -> Result<Option<i64>, Error> {
+    let Some(authority) = &ctx.authority else { return Ok(None) };
     let detector = pods::detector_id(namespace, &pods::pod_name(&rsvc.name_any(), id));
     let (replica, lfd) = certs::issue_pod(authority, &pods::group_name(rsvc), id, &detector)?;
     let secret = pods::tls_secret(rsvc, id, &replica, &lfd);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     secrets.patch(&secret.name_any(), &apply, &Patch::Apply(&secret)).await?;
-    Ok(())
+    let not_after = tls::not_after(&replica.cert)?.min(tls::not_after(&lfd.cert)?);
+    Ok(Some(not_after))
 }
 
 /// The client Service, the headless peer Service and the PodDisruptionBudget.

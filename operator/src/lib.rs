@@ -11,4 +11,5 @@ pub mod membership;
 pub mod pods;
 pub mod replicas;
 pub mod rm;
+pub mod rotation;
 pub mod status;

@@ -30,6 +30,9 @@ pub const REPLICA_LABEL: &str = "tandem.dev/replica";
 pub const ROLE_LABEL: &str = "tandem.dev/role";
 pub const MEMBER_LABEL: &str = "tandem.dev/member";
 pub const MANAGED_BY: &str = "tandem-operator";
+/// When the certificates of a replica pod expire (unix seconds): set by the operator on
+/// the pod it creates, from the certificates it issued it; certificate rotation reads it.
+pub const CERTIFICATE_NOT_AFTER_ANNOTATION: &str = "tandem.dev/certificate-not-after";
 
 /// Where the replica pods find the GFD, and how they log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,6 +236,29 @@ pub fn client_secret(rsvc: &ReplicatedService, ca: &str, token: Option<&str>) ->
         data: Some(data),
         ..Secret::default()
     }
+}
+
+/// Records on `pod` when its certificates expire (unix seconds).
+pub fn set_certificate_not_after(pod: &mut Pod, not_after: i64) {
+    pod.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(CERTIFICATE_NOT_AFTER_ANNOTATION.into(), not_after.to_string());
+}
+
+/// The certificates of a replica pod: issued when the pod was created, expiring when its
+/// annotation says. A pod created before the operator recorded that holds certificates
+/// of the default validity (they were all issued so). None: not a replica pod, or not
+/// created yet.
+pub fn pod_certificate(pod: &Pod) -> Option<crate::rotation::PodCertificate> {
+    let id = pod.labels().get(REPLICA_LABEL)?.clone();
+    let issued_at = pod.metadata.creation_timestamp.as_ref()?.0.as_second();
+    let not_after = pod
+        .annotations()
+        .get(CERTIFICATE_NOT_AFTER_ANNOTATION)
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(issued_at + tandem_replica::tls::VALIDITY.as_secs() as i64);
+    Some(crate::rotation::PodCertificate { id, issued_at, not_after })
 }
 
 /// The identity the group's members carry in their certificates: `namespace/service`.
@@ -564,6 +590,24 @@ mod tests {
 
     fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
         container.env.as_ref()?.iter().find(|e| e.name == name)?.value.as_deref()
+    }
+
+    #[test]
+    fn a_pods_certificate_expiry_is_its_annotation_or_else_the_default_validity() {
+        let mut pod = replica_pod(&rsvc(), &defaults(), &settings(), &Spec::default(), "r2", false, &[]);
+        assert_eq!(pod_certificate(&pod), None, "not created yet");
+        let created: k8s_openapi::jiff::Timestamp = "2030-01-01T00:00:00Z".parse().expect("a time");
+        pod.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(created));
+        let issued_at = created.as_second();
+        // A pod from before the annotation: its certificates had the default validity.
+        let default = tandem_replica::tls::VALIDITY.as_secs() as i64;
+        let before = pod_certificate(&pod).expect("a replica pod");
+        assert_eq!(
+            (before.id.as_str(), before.issued_at, before.not_after),
+            ("r2", issued_at, issued_at + default)
+        );
+        set_certificate_not_after(&mut pod, issued_at + 90);
+        assert_eq!(pod_certificate(&pod).expect("a replica pod").not_after, issued_at + 90);
     }
 
     #[test]

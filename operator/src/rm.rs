@@ -393,6 +393,27 @@ pub fn reconcile(
     actions
 }
 
+/// Whether the group is whole and settled: the spec's count of members, each running,
+/// ready and synced with its leader in the current epoch, no other instance around, the
+/// GFD's view current, and no trouble. What disturbs a group on purpose (replacing a
+/// pod to renew its certificates) waits for this, so it never adds to a failure.
+pub fn whole(spec: &Spec, record: &Record, observed: &[Observed], membership_known: bool) -> bool {
+    let Some(config) = &record.config else { return false };
+    let settled = |o: &Observed| {
+        o.instance == Instance::Running
+            && matches!(o.liveness, Liveness::Alive { ready: true })
+            && o.facts
+                .as_ref()
+                .is_some_and(|f| f.has_state && f.epoch == config.epoch && f.synced_epoch == config.epoch)
+    };
+    membership_known
+        && record.trouble.is_none()
+        && config.members.len() == spec.replicas as usize
+        && config.mode() == spec.mode
+        && observed.len() == config.members.len()
+        && observed.iter().all(|o| config.has_member(&o.id) && settled(o))
+}
+
 fn track_since(record: &mut Record, observed: &[Observed], membership_known: bool, now: u64) {
     for o in observed {
         let dead =

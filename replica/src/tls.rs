@@ -132,7 +132,8 @@ impl Material {
         Ok(material)
     }
 
-    /// Writes the three files into `dir` (created), readable by the owner only.
+    /// Writes the three files into `dir` (created), readable by the owner only. The key
+    /// goes last: a process watching it for a change (the GFD) then finds a whole set.
     pub fn write(&self, dir: &Path) -> Result<(), TlsError> {
         std::fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.into(), source })?;
         for (name, text) in [(CA_FILE, &self.ca), (CERT_FILE, &self.cert), (KEY_FILE, &self.key)] {
@@ -281,9 +282,12 @@ pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
     ca: String,
     key: String,
+    /// How long the certificates it issues are valid (`VALIDITY` unless set).
+    validity: Duration,
 }
 
-/// How long an issued certificate is valid. The issuer renews at two thirds of it.
+/// How long an issued certificate is valid by default (the operator's
+/// `--certificate-validity-s` changes it). The issuer renews at two thirds of it.
 pub const VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
@@ -298,7 +302,7 @@ impl Authority {
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
-        Ok(Self { issuer: Issuer::new(params, key), ca: cert.pem(), key: key_pem })
+        Ok(Self { issuer: Issuer::new(params, key), ca: cert.pem(), key: key_pem, validity: VALIDITY })
     }
 
     /// The CA as stored: its certificate and key, PEM.
@@ -306,7 +310,17 @@ impl Authority {
         let bad = |e: rcgen::Error| TlsError::BadCertificate { what: "the CA".into(), reason: e.to_string() };
         let key_pair = KeyPair::from_pem(key).map_err(bad)?;
         let issuer = Issuer::from_ca_cert_pem(ca, key_pair).map_err(bad)?;
-        Ok(Self { issuer, ca: ca.to_owned(), key: key.to_owned() })
+        Ok(Self { issuer, ca: ca.to_owned(), key: key.to_owned(), validity: VALIDITY })
+    }
+
+    /// The same CA, issuing certificates valid for `validity`.
+    pub fn with_validity(mut self, validity: Duration) -> Self {
+        self.validity = validity;
+        self
+    }
+
+    pub fn validity(&self) -> Duration {
+        self.validity
     }
 
     /// The CA kept in `dir` (`ca.crt`, `ca.key`), created there the first time.
@@ -333,7 +347,7 @@ impl Authority {
         let current = Material::load(&holder).ok().filter(|m| {
             m.ca == self.ca
                 && m.identity().ok().as_ref() == Some(identity)
-                && seconds_left(&m.cert).is_ok_and(|left| left > (VALIDITY.as_secs() / 3) as i64)
+                && seconds_left(&m.cert).is_ok_and(|left| left > (self.validity.as_secs() / 3) as i64)
         });
         if current.is_none() {
             self.issue(identity)?.write(&holder)?;
@@ -349,7 +363,7 @@ impl Authority {
         &self.key
     }
 
-    /// A certificate for `identity`, valid for `VALIDITY`, as a server and a client.
+    /// A certificate for `identity`, valid for this CA's validity, as a server and a client.
     pub fn issue(&self, identity: &Identity) -> Result<Material, TlsError> {
         let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned()])?;
         params.subject_alt_names.push(SanType::URI(identity.uri().try_into()?));
@@ -357,7 +371,7 @@ impl Authority {
         params.extended_key_usages =
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        set_validity(&mut params, VALIDITY);
+        set_validity(&mut params, self.validity);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Material { ca: self.ca.clone(), cert: cert.pem(), key: key.serialize_pem() })
@@ -373,11 +387,16 @@ fn set_validity(params: &mut CertificateParams, valid_for: Duration) {
 
 /// Seconds until `cert` (PEM) expires; negative when it has.
 pub fn seconds_left(cert: &str) -> Result<i64, TlsError> {
+    let now = crate::wire::unix_ms() as i64 / 1000;
+    Ok(not_after(cert)? - now)
+}
+
+/// When `cert` (PEM) expires, unix seconds.
+pub fn not_after(cert: &str) -> Result<i64, TlsError> {
     let der = pem_der(cert, "the certificate")?;
     let (_, parsed) = x509_parser::parse_x509_certificate(&der)
         .map_err(|e| TlsError::BadCertificate { what: "the certificate".into(), reason: e.to_string() })?;
-    let now = crate::wire::unix_ms() as i64 / 1000;
-    Ok(parsed.validity().not_after.timestamp() - now)
+    Ok(parsed.validity().not_after.timestamp())
 }
 
 #[cfg(test)]
@@ -421,6 +440,16 @@ mod tests {
         let again = reloaded.issue(&Identity::Gfd).expect("issue");
         assert_eq!(again.ca, material.ca, "one CA");
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn an_authority_with_a_short_validity_issues_certificates_that_say_so() {
+        let authority = Authority::generate("test").expect("CA").with_validity(Duration::from_secs(90));
+        let material = authority.issue(&Identity::Gfd).expect("issue");
+        let left = seconds_left(&material.cert).expect("validity");
+        assert!((80..=90).contains(&left), "{left}");
+        let now = crate::wire::unix_ms() as i64 / 1000;
+        assert_eq!(not_after(&material.cert).expect("not after") - now, left, "one clock, one certificate");
     }
 
     fn tempfile_dir() -> PathBuf {

@@ -101,6 +101,47 @@ pub fn helm_template(values: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The chart upgraded with `--set` values (`key=value`) for one test, and put back as
+/// `installed()` made it when dropped, passed or not. Each upgrade waits for the
+/// operator's rollout (the Deployment's Recreate strategy replaces its pod).
+pub struct ChartValues;
+
+impl ChartValues {
+    pub fn set(values: &[&str]) -> Self {
+        let (ok, out, err) = upgrade_chart(values);
+        assert!(ok, "helm upgrade with {values:?} failed: {out}{err}");
+        ChartValues
+    }
+}
+
+impl Drop for ChartValues {
+    fn drop(&mut self) {
+        // No panic here (it may run while a failed test unwinds): the next test's
+        // helm calls would show a broken release anyway.
+        let (ok, out, err) = upgrade_chart(&[]);
+        if !ok {
+            eprintln!("could not put the chart's values back: {out}{err}");
+        }
+    }
+}
+
+fn upgrade_chart(values: &[&str]) -> (bool, String, String) {
+    let mut args = helm_install_args();
+    for value in values {
+        args.extend(["--set".to_owned(), (*value).to_owned()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = run("helm", &args, None);
+    if !ok {
+        return (ok, out, err);
+    }
+    run(
+        "kubectl",
+        &["-n", OPERATOR_NAMESPACE, "rollout", "status", "deploy/tandem-operator", "--timeout=120s"],
+        None,
+    )
+}
+
 /// `kubectl auth can-i VERB RESOURCE -n NAMESPACE --as USER`; `RESOURCE` may name a
 /// subresource (`pods/exec`).
 pub fn can_i(user: &str, verb: &str, resource: &str, namespace: &str) -> bool {

@@ -8,14 +8,15 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::Pod;
 use kube::client::Body;
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use super::{Context, reconcile};
+use super::{Context, reconcile, rotate_certificates};
 use crate::crd::{Defaults, ReplicatedService, ReplicatedServiceSpec};
 use crate::pods::PodSettings;
 use crate::rm::Spec;
+use crate::rotation::Rotation;
 
 type ApiHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -198,6 +199,14 @@ async fn a_new_service_starts_its_three_bootstrap_pods_and_records_each_with_an_
                     assert!(bootstrap, "the first replicas found the group: {pod:?}");
                     let spec = pod.spec.as_ref().expect("spec");
                     assert_eq!(spec.service_account_name.as_deref(), Some("demo-replica"));
+                    let not_after: i64 = pod.annotations()[crate::pods::CERTIFICATE_NOT_AFTER_ANNOTATION]
+                        .parse()
+                        .expect("unix seconds");
+                    let left = not_after - tandem_replica::wire::unix_ms() as i64 / 1000;
+                    assert!(
+                        left > 89 * 24 * 3600 && left <= 90 * 24 * 3600,
+                        "the certificates' expiry is recorded on the pod: {left} s left"
+                    );
                     let tls = spec.volumes.iter().flatten().find(|v| v.name == "tls").expect("a tls volume");
                     let secret = tls.secret.as_ref().and_then(|s| s.secret_name.clone()).expect("a secret");
                     assert!(secret.starts_with("demo-r") && secret.ends_with("-tls"), "{secret}");
@@ -256,4 +265,44 @@ async fn a_new_service_starts_its_three_bootstrap_pods_and_records_each_with_an_
     let names: Vec<&str> =
         seen.iter().filter(|b| b["kind"] == "Pod").filter_map(|b| b["metadata"]["name"].as_str()).collect();
     assert_eq!(names, ["demo-r1", "demo-r2", "demo-r3"]);
+}
+
+#[tokio::test]
+async fn a_certificate_rotation_deletes_the_pod_and_its_secret_and_says_why() {
+    let (ctx, handle) = context();
+    let script = vec![
+        Expect {
+            method: Method::DELETE,
+            path: "/api/v1/namespaces/test/pods/demo-r2",
+            status: StatusCode::OK,
+            answer: Answer::Json(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "demo-r2"}})),
+            check: nothing,
+        },
+        Expect {
+            method: Method::DELETE,
+            path: "/api/v1/namespaces/test/secrets/demo-r2-tls",
+            // Gone already: not an error.
+            status: StatusCode::NOT_FOUND,
+            answer: Answer::Json(json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                        "reason": "NotFound", "code": 404})),
+            check: nothing,
+        },
+        Expect {
+            method: Method::POST,
+            path: EVENTS,
+            status: StatusCode::CREATED,
+            answer: Answer::Echo,
+            check: |body| {
+                assert_eq!(body["reason"], "CertificateRotation", "{body}");
+                let note = body["note"].as_str().expect("a note");
+                assert!(note.contains("demo-r2") && note.contains("renew its certificates"), "{note}");
+                assert!(!note.contains("primary"), "a backup: {note}");
+            },
+        },
+    ];
+    let api = serve(handle, script);
+    let now = tandem_replica::wire::unix_ms() as i64 / 1000;
+    let rotation = Rotation { id: "r2".into(), primary: false, not_after: now + 30, due_since: now - 1 };
+    rotate_certificates(&service(), &ctx, rotation).await.expect("rotated");
+    assert_eq!(api.await.expect("api").len(), 3);
 }
