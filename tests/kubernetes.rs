@@ -26,8 +26,8 @@ async fn verify(
     stop: CancellationToken,
     writers: tokio::task::JoinSet<()>,
 ) {
-    let live = k8s::member_addresses(rsvc);
-    if let Err(failure) = verdict::stop_and_verify(&live, recorder, stop, writers).await {
+    let live = k8s::member_target(rsvc).await;
+    if let Err(failure) = verdict::stop_and_verify(live, recorder, stop, writers).await {
         k8s::dump(namespace);
         panic!("{failure}");
     }
@@ -83,8 +83,7 @@ async fn helm_install_and_a_passive_service_comes_up_with_its_status_and_columns
     }
     // And it serves: a client writes and reads through the pod IPs.
     let mut client_lib =
-        tandem_replica::client::Client::new(tandem_replica::client::ClientSettings::new(k8s::endpoints(&up)))
-            .expect("client");
+        tandem_replica::client::Client::new(k8s::target(&up).await.client_settings()).expect("client");
     client_lib.put("hello", "kubernetes").await.expect("put");
     assert_eq!(client_lib.get("hello").await.expect("get").as_deref(), Some(&b"kubernetes"[..]));
 }
@@ -128,7 +127,7 @@ async fn failover_story(mode: &str, ns_name: &str) -> Arc<Recorder> {
     let recorder = Recorder::new();
     let stop = CancellationToken::new();
     let writers =
-        workload::start(Workload::default(), k8s::endpoints(&up), Arc::clone(&recorder), stop.clone());
+        workload::start(Workload::default(), k8s::target(&up).await, Arc::clone(&recorder), stop.clone());
     sleep(Duration::from_secs(1)).await;
 
     // The primary's pod is deleted: a new primary, a replacement pod that rejoins.
@@ -182,7 +181,7 @@ async fn scaling_switching_mode_and_changing_heartbeat_on_a_live_service_lose_no
     let recorder = Recorder::new();
     let stop = CancellationToken::new();
     let writers =
-        workload::start(Workload::default(), k8s::endpoints(&up), Arc::clone(&recorder), stop.clone());
+        workload::start(Workload::default(), k8s::target(&up).await, Arc::clone(&recorder), stop.clone());
     sleep(Duration::from_secs(1)).await;
 
     let epoch = |r: &tandem_operator::crd::ReplicatedService| r.status.as_ref().map_or(0, |s| s.epoch);
@@ -291,7 +290,7 @@ async fn operator_restart_disturbs_nothing_and_a_failover_across_it_completes() 
     let recorder = Recorder::new();
     let stop = CancellationToken::new();
     let writers =
-        workload::start(Workload::default(), k8s::endpoints(&after), Arc::clone(&recorder), stop.clone());
+        workload::start(Workload::default(), k8s::target(&after).await, Arc::clone(&recorder), stop.clone());
     sleep(Duration::from_secs(1)).await;
     let primary = after.status.as_ref().and_then(|s| s.primary.clone()).expect("primary");
     let deleted_at = recorder.now();
@@ -333,7 +332,7 @@ async fn the_example_service_heals_from_primary_backup_and_stuck_pod_deletions()
     let recorder = Recorder::new();
     let stop = CancellationToken::new();
     let writers =
-        workload::start(Workload::default(), k8s::endpoints(&up), Arc::clone(&recorder), stop.clone());
+        workload::start(Workload::default(), k8s::target(&up).await, Arc::clone(&recorder), stop.clone());
     sleep(Duration::from_secs(1)).await;
 
     let primary = up.status.as_ref().and_then(|s| s.primary.clone()).expect("primary");
@@ -441,7 +440,7 @@ async fn short_lived_certificates_are_rotated_pod_by_pod_without_losing_a_write(
     let recorder = Recorder::new();
     let stop = CancellationToken::new();
     let writers =
-        workload::start(Workload::default(), k8s::endpoints(&up), Arc::clone(&recorder), stop.clone());
+        workload::start(Workload::default(), k8s::target(&up).await, Arc::clone(&recorder), stop.clone());
 
     // Done when no first pod is left, every pod holds newer certificates, and the group
     // is whole (the RM rotates one pod at a time, so this is a whole group between two).
@@ -490,8 +489,7 @@ async fn deleting_every_pod_at_once_is_reported_and_the_annotation_recreates_the
     kubectl_apply(&ns, &k8s::example("passive.yaml")).expect("apply the example");
     let up = k8s::wait_for(&client, &ns, "demo", UP, "up", healthy(3, 0)).await;
     let mut writer =
-        tandem_replica::client::Client::new(tandem_replica::client::ClientSettings::new(k8s::endpoints(&up)))
-            .expect("client");
+        tandem_replica::client::Client::new(k8s::target(&up).await.client_settings()).expect("client");
     writer.put("before", "the loss").await.expect("put");
     let epoch = up.status.as_ref().map_or(0, |s| s.epoch);
 
@@ -526,10 +524,8 @@ async fn deleting_every_pod_at_once_is_reported_and_the_annotation_recreates_the
     let args: Vec<&str> = command.split_whitespace().skip(1).collect();
     kubectl(&args);
     let recreated = k8s::wait_for(&client, &ns, "demo", HEAL, "recreated", healthy(3, lost_epoch)).await;
-    let mut client_lib = tandem_replica::client::Client::new(tandem_replica::client::ClientSettings::new(
-        k8s::endpoints(&recreated),
-    ))
-    .expect("client");
+    let mut client_lib =
+        tandem_replica::client::Client::new(k8s::target(&recreated).await.client_settings()).expect("client");
     assert_eq!(client_lib.get("before").await.expect("get"), None, "an empty group, as announced");
     client_lib.put("after", "recreation").await.expect("put");
     assert_eq!(client_lib.get("after").await.expect("get").as_deref(), Some(&b"recreation"[..]));
@@ -576,8 +572,7 @@ async fn replica_pods_meet_the_restricted_pod_security_profile_and_hold_no_api_t
 
     // With a read-only root filesystem and no capability, the group still serves.
     let mut client_lib =
-        tandem_replica::client::Client::new(tandem_replica::client::ClientSettings::new(k8s::endpoints(&up)))
-            .expect("client");
+        tandem_replica::client::Client::new(k8s::target(&up).await.client_settings()).expect("client");
     client_lib.put("restricted", "still serving").await.expect("put");
     assert_eq!(client_lib.get("restricted").await.expect("get").as_deref(), Some(&b"still serving"[..]));
 }

@@ -6,10 +6,12 @@
 use std::process::Command;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
+use tandem_check::workload::Target;
 use tandem_operator::crd::ReplicatedService;
+use tandem_replica::wire::ClientCredentials;
 use tokio::time::{Instant, sleep};
 
 /// The image the suite runs, made by .ci/run from the built binary
@@ -344,6 +346,33 @@ pub fn healthy(replicas: usize, after_epoch: i64) -> impl Fn(&ReplicatedService)
 /// Client endpoints: the members' pod IPs, as published in the status.
 pub fn endpoints(rsvc: &ReplicatedService) -> Vec<String> {
     rsvc.status.iter().flat_map(|s| &s.members).filter_map(|m| m.address.clone()).collect()
+}
+
+/// How a client reaches the service, as an application in its namespace would: the
+/// members' addresses, and the CA (and token, if any) from the Secret `<service>-client`
+/// that the operator makes (the client ports serve TLS by default).
+pub async fn target(rsvc: &ReplicatedService) -> Target {
+    target_of(rsvc, endpoints(rsvc)).await
+}
+
+/// `target` over the configuration's members (what the RM installed).
+pub async fn member_target(rsvc: &ReplicatedService) -> Target {
+    target_of(rsvc, member_addresses(rsvc)).await
+}
+
+async fn target_of(rsvc: &ReplicatedService, endpoints: Vec<String>) -> Target {
+    let client = Client::try_default().await.expect("KUBECONFIG points at the test cluster");
+    let namespace = rsvc.namespace().expect("a namespaced service");
+    let secrets: Api<Secret> = Api::namespaced(client, &namespace);
+    let name = format!("{}-client", rsvc.name_any());
+    let secret = secrets.get_opt(&name).await.expect("read the client Secret");
+    let field = |key: &str| {
+        secret
+            .as_ref()
+            .and_then(|s| s.data.as_ref()?.get(key))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+    };
+    Target { endpoints, credentials: ClientCredentials { ca: field("ca.crt"), token: field("token") } }
 }
 
 pub fn member_addresses(rsvc: &ReplicatedService) -> Vec<String> {
