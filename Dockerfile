@@ -13,5 +13,6 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /tandem /usr/local/bin/tandem
 USER 65532:65532
-EXPOSE 7000 7100
+# 7000 clients, 17000 the internal plane (mutual TLS), 7100 the GFD.
+EXPOSE 7000 17000 7100
 ENTRYPOINT ["/usr/local/bin/tandem"]

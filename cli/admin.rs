@@ -37,6 +37,7 @@ pub struct ConfigureArgs {
     /// The new epoch; must be higher than every replica's current one.
     #[arg(long)]
     pub epoch: u64,
+    /// Replication mode: passive or active.
     #[arg(long, value_enum)]
     pub mode: Mode,
     /// Id of the primary (passive) or order-keeper (active).
@@ -51,6 +52,10 @@ pub struct ConfigureArgs {
     /// Where the group's manager certificate is (DIR/tls/manager), unless --tls-dir.
     #[command(flatten)]
     pub target: EndpointArgs,
+    /// Install even though a `tandem up` manages the group in DIR (its RM does not
+    /// learn of a configuration installed by hand, and may fail to fail over after it).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Asks every address at once; each answer, or why there is none, beside its address.
@@ -229,6 +234,11 @@ pub async fn configure(args: ConfigureArgs) -> anyhow::Result<()> {
     let mode = args.mode;
     let config = pb::Configuration { epoch: args.epoch, mode: mode.into(), primary: args.primary, members };
     tandem_replica::replication::check_configuration(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(
+        args.force || tandem_operator::local::StateFile::read(&args.target.dir).is_none(),
+        "a `tandem up` manages the group in {}: its RM installs configurations (use `tandem set` to change the group, `tandem chaos` to fault it), and one installed by hand would leave it behind; pass --force to do it anyway",
+        args.target.dir.display()
+    );
     args.target.use_local_identity()?;
     let mut targets: Vec<String> = config.members.iter().map(|m| m.address.clone()).collect();
     targets.extend(args.also);

@@ -121,7 +121,10 @@ pub async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         }
         Fault::KillGfd => send(state.gfd_process(), Signal::SIGKILL, "the GFD")?,
         Fault::Pause { replica, seconds } => {
-            anyhow::ensure!(seconds > 0.0 && seconds <= 3600.0, "pause between 0 and 3600 seconds");
+            anyhow::ensure!(
+                seconds > 0.0 && seconds <= 3600.0,
+                "a pause lasts more than 0 and at most 3600 seconds"
+            );
             send(replica_pid(&replica), Signal::SIGSTOP, &format!("replica {replica}"))?;
             tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
             send(replica_pid(&replica), Signal::SIGCONT, &format!("replica {replica}"))?;

@@ -70,7 +70,7 @@ enum Command {
     Recreate(admin::RecreateArgs),
     /// Inject a fault into a running `tandem up`.
     Chaos(chaos::ChaosArgs),
-    /// Measure: `tandem bench failover`.
+    /// Measure: failover, session memory, what TLS costs (`tandem bench failover|sessions|tls`).
     Bench(bench::BenchArgs),
     /// Run a seeded fault campaign against a local system, then check it: linearizable,
     /// nothing acknowledged lost, nothing executed twice, equal digests, healed.

@@ -86,6 +86,28 @@ async fn helm_install_and_a_passive_service_comes_up_with_its_status_and_columns
         tandem_replica::client::Client::new(k8s::target(&up).await.client_settings()).expect("client");
     client_lib.put("hello", "kubernetes").await.expect("put");
     assert_eq!(client_lib.get("hello").await.expect("get").as_deref(), Some(&b"kubernetes"[..]));
+
+    // The client ports serve TLS by default: a plaintext client gets nowhere.
+    let mut plaintext = tandem_replica::client::ClientSettings::new(k8s::endpoints(&up));
+    plaintext.deadline = Duration::from_secs(3);
+    let mut plaintext = tandem_replica::client::Client::new(plaintext).expect("client");
+    plaintext.put("hello", "plaintext").await.expect_err("the client port asks for TLS");
+
+    // The example client Job, as a user applies it, with the members' pod IPs for the
+    // client Service (this cluster has no kube-proxy) and the suite's image.
+    let job = std::fs::read_to_string(format!("{}/examples/client.yaml", env!("CARGO_MANIFEST_DIR")))
+        .expect("the example client")
+        .replace("demo:7000", &k8s::endpoints(&up).join(","))
+        .replace("tandem:0.1.0", k8s::IMAGE);
+    kubectl_apply(&ns, &job).expect("apply the example client");
+    let (done, out, err) = k8s::run(
+        "kubectl",
+        &["wait", "-n", &ns, "--for=condition=complete", "job/demo-client", "--timeout=120s"],
+        None,
+    );
+    let logs = kubectl(&["logs", "-n", &ns, "job/demo-client", "--all-containers"]);
+    assert!(done, "the example client did not complete: {out}{err}\n{logs}");
+    assert!(logs.contains("OK") && logs.contains("hello"), "{logs}");
 }
 
 /// Deletes `pod` and waits until the group is whole again at a higher epoch, with a new

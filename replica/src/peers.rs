@@ -192,6 +192,10 @@ async fn handle_refusal(node: &Arc<Node>, peer: &str, status: &tonic::Status) {
 }
 
 /// Streams a checkpoint to a follower, then tells the core how it went.
+/// How long a leader waits before it sends a follower another checkpoint after one
+/// failed (the follower is down, or refused it).
+const CHECKPOINT_RETRY: Duration = Duration::from_millis(500);
+
 async fn send_checkpoint(node: Arc<Node>, peer: String, address: String, checkpoint: Checkpoint) {
     let (seq, keys) = (checkpoint.seq, checkpoint.state.keys());
     let (epoch, leader) = (node.read(|core| core.epoch()), node.id().to_owned());
@@ -219,14 +223,17 @@ async fn send_checkpoint(node: Arc<Node>, peer: String, address: String, checkpo
             }
         }
         Err(status) => {
-            warn!(%peer, seq, error = %status.message(), "checkpoint transfer failed");
+            warn!(%peer, seq, error = %status.message(), "checkpoint transfer failed; retrying in {} ms", CHECKPOINT_RETRY.as_millis());
+            // Still in flight for the core while waiting: it offers no new checkpoint to
+            // this follower until then (a dead follower must not be retried in a loop).
+            tokio::time::sleep(CHECKPOINT_RETRY).await;
             // Cannot be refused: there is no answer to check.
             let _ = node.apply(|inner| inner.core.on_checkpoint_sent(&peer, seq, None));
-            true
+            return;
         }
     };
     if failed {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(CHECKPOINT_RETRY).await;
         node.changed.send_modify(|v| *v += 1);
     }
 }

@@ -590,7 +590,8 @@ impl Local {
         if change != MembershipChange::Snapshot {
             say(format!("GFD: {} {} ({})", event.replica_id, describe_change(change), event.reason));
             let alive = alive_members(&event);
-            say(format!("GFD: {} members: {}", alive.len(), alive.join(", ")));
+            let noun = if alive.len() == 1 { "member" } else { "members" };
+            say(format!("GFD: {} {noun}: {}", alive.len(), alive.join(", ")));
         }
         if change == MembershipChange::Ready
             && let Some(started) = self.restarted_at.remove(&event.replica_id)
