@@ -323,3 +323,34 @@ async fn the_client_port_asks_for_tls_and_the_token_when_told_to() {
     let read = system.tandem(&["get", "k"]);
     assert_eq!(read.trim(), "v", "the CLI finds the CA and the token in the directory");
 }
+
+/// A `tandem up` killed and started again adopts its group only with the same ports
+/// and security: a restart with `--no-tls` (or another `--port`) would speak plaintext
+/// to TLS replicas (or look for them elsewhere) and leave the group unable to fail
+/// over. It is refused, with what to do, and the group goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_with_other_security_or_ports_is_refused_and_the_group_goes_on() {
+    let mut system = LocalSystem::start(3, &[]).await;
+    system.kill_up();
+    let dir = system.dir();
+    let base = system.base_port.to_string();
+    let other = (system.base_port + 1000).to_string();
+    for (what, extra) in
+        [("--no-tls", vec!["--port", base.as_str(), "--no-tls"]), ("--port", vec!["--port", other.as_str()])]
+    {
+        let out = std::process::Command::new(support::cluster::TANDEM)
+            .arg("up")
+            .args(&extra)
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .expect("run tandem up");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: adopted a group it cannot speak to");
+        assert!(stderr.contains("start `tandem up` with the same"), "{what}: {stderr}");
+    }
+    system.start_up();
+    system.wait_healthy(3, Duration::from_secs(30)).await;
+    let mut client = Client::new(ClientSettings::new(system.endpoints())).expect("client");
+    client.put("after", "restart").await.expect("the group serves after the refusals");
+}
