@@ -69,6 +69,11 @@ pub struct OperatorArgs {
     /// `<service>-client` (made once per service).
     #[arg(long, env = "TANDEM_CLIENT_TOKEN", default_value_t = false, action = clap::ArgAction::Set)]
     pub client_token: bool,
+    /// Take the CA from this Secret of the operator's namespace (`tls.crt` and `tls.key`
+    /// of a CA, as cert-manager writes for a Certificate with `isCA: true` from your
+    /// issuer) instead of making one in `tandem-ca`.
+    #[arg(long, env = "TANDEM_CA_SECRET")]
+    pub ca_secret: Option<String>,
     /// Where to write the GFD sidecar's certificate (a volume both containers mount).
     #[arg(long, env = "TANDEM_GFD_TLS_DIR")]
     pub gfd_tls_dir: Option<std::path::PathBuf>,
@@ -105,7 +110,9 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     tokio::spawn(stop_on_signal(shutdown.clone()));
     // Before the lease: a standby's GFD needs its certificate as much as the leader's.
     let authority = if args.tls {
-        let authority = certs::operator_authority(&client, &args.namespace).await?.with_validity(validity);
+        let authority = certs::operator_authority(&client, &args.namespace, args.ca_secret.as_deref())
+            .await?
+            .with_validity(validity);
         certs::install_operator_identity(&authority, args.gfd_tls_dir.as_deref())?;
         tokio::spawn(stop_to_renew_certificates(validity, shutdown.clone()));
         Some(Arc::new(authority))

@@ -869,3 +869,40 @@ fn the_restricted_checker_passes_a_compliant_pod_and_names_each_broken_field() {
         assert_eq!(violations.len(), 1, "change {i}: {violations:?}");
     }
 }
+
+/// The user's CA instead of the operator's own (chart `tls.caSecret`): a
+/// `kubernetes.io/tls` Secret holding a CA, as cert-manager writes for a Certificate
+/// with `isCA: true` from the user's issuer (this cluster has no cert-manager; the Secret
+/// is what the operator reads). The operator signs the pods' certificates with it and
+/// hands it to clients, and the group serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn a_ca_given_in_a_cert_manager_secret_signs_every_certificate_of_the_group() {
+    let client = k8s::installed().await;
+    let ca = tandem_replica::tls::Authority::generate("the user's issuer").expect("a CA");
+    let indent = |pem: &str| pem.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n");
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: tandem-ca-from-issuer\ntype: kubernetes.io/tls\nstringData:\n  ca.crt: the issuer's own certificate, not this CA\n  tls.crt: |\n{}\n  tls.key: |\n{}\n",
+        indent(ca.ca_pem()),
+        indent(ca.key_pem())
+    );
+    kubectl_apply(k8s::OPERATOR_NAMESPACE, &secret).expect("the CA Secret");
+    let given = k8s::ChartValues::set(&["tls.caSecret=tandem-ca-from-issuer"]);
+    let ns = k8s::namespace(&client, "e2e-ca").await;
+    kubectl_apply(&ns, &manifest("byo", "passive", 3, "")).expect("apply");
+    let up = k8s::wait_for(&client, &ns, "byo", UP, "up", healthy(3, 0)).await;
+
+    let target = k8s::target(&up).await;
+    assert_eq!(target.credentials.ca.as_deref(), Some(ca.ca_pem()), "clients are given the user's CA");
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client.clone(), &ns);
+    for pod in k8s::pods(&client, &ns).await {
+        let secret = secrets.get(&format!("{}-tls", pod.name_any())).await.expect("the pod's certificates");
+        let data = secret.data.expect("data");
+        assert_eq!(data["ca.crt"].0, ca.ca_pem().as_bytes(), "{} trusts the user's CA", pod.name_any());
+    }
+    let mut client_lib = tandem_replica::client::Client::new(target.client_settings()).expect("client");
+    client_lib.put("signed", "by the user's CA").await.expect("put");
+    assert_eq!(client_lib.get("signed").await.expect("get").as_deref(), Some(&b"by the user's CA"[..]));
+    drop(given);
+    kubectl(&["delete", "secret", "-n", k8s::OPERATOR_NAMESPACE, "tandem-ca-from-issuer"]);
+}

@@ -30,12 +30,16 @@ pub const MAX_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
-    #[error("Kubernetes API call on Secret {namespace}/{CA_SECRET} failed: {source}")]
+    #[error("Kubernetes API call on the CA Secret in {namespace} failed: {source}")]
     Kube { namespace: String, source: kube::Error },
     #[error(
-        "Secret {namespace}/{CA_SECRET} holds no usable CA ({reason}); delete it to have a new CA made (every replica pod then needs recreating)"
+        "Secret {namespace}/{name} holds no usable CA ({reason}): it needs ca.crt and ca.key, or tls.crt and tls.key of a CA (a cert-manager Certificate with isCA: true and a PKCS#8 ECDSA key); for the operator's own CA, delete it to have a new one made (every replica pod then needs recreating)"
     )]
-    BadSecret { namespace: String, reason: String },
+    BadSecret { namespace: String, name: String, reason: String },
+    #[error(
+        "the CA Secret {namespace}/{name} (tls.caSecret) does not exist: create it (e.g. examples/cert-manager-ca.yaml with your issuer), or unset tls.caSecret to have the operator make its own CA"
+    )]
+    Missing { namespace: String, name: String },
     #[error(
         "a certificate validity of {seconds} s is out of bounds ({}..={} s)",
         MIN_VALIDITY.as_secs(),
@@ -57,9 +61,25 @@ pub fn check_validity(seconds: u64) -> Result<Duration, CertError> {
 }
 
 /// The CA in `namespace`'s `tandem-ca` Secret, made and stored there if there is none.
-pub async fn operator_authority(client: &kube::Client, namespace: &str) -> Result<Authority, CertError> {
+/// `given`: the CA is the user's, in that Secret of `namespace` (made by cert-manager
+/// from the user's issuer, say: `kubernetes.io/tls` keys `tls.crt`, `tls.key`), not one
+/// the operator makes.
+pub async fn operator_authority(
+    client: &kube::Client,
+    namespace: &str,
+    given: Option<&str>,
+) -> Result<Authority, CertError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let kube_error = |source| CertError::Kube { namespace: namespace.to_owned(), source };
+    if let Some(name) = given {
+        let secret = secrets
+            .get_opt(name)
+            .await
+            .map_err(kube_error)?
+            .ok_or_else(|| CertError::Missing { namespace: namespace.to_owned(), name: name.to_owned() })?;
+        info!(%namespace, secret = name, "using the CA the user gave");
+        return authority_of(&secret, namespace);
+    }
     if let Some(secret) = secrets.get_opt(CA_SECRET).await.map_err(kube_error)? {
         return authority_of(&secret, namespace);
     }
@@ -94,13 +114,21 @@ pub async fn operator_authority(client: &kube::Client, namespace: &str) -> Resul
     }
 }
 
-fn authority_of(secret: &Secret, namespace: &str) -> Result<Authority, CertError> {
-    let bad = |reason: String| CertError::BadSecret { namespace: namespace.to_owned(), reason };
+/// The CA in `secret`: `ca.crt` and `ca.key` (the operator's own), or `tls.crt` and
+/// `tls.key` (a `kubernetes.io/tls` Secret, as cert-manager writes for a Certificate with
+/// `isCA: true`; its `ca.crt` is then the issuer's, not this CA).
+pub fn authority_of(secret: &Secret, namespace: &str) -> Result<Authority, CertError> {
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let bad =
+        |reason: String| CertError::BadSecret { namespace: namespace.to_owned(), name: name.clone(), reason };
+    let data = secret.data.clone().unwrap_or_default();
     let field = |key: &str| {
-        let bytes = secret.data.as_ref().and_then(|d| d.get(key)).ok_or_else(|| bad(format!("no {key}")))?;
+        let bytes = data.get(key).ok_or_else(|| bad(format!("no {key}")))?;
         String::from_utf8(bytes.0.clone()).map_err(|_| bad(format!("{key} is not PEM text")))
     };
-    Authority::from_pem(&field(CA_FILE)?, &field(CA_KEY_FILE)?).map_err(|e| bad(e.to_string()))
+    let (cert, key) =
+        if data.contains_key(CA_KEY_FILE) { (CA_FILE, CA_KEY_FILE) } else { ("tls.crt", "tls.key") };
+    Authority::from_pem(&field(cert)?, &field(key)?).map_err(|e| bad(e.to_string()))
 }
 
 /// At the operator's start: its own certificate (the manager's) installed for every
@@ -140,5 +168,35 @@ mod tests {
         let error = check_validity(59).expect_err("59 s accepted").to_string();
         assert!(error.contains("59 s") && error.contains("60..="), "{error}");
         assert!(check_validity(MAX_VALIDITY.as_secs() + 1).is_err());
+    }
+
+    fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
+        Secret {
+            metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
+            data: Some(
+                data.iter().map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec()))).collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn a_ca_is_read_from_the_operators_secret_or_from_a_cert_manager_one() {
+        let ca = Authority::generate("test").expect("CA");
+        let own = secret(CA_SECRET, &[(CA_FILE, ca.ca_pem()), (CA_KEY_FILE, ca.key_pem())]);
+        // cert-manager's Secret for an isCA Certificate: tls.crt is the CA, ca.crt its issuer.
+        let managed = secret(
+            "from-cert-manager",
+            &[("tls.crt", ca.ca_pem()), ("tls.key", ca.key_pem()), ("ca.crt", "the issuer")],
+        );
+        for secret in [own, managed] {
+            let read = authority_of(&secret, "tandem-system").expect("a usable CA");
+            assert_eq!(read.ca_pem(), ca.ca_pem());
+            let issued = read.issue(&Identity::Gfd).expect("it issues");
+            assert_eq!(issued.ca, ca.ca_pem(), "pods trust this CA");
+        }
+        let broken = secret("broken", &[("tls.crt", ca.ca_pem())]);
+        let error = authority_of(&broken, "ns").err().expect("no key").to_string();
+        assert!(error.contains("ns/broken") && error.contains("tls.key"), "{error}");
     }
 }
