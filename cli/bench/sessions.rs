@@ -128,11 +128,9 @@ async fn measure(args: &SessionsArgs, dir: &std::path::Path) -> anyhow::Result<F
         create_sessions(replicas.address(&replicas.primary), args.sessions, args.concurrency).await?;
     record("create_ms", started.elapsed().as_millis() as u64);
     record("create_failed", failed);
-    let (sessions, install_ms) = settle_checkpoint(&replicas).await?;
-    record("sessions_before_expiry", sessions);
-    record("checkpoint_install_ms_before_expiry", install_ms);
-    record("rss_primary_before_expiry_kib", replicas.rss_kib(&replicas.primary)?);
-    record("rss_backup_before_expiry_kib", replicas.rss_kib(&replicas.backup)?);
+    for (key, value) in phase_figures(&replicas, "before_expiry").await? {
+        record(&key, value);
+    }
 
     // Every replica gets the short window (the leader's is the one that counts).
     for id in replicas.state.replicas.keys() {
@@ -149,22 +147,18 @@ async fn measure(args: &SessionsArgs, dir: &std::path::Path) -> anyhow::Result<F
     let failed = create_sessions(replicas.address(&replicas.primary), 1, 1).await?;
     anyhow::ensure!(failed == 0, "the write after the window failed");
     record("expiry_write_ms", started.elapsed().as_millis() as u64);
-    let (sessions, install_ms) = settle_checkpoint(&replicas).await?;
-    record("sessions_after_expiry", sessions);
-    record("checkpoint_install_ms_after_expiry", install_ms);
-    record("rss_primary_after_expiry_kib", replicas.rss_kib(&replicas.primary)?);
-    record("rss_backup_after_expiry_kib", replicas.rss_kib(&replicas.backup)?);
+    for (key, value) in phase_figures(&replicas, "after_expiry").await? {
+        record(&key, value);
+    }
 
     // The same number of one-shot clients again, under the short window: the table holds
     // only the last window's sessions, and the memory freed above is reused.
     let failed =
         create_sessions(replicas.address(&replicas.primary), args.sessions, args.concurrency).await?;
     record("create_again_failed", failed);
-    let (sessions, install_ms) = settle_checkpoint(&replicas).await?;
-    record("sessions_after_second_round", sessions);
-    record("checkpoint_install_ms_after_second_round", install_ms);
-    record("rss_primary_after_second_round_kib", replicas.rss_kib(&replicas.primary)?);
-    record("rss_backup_after_second_round_kib", replicas.rss_kib(&replicas.backup)?);
+    for (key, value) in phase_figures(&replicas, "after_second_round").await? {
+        record(&key, value);
+    }
 
     let before = replicas.rss_kib(&replicas.primary)?;
     record("rss_primary_before_connections_kib", before);
@@ -229,6 +223,18 @@ async fn one_shot(channel: &Channel) -> bool {
 
 /// Waits until the backup installed a checkpoint of everything the primary applied;
 /// returns the primary's session count and how long that install took (ms).
+/// After a phase: the session count and checkpoint install time once the backup is
+/// checkpointed, and both replicas' RSS, named `<figure>_<phase>`.
+async fn phase_figures(replicas: &Replicas, phase: &str) -> anyhow::Result<Vec<(String, u64)>> {
+    let (sessions, install_ms) = settle_checkpoint(replicas).await?;
+    Ok(vec![
+        (format!("sessions_{phase}"), sessions),
+        (format!("checkpoint_install_ms_{phase}"), install_ms),
+        (format!("rss_primary_{phase}_kib"), replicas.rss_kib(&replicas.primary)?),
+        (format!("rss_backup_{phase}_kib"), replicas.rss_kib(&replicas.backup)?),
+    ])
+}
+
 async fn settle_checkpoint(replicas: &Replicas) -> anyhow::Result<(u64, u64)> {
     let primary = replicas.status(&replicas.primary).await?;
     let deadline = Instant::now() + Duration::from_secs(120);
