@@ -35,6 +35,14 @@ fn session_bytes(client_id: &str, last_reply: Option<&pb::OpResult>) -> u64 {
     (client_id.len() + last_reply.map_or(0, Message::encoded_len)) as u64
 }
 
+/// The state a follower installed from this leader, at `seq`: what a checkpoint of
+/// changes starts from.
+#[derive(Debug, Clone)]
+pub struct Base {
+    pub seq: u64,
+    pub state: StateMachine,
+}
+
 /// The state after executing every entry up to `seq`.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
@@ -63,26 +71,86 @@ impl Checkpoint {
             sessions: session_count,
             clock_ms,
             bytes,
+            base_seq: 0,
         });
         let key_values = batches(key_values.into_iter().map(|(key, value)| pb::KeyValue { key, value }))
             .map(|entries| Part::KeyValues(pb::KeyValueBatch { entries }));
-        let sessions = batches(sessions.into_iter().map(|(client_id, session)| pb::Session {
-            client_id,
-            last_request_id: session.last_request_id,
-            last_reply: Some(session.last_reply),
-            last_seq: session.last_seq,
-            last_op_digest: session.last_op_digest,
-            last_used_ms: session.last_used_ms,
-        }))
-        .map(|sessions| Part::Sessions(pb::SessionBatch { sessions }));
+        let sessions =
+            batches(sessions.into_iter().map(|(client_id, session)| session_message(client_id, session)))
+                .map(|sessions| Part::Sessions(pb::SessionBatch { sessions }));
         let trailer = std::iter::once_with(move || {
-            Part::Trailer(pb::CheckpointTrailer { digest: digest_source.digest() })
+            Part::Trailer(pb::CheckpointTrailer {
+                digest: digest_source.digest(),
+                fingerprint: String::new(),
+            })
         });
         std::iter::once(header)
             .chain(key_values)
             .chain(sessions)
             .chain(trailer)
             .map(|part| pb::CheckpointChunk { part: Some(part) })
+    }
+
+    /// The chunks of a checkpoint of what changed since `base` (which the receiver
+    /// holds): the removed keys and sessions, the added or changed key-values and
+    /// sessions, and the fingerprint. Costs what changed, not the state's size.
+    pub fn into_change_chunks(
+        self,
+        base: Base,
+        epoch: u64,
+        leader_id: String,
+    ) -> impl Iterator<Item = pb::CheckpointChunk> {
+        let changes = self.state.changes_since(&base.state);
+        drop(base.state);
+        let sessions: Vec<pb::Session> =
+            changes.sessions.into_iter().map(|(id, session)| session_message(id, session)).collect();
+        let bytes = changes
+            .removed_keys
+            .iter()
+            .chain(&changes.removed_sessions)
+            .map(|id| id.len() as u64)
+            .sum::<u64>()
+            + changes.key_values.iter().map(|(key, value)| key_value_bytes(key, value)).sum::<u64>()
+            + sessions.iter().map(|s| session_bytes(&s.client_id, s.last_reply.as_ref())).sum::<u64>();
+        let header = Part::Header(pb::CheckpointHeader {
+            epoch,
+            leader_id,
+            seq: self.seq,
+            seq_epoch: self.seq_epoch,
+            keys: self.state.keys() as u64,
+            sessions: self.state.session_count() as u64,
+            clock_ms: self.state.clock_ms(),
+            bytes,
+            base_seq: base.seq,
+        });
+        let fingerprint = self.state.fingerprint();
+        let removed_keys = batches(changes.removed_keys.into_iter())
+            .map(|keys| pb::Removals { keys, client_ids: Vec::new() });
+        let removed_sessions = batches(changes.removed_sessions.into_iter())
+            .map(|client_ids| pb::Removals { keys: Vec::new(), client_ids });
+        let key_values =
+            batches(changes.key_values.into_iter().map(|(key, value)| pb::KeyValue { key, value }))
+                .map(|entries| Part::KeyValues(pb::KeyValueBatch { entries }));
+        let sessions =
+            batches(sessions.into_iter()).map(|sessions| Part::Sessions(pb::SessionBatch { sessions }));
+        let trailer = Part::Trailer(pb::CheckpointTrailer { digest: String::new(), fingerprint });
+        std::iter::once(header)
+            .chain(removed_keys.chain(removed_sessions).map(Part::Removals))
+            .chain(key_values)
+            .chain(sessions)
+            .chain(std::iter::once(trailer))
+            .map(|part| pb::CheckpointChunk { part: Some(part) })
+    }
+}
+
+fn session_message(client_id: String, session: SessionRecord) -> pb::Session {
+    pb::Session {
+        client_id,
+        last_request_id: session.last_request_id,
+        last_reply: Some(session.last_reply),
+        last_seq: session.last_seq,
+        last_op_digest: session.last_op_digest,
+        last_used_ms: session.last_used_ms,
     }
 }
 
@@ -123,6 +191,12 @@ pub enum AssemblyError {
     TooLarge { declared: u64 },
     #[error("chunk {index}: the stream carries more {what} than its header announced ({declared})")]
     BeyondHeader { index: usize, what: &'static str, declared: u64 },
+    #[error("chunk {index}: removals belong in a checkpoint of changes, before its key-values and sessions")]
+    MisplacedRemovals { index: usize },
+    #[error("a checkpoint of changes since seq {base_seq}, but no state at that seq to apply them to")]
+    NoBase { base_seq: u64 },
+    #[error("fingerprint mismatch: sender {expected}, received state {got}")]
+    FingerprintMismatch { expected: String, got: String },
 }
 
 /// Rebuilds a checkpoint from its chunks, checking their order, counts and digest.
@@ -133,6 +207,10 @@ pub struct Assembler {
     chunks: usize,
     /// Payload bytes received so far (see `CheckpointHeader.bytes`).
     bytes: u64,
+    /// A checkpoint of changes: the state they apply to was given (`start_from`).
+    based: bool,
+    /// Key-values or sessions arrived (removed keys come before them).
+    body_started: bool,
     finished: Option<Checkpoint>,
 }
 
@@ -163,9 +241,29 @@ impl Assembler {
         };
         // Checked before anything is kept: memory stays within what the header announced.
         let beyond = |what, declared| AssemblyError::BeyondHeader { index, what, declared };
+        if header.base_seq != 0 && !self.based && !matches!(part, Part::Header(_)) {
+            return Err(AssemblyError::NoBase { base_seq: header.base_seq });
+        }
         match part {
             Part::Header(_) => return Err(AssemblyError::DuplicateHeader { index }),
+            Part::Removals(removals) => {
+                if header.base_seq == 0 || self.body_started {
+                    return Err(AssemblyError::MisplacedRemovals { index });
+                }
+                self.bytes +=
+                    removals.keys.iter().chain(&removals.client_ids).map(|id| id.len() as u64).sum::<u64>();
+                if self.bytes > header.bytes {
+                    return Err(beyond("bytes", header.bytes));
+                }
+                for key in &removals.keys {
+                    self.state.restore_removal(key);
+                }
+                for client_id in &removals.client_ids {
+                    self.state.restore_session_removal(client_id);
+                }
+            }
             Part::KeyValues(batch) => {
+                self.body_started = true;
                 self.bytes += batch.entries.iter().map(|kv| key_value_bytes(&kv.key, &kv.value)).sum::<u64>();
                 if self.bytes > header.bytes {
                     return Err(beyond("bytes", header.bytes));
@@ -178,6 +276,7 @@ impl Assembler {
                 }
             }
             Part::Sessions(batch) => {
+                self.body_started = true;
                 self.bytes += batch
                     .sessions
                     .iter()
@@ -186,7 +285,10 @@ impl Assembler {
                 if self.bytes > header.bytes {
                     return Err(beyond("bytes", header.bytes));
                 }
-                if (self.state.session_count() + batch.sessions.len()) as u64 > header.sessions {
+                // (A checkpoint of changes may replace sessions the base holds.)
+                let added =
+                    batch.sessions.iter().filter(|s| self.state.session(&s.client_id).is_none()).count();
+                if (self.state.session_count() + added) as u64 > header.sessions {
                     return Err(beyond("sessions", header.sessions));
                 }
                 for session in batch.sessions {
@@ -210,9 +312,19 @@ impl Assembler {
                         return Err(AssemblyError::CountMismatch { what, expected, got: got as u64 });
                     }
                 }
-                let got = self.state.digest();
-                if got != trailer.digest {
-                    return Err(AssemblyError::DigestMismatch { expected: trailer.digest, got });
+                if header.base_seq == 0 {
+                    let got = self.state.digest();
+                    if got != trailer.digest {
+                        return Err(AssemblyError::DigestMismatch { expected: trailer.digest, got });
+                    }
+                } else {
+                    let got = self.state.fingerprint();
+                    if got != trailer.fingerprint {
+                        return Err(AssemblyError::FingerprintMismatch {
+                            expected: trailer.fingerprint,
+                            got,
+                        });
+                    }
                 }
                 self.finished = Some(Checkpoint {
                     seq: header.seq,
@@ -226,6 +338,16 @@ impl Assembler {
 
     pub fn header(&self) -> Option<&pb::CheckpointHeader> {
         self.header.as_ref()
+    }
+
+    /// A checkpoint of changes: `base` is the receiver's state at the header's
+    /// `base_seq`, which the changes apply to.
+    pub fn start_from(&mut self, mut base: StateMachine) {
+        if let Some(header) = &self.header {
+            base.restore_clock(header.clock_ms);
+        }
+        self.state = base;
+        self.based = true;
     }
 
     /// The checkpoint, once the trailer arrived and verified.
@@ -349,6 +471,73 @@ mod tests {
         let refused = assembler.push(header(1, MAX_CHECKPOINT_BYTES + 1)).expect_err("too large");
         assert_eq!(refused, AssemblyError::TooLarge { declared: MAX_CHECKPOINT_BYTES + 1 });
         assert!(assembler.header().is_none(), "nothing of it is kept");
+    }
+
+    /// A checkpoint of changes: small, applies to the right base only, and its parts
+    /// must come in their place.
+    #[test]
+    fn changes_apply_only_to_their_base_and_only_in_order() {
+        let base_state = state_with(2_000, 100);
+        let mut state = base_state.clone();
+        for i in 0..10 {
+            let op = pb::Operation {
+                kind: Some(pb::operation::Kind::Put(pb::Put {
+                    key: format!("new{i}"),
+                    value: Bytes::from("v"),
+                })),
+            };
+            state.apply(3_000 + i, "c1", 3_000 + i, &op);
+        }
+        let delete =
+            pb::Operation { kind: Some(pb::operation::Kind::Delete(pb::Delete { key: "k00007".into() })) };
+        state.apply(4_000, "c1", 4_000, &delete);
+        let checkpoint = Checkpoint { seq: 4_000, seq_epoch: 1, state: state.clone() };
+        let changes = || -> Vec<_> {
+            checkpoint
+                .clone()
+                .into_change_chunks(Base { seq: 2_000, state: base_state.clone() }, 1, "r1".into())
+                .collect()
+        };
+        let chunks = changes();
+        let Some(Part::Header(header)) = &chunks[0].part else { panic!("no header first") };
+        assert_eq!((header.base_seq, header.keys), (2_000, 2_009));
+        assert!(header.bytes < 2_000, "only what changed travels: {} bytes", header.bytes);
+
+        let assemble = |base: Option<StateMachine>, chunks: Vec<pb::CheckpointChunk>| {
+            let mut assembler = Assembler::default();
+            let mut chunks = chunks.into_iter();
+            assembler.push(chunks.next().expect("a header"))?;
+            if let Some(base) = base {
+                assembler.start_from(base);
+            }
+            chunks.try_for_each(|chunk| assembler.push(chunk).map(|_| ()))?;
+            assembler.finish()
+        };
+        let installed = assemble(Some(base_state.clone()), changes()).expect("applies to its base");
+        assert_eq!(installed.state.digest(), state.digest());
+
+        // A base with the same keys, one value differing: the fingerprint tells.
+        let mut wrong_base = base_state.clone();
+        wrong_base.restore_key_value("k00001".into(), Bytes::from("other"));
+        let refused = assemble(Some(wrong_base), changes()).expect_err("another base");
+        assert!(matches!(refused, AssemblyError::FingerprintMismatch { .. }), "{refused:?}");
+        assert_eq!(assemble(None, changes()).err(), Some(AssemblyError::NoBase { base_seq: 2_000 }));
+
+        // Removed keys after key-values, or in a whole-state checkpoint: refused.
+        let mut misplaced = changes();
+        let removal = misplaced.remove(1);
+        assert!(matches!(removal.part, Some(Part::Removals(_))));
+        assert!(matches!(misplaced.remove(1).part, Some(Part::KeyValues(_))));
+        assert!(matches!(misplaced[1].part, Some(Part::Sessions(_))));
+        misplaced.insert(2, removal);
+        let refused = assemble(Some(base_state.clone()), misplaced).expect_err("out of order");
+        assert!(matches!(refused, AssemblyError::MisplacedRemovals { .. }), "{refused:?}");
+        let mut whole: Vec<_> = checkpoint.clone().into_chunks(1, "r1".into()).collect();
+        whole.insert(
+            1,
+            chunk(Part::Removals(pb::Removals { keys: vec!["k00001".into()], client_ids: Vec::new() })),
+        );
+        assert_eq!(assemble(None, whole).err(), Some(AssemblyError::MisplacedRemovals { index: 1 }));
     }
 
     #[test]

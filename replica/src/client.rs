@@ -33,6 +33,7 @@ use tracing::debug;
 
 use crate::error::error_detail;
 use crate::pb::{self, Mode, error_detail::Kind as Detail, op_result, operation};
+use crate::stream::Streams;
 use crate::wire::{Channels, ClientCredentials, unix_micros, within};
 
 /// Client settings.
@@ -109,7 +110,8 @@ struct View {
     epoch: u64,
     mode: Mode,
     primary: Option<String>,
-    members: Vec<String>,
+    /// Shared: every attempt and hedge reads them, none changes them.
+    members: Arc<[String]>,
 }
 
 impl View {
@@ -123,11 +125,30 @@ impl View {
     }
 }
 
+/// A client process's connections to a group: one HTTP/2 connection and one request
+/// stream per replica. Sessions (`Client`s) made with the same `Connections` share them,
+/// and their concurrent requests to a replica travel together in batches; a program
+/// that runs many sessions at once should give them one `Connections`.
+#[derive(Clone)]
+pub struct Connections {
+    channels: Arc<Channels>,
+    streams: Streams,
+}
+
+impl Connections {
+    pub fn new(credentials: ClientCredentials) -> Self {
+        Self { channels: Arc::new(Channels::client(credentials)), streams: Streams::default() }
+    }
+}
+
 pub struct Client {
     settings: ClientSettings,
+    /// `settings.endpoints`, shared with the hedges of slow attempts.
+    endpoints: Arc<[String]>,
     client_id: String,
     last_request_id: u64,
     channels: Arc<Channels>,
+    streams: Streams,
     view: View,
     /// Which endpoint to try while the primary is unknown; moves on after a failure.
     rotation: usize,
@@ -139,7 +160,15 @@ pub fn random_client_id() -> String {
 }
 
 impl Client {
+    /// A session with connections of its own.
     pub fn new(settings: ClientSettings) -> Result<Self, ClientError> {
+        let connections = Connections::new(settings.credentials.clone());
+        Self::with_connections(settings, connections)
+    }
+
+    /// A session over `connections` (shared with other sessions; their credentials are
+    /// used, not `settings.credentials`).
+    pub fn with_connections(settings: ClientSettings, connections: Connections) -> Result<Self, ClientError> {
         if settings.endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
@@ -150,8 +179,17 @@ impl Client {
         // (continue above it), and the group tells a new session by its clock-based id.
         let client_id = settings.client_id.clone().unwrap_or_else(random_client_id);
         let last_request_id = unix_micros();
-        let channels = Arc::new(Channels::client(settings.credentials.clone()));
-        Ok(Self { settings, client_id, last_request_id, channels, view: View::default(), rotation: 0 })
+        let Connections { channels, streams } = connections;
+        Ok(Self {
+            endpoints: settings.endpoints.clone().into(),
+            settings,
+            client_id,
+            last_request_id,
+            channels,
+            streams,
+            view: View::default(),
+            rotation: 0,
+        })
     }
 
     pub fn client_id(&self) -> &str {
@@ -169,11 +207,7 @@ impl Client {
 
     /// Every replica the client knows of: its endpoints and the members of its view.
     fn known_replicas(&self) -> Vec<String> {
-        let mut addresses = self.settings.endpoints.clone();
-        addresses.extend(self.view.members.iter().cloned());
-        addresses.sort();
-        addresses.dedup();
-        addresses
+        known_replicas(&self.settings.endpoints, &self.view.members)
     }
 
     /// Asks every known replica for its configuration and keeps the newest.
@@ -189,12 +223,16 @@ impl Client {
     /// Waits while an attempt is under way; past `hedge_after`, keeps asking the known
     /// replicas (but `slow`) for a configuration newer than the view. Completes once
     /// one exists: the group moved on, the attempt is not worth waiting for.
-    fn newer_configuration(&self, slow: &[String]) -> impl Future<Output = View> + 'static {
-        let others: Vec<String> = self.known_replicas().into_iter().filter(|a| !slow.contains(a)).collect();
+    fn newer_configuration(&self, slow: Option<&str>) -> impl Future<Output = View> + 'static {
+        // Built only once the attempt is slow: most attempts are not.
+        let (endpoints, members) = (Arc::clone(&self.endpoints), Arc::clone(&self.view.members));
+        let slow = slow.map(str::to_owned);
         let (channels, epoch, hedge_after) =
             (Arc::clone(&self.channels), self.view.epoch, self.settings.hedge_after);
         async move {
             tokio::time::sleep(hedge_after).await;
+            let mut others = known_replicas(&endpoints, &members);
+            others.retain(|address| Some(address) != slow.as_ref());
             let period = (hedge_after / 2).max(Duration::from_millis(5));
             loop {
                 if let Some(config) =
@@ -304,9 +342,16 @@ impl Client {
         let target =
             self.view.primary.clone().unwrap_or_else(|| endpoints[self.rotation % endpoints.len()].clone());
         let channel = self.channel(&target).map_err(Attempt::Fatal)?;
+        let call = self.streams.execute(
+            &target,
+            channel,
+            self.channels.credentials(),
+            request.clone(),
+            self.settings.attempt_timeout,
+        );
         let answer = tokio::select! {
-            answer = call_execute(channel, self.channels.credentials().request(request.clone()), self.settings.attempt_timeout) => answer,
-            newer = self.newer_configuration(std::slice::from_ref(&target)) => {
+            answer = call => answer,
+            newer = self.newer_configuration(Some(&target)) => {
                 debug!(request = request.request_id, slow = %target, epoch = newer.epoch, "a newer configuration exists; leaving the slow primary");
                 self.view = newer;
                 return Err(Attempt::Redirected);
@@ -334,14 +379,18 @@ impl Client {
     /// Active mode: every member; the first reply wins, the others are discarded.
     async fn attempt_all(&mut self, request: &pb::ExecuteRequest) -> Result<pb::ExecuteReply, Attempt> {
         let mut calls = FuturesUnordered::new();
-        for address in self.view.members.clone() {
+        for address in self.view.members.iter().cloned() {
             let channel = self.channel(&address).map_err(Attempt::Fatal)?;
-            let timeout = self.settings.attempt_timeout;
-            let request = self.channels.credentials().request(request.clone());
-            calls.push(async move { (address, call_execute(channel, request, timeout).await) });
+            let (streams, channels) = (self.streams.clone(), Arc::clone(&self.channels));
+            let (timeout, request) = (self.settings.attempt_timeout, request.clone());
+            calls.push(async move {
+                let answer =
+                    streams.execute(&address, channel, channels.credentials(), request, timeout).await;
+                (address, answer)
+            });
         }
         let mut last = Attempt::Retry("no member answered".into());
-        let newer = self.newer_configuration(&[]);
+        let newer = self.newer_configuration(None);
         tokio::pin!(newer);
         loop {
             let (address, answer) = tokio::select! {
@@ -357,19 +406,8 @@ impl Client {
             };
             match answer {
                 Ok(reply) => {
-                    let request_id = request.request_id;
-                    // Let the other replicas' replies arrive and be discarded, off the
-                    // caller's path.
-                    tokio::spawn(async move {
-                        while let Some((_, late)) = calls.next().await {
-                            if let Ok(late) = late {
-                                debug!(
-                                    "request {request_id}: discarded duplicate reply from {}",
-                                    late.replica_id
-                                );
-                            }
-                        }
-                    });
+                    // The other members' replies are duplicates: dropping their calls
+                    // discards them as they arrive.
                     return Ok(reply);
                 }
                 Err(status) => {
@@ -436,13 +474,12 @@ impl Client {
     }
 }
 
-async fn call_execute(
-    channel: Channel,
-    request: tonic::Request<pb::ExecuteRequest>,
-    timeout: Duration,
-) -> Result<pb::ExecuteReply, Status> {
-    let mut client = pb::replica_client::ReplicaClient::new(channel);
-    within(timeout, client.execute(request)).await.map(tonic::Response::into_inner)
+/// `endpoints` and `members`, each address once.
+fn known_replicas(endpoints: &[String], members: &[String]) -> Vec<String> {
+    let mut addresses: Vec<String> = endpoints.iter().chain(members).cloned().collect();
+    addresses.sort();
+    addresses.dedup();
+    addresses
 }
 
 /// After the first configuration arrives, how long the other replicas get to report a

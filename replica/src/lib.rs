@@ -16,6 +16,8 @@ pub mod peers;
 pub mod replication;
 pub mod server;
 pub mod state;
+pub mod storage;
+mod stream;
 pub mod tls;
 pub mod wire;
 

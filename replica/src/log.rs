@@ -16,6 +16,9 @@ pub struct Log {
     base_epoch: u64,
     /// Entries `base_seq + 1 ..= last_seq()`, contiguous.
     entries: VecDeque<Entry>,
+    /// The lowest sequence number appended or replaced since `take_written`: what the
+    /// write-ahead log must write again from.
+    written_from: Option<u64>,
 }
 
 /// The outcome of offering a leader's entries to a follower's log.
@@ -32,7 +35,32 @@ pub enum Accepted {
 impl Log {
     /// An empty log whose checkpoint covers everything up to `seq`.
     pub fn starting_at(seq: u64, seq_epoch: u64) -> Self {
-        Self { base_seq: seq, base_epoch: seq_epoch, entries: VecDeque::new() }
+        Self { base_seq: seq, base_epoch: seq_epoch, entries: VecDeque::new(), written_from: None }
+    }
+
+    /// A log recovered from disk: `entries` follow `seq`, contiguous.
+    pub fn recovered(seq: u64, seq_epoch: u64, entries: Vec<Entry>) -> Self {
+        let mut log = Self::starting_at(seq, seq_epoch);
+        for entry in entries {
+            log.push(entry);
+        }
+        log.written_from = None;
+        log
+    }
+
+    /// The lowest sequence number appended or replaced since the last call: from there
+    /// to the end, the log differs from what was last written out.
+    pub fn take_written(&mut self) -> Option<u64> {
+        self.written_from.take()
+    }
+
+    /// Whether entries from some sequence number on were not yet taken for writing.
+    pub fn unwritten_from(&self) -> Option<u64> {
+        self.written_from
+    }
+
+    fn mark_written(&mut self, seq: u64) {
+        self.written_from = Some(self.written_from.map_or(seq, |from| from.min(seq)));
     }
 
     pub fn base_seq(&self) -> u64 {
@@ -73,6 +101,7 @@ impl Log {
     /// Leader side: appends a newly ordered entry. Its seq must be `last_seq() + 1`.
     pub fn push(&mut self, entry: Entry) {
         debug_assert_eq!(entry.seq, self.last_seq() + 1, "log entries must be contiguous");
+        self.mark_written(entry.seq);
         self.entries.push_back(entry);
     }
 
@@ -125,15 +154,36 @@ impl Log {
                 // A gap: the leader skipped something we lack. Keep what we have.
                 break;
             }
+            self.mark_written(entry.seq);
             self.entries.push_back(entry.clone());
             through = entry.seq;
         }
         Accepted::Matched { through }
     }
 
+    /// Recovery from the write-ahead log: from `from` on, the log is `entries`. False
+    /// when `from` lies beyond the log's end, or the entries are not contiguous (the
+    /// records after a snapshot that was never written).
+    pub fn replace_from(&mut self, from: u64, entries: Vec<Entry>) -> bool {
+        if from > self.last_seq() + 1 {
+            return false;
+        }
+        if from <= self.last_seq() {
+            self.truncate_from(from.max(self.base_seq + 1));
+        }
+        for entry in entries.into_iter().filter(|e| e.seq > self.base_seq) {
+            if entry.seq != self.last_seq() + 1 {
+                return false;
+            }
+            self.entries.push_back(entry);
+        }
+        true
+    }
+
     /// Drops `seq` and everything after it.
     fn truncate_from(&mut self, seq: u64) {
         let keep = seq.saturating_sub(self.base_seq + 1);
+        self.mark_written(seq);
         self.entries.truncate(usize::try_from(keep).unwrap_or(usize::MAX));
     }
 

@@ -16,10 +16,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use crate::checkpoint::Checkpoint;
 use crate::error::ReplicaError;
 use crate::pb::{self, Mode};
 use crate::replication::{ConfigChange, Core, Executed};
 use crate::state::Applied;
+use crate::storage::{Durability, Storage, StorageError};
 use crate::wire::Channels;
 
 /// One replica's settings; the CLI fills them from flags and TANDEM_* variables.
@@ -55,6 +57,9 @@ pub struct ReplicaSettings {
     pub client_tls: bool,
     /// Calls on the client port must carry this token (`authorization: Bearer …`).
     pub client_token: Option<String>,
+    /// Where the replica keeps its data (with durability other than `memory`).
+    pub data_dir: Option<std::path::PathBuf>,
+    pub durability: Durability,
 }
 
 impl ReplicaSettings {
@@ -73,6 +78,8 @@ impl ReplicaSettings {
             session_expiry: Duration::from_millis(crate::state::DEFAULT_SESSION_EXPIRY_MS),
             client_tls: false,
             client_token: None,
+            data_dir: None,
+            durability: Durability::Memory,
         }
     }
 
@@ -107,6 +114,11 @@ struct Waiter {
 pub(crate) struct Inner {
     pub(crate) core: Core,
     waiters: HashMap<(String, u64), Vec<Waiter>>,
+    /// A snapshot handed out by the core, to write before anything relies on it.
+    snapshot_due: Option<(Checkpoint, u64)>,
+    /// The write-ahead log's hand-over after which the core's log was last rewritten:
+    /// a sync reported for an earlier one says nothing of the rewritten entries.
+    rewritten_at_lsn: u64,
 }
 
 impl Inner {
@@ -208,18 +220,60 @@ pub struct Node {
     /// How long the last checkpoint installed here took (ms), for Status.
     pub(crate) last_checkpoint_install_ms: AtomicU64,
     pub(crate) shutdown: CancellationToken,
+    /// The data directory (durability other than `memory`).
+    pub(crate) storage: Option<Storage>,
+    /// One snapshot written at a time.
+    snapshot_writing: tokio::sync::Mutex<()>,
 }
 
 impl Node {
+    /// A replica that keeps its state in memory only (`settings.data_dir` is not used).
     pub fn new(settings: ReplicaSettings, shutdown: CancellationToken) -> Arc<Self> {
-        let mut core = Core::new(settings.id.clone(), settings.bootstrap);
+        let core = Core::new(settings.id.clone(), settings.bootstrap);
+        Self::with(settings, core, None, shutdown)
+    }
+
+    /// A replica with its data in `settings.data_dir` (unless durability is `memory`):
+    /// what the directory holds is recovered, and a bootstrapped state is on disk before
+    /// this returns.
+    pub async fn start(
+        settings: ReplicaSettings,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, StorageError> {
+        let Some(dir) = settings.data_dir.clone().filter(|_| settings.durability.on_disk()) else {
+            return Ok(Self::new(settings, shutdown));
+        };
+        let (storage, recovered) = Storage::open(&dir, &settings.id, settings.durability, shutdown.clone())?;
+        let mut core = match recovered {
+            Some(recovered) => Core::recovered(settings.id.clone(), recovered),
+            // A directory without data: a new replica, bootstrapping only if asked to.
+            None => Core::new(settings.id.clone(), settings.bootstrap),
+        };
+        core.enable_persistence(settings.durability == Durability::Fsync);
+        let node = Self::with(settings, core, Some(storage), shutdown);
+        node.apply(|_| ());
+        node.write_due_snapshot().await.map_err(|source| StorageError::Io { dir, source })?;
+        Ok(node)
+    }
+
+    fn with(
+        settings: ReplicaSettings,
+        mut core: Core,
+        storage: Option<Storage>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         core.set_session_expiry(settings.session_expiry.as_millis() as u64);
         Arc::new(Self {
             incarnation: format!("{:016x}", rand::random::<u64>()),
             channels: Channels::replicas_internal(settings.dial_from()),
             checkpoint_interval: watch::Sender::new(settings.checkpoint_interval),
             gfd_address: watch::Sender::new(settings.gfd_address.clone()),
-            inner: Mutex::new(Inner { core, waiters: HashMap::new() }),
+            inner: Mutex::new(Inner {
+                core,
+                waiters: HashMap::new(),
+                snapshot_due: None,
+                rewritten_at_lsn: 0,
+            }),
             changed: watch::Sender::new(0),
             epoch: watch::Sender::new(0),
             ready: watch::Sender::new(false),
@@ -227,6 +281,8 @@ impl Node {
             last_checkpoint_install_ms: AtomicU64::new(0),
             settings,
             shutdown,
+            storage,
+            snapshot_writing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -250,11 +306,79 @@ impl Node {
         let outcome = event(&mut inner);
         let executed = inner.core.take_executed();
         inner.resolve(executed);
+        if let Some(storage) = &self.storage {
+            // Handed to the writer under the lock: written in the order they happened.
+            let durable_before = inner.core.durable_seq();
+            let persist = inner.core.take_persist();
+            if !persist.is_empty() {
+                let (lsn, snapshot) = storage.write(persist);
+                if inner.core.durable_seq() < durable_before {
+                    inner.rewritten_at_lsn = lsn;
+                }
+                if snapshot.is_some() {
+                    inner.snapshot_due = snapshot;
+                }
+            }
+        }
         self.changed.send_modify(|version| *version += 1);
         self.ready.send_if_modified(|ready| std::mem::replace(ready, inner.core.is_ready()) != *ready);
         let epoch = inner.core.epoch();
         self.epoch.send_if_modified(|current| std::mem::replace(current, epoch) != *current);
         outcome
+    }
+
+    /// Waits until everything this replica handed to its write-ahead log so far is on
+    /// disk (with `fsync` durability): a follower answers an append only then, so a
+    /// leader counts only entries that survive a crash. False if the replica is
+    /// stopping (the writer failed).
+    pub(crate) async fn wait_durable(&self) -> bool {
+        match &self.storage {
+            Some(storage) => storage.wait_synced(storage.handed_over()).await,
+            None => true,
+        }
+    }
+
+    /// Writes the snapshot the core last handed out, if any, and lets the log drop what
+    /// it replaces. A replica says it installed a checkpoint only after this.
+    pub(crate) async fn write_due_snapshot(&self) -> std::io::Result<()> {
+        let Some(storage) = &self.storage else { return Ok(()) };
+        let _one_at_a_time = self.snapshot_writing.lock().await;
+        let Some((checkpoint, segment)) = self.lock().snapshot_due.take() else { return Ok(()) };
+        storage.write_snapshot(checkpoint, segment).await
+    }
+
+    /// Keeps the core told how far its log is on disk (a leader commits only that far),
+    /// and snapshots the state once enough log was written since the last snapshot.
+    pub(crate) async fn keep_durable(self: Arc<Self>) {
+        let Some(storage) = &self.storage else { return };
+        let mut synced = storage.synced();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                changed = synced.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = *synced.borrow_and_update();
+                    self.apply(|inner| {
+                        if now.lsn >= inner.rewritten_at_lsn {
+                            inner.core.set_durable(now.log_end);
+                        }
+                    });
+                }
+                _ = tick.tick() => {
+                    if storage.bytes_since_snapshot() >= crate::storage::SNAPSHOT_AFTER_BYTES {
+                        self.apply(|inner| inner.core.request_snapshot());
+                    }
+                    if let Err(error) = self.write_due_snapshot().await {
+                        tracing::error!(%error, "cannot write a snapshot: stopping this replica (it recovers from its disk when restarted)");
+                        self.shutdown.cancel();
+                        return;
+                    }
+                }
+                () = self.shutdown.cancelled() => return,
+            }
+        }
     }
 
     /// Reads the core. Not an event: nothing may change (use `apply` for that).
@@ -325,6 +449,15 @@ impl Node {
         status.gfd_address = self.gfd_address.borrow().clone();
         status.incarnation = self.incarnation.clone();
         status.last_checkpoint_install_ms = self.last_checkpoint_install_ms.load(Ordering::Relaxed);
+        status.durability = self.settings.durability.to_string();
+        if let Some(storage) = &self.storage {
+            status.data_id = storage.data_id().to_owned();
+            status.recovery = storage.recovery().to_owned();
+            status.snapshot_seq = storage.snapshot_seq();
+            status.wal_bytes = storage.bytes_since_snapshot();
+        } else {
+            status.durability = Durability::Memory.to_string();
+        }
         let (leading_since, acks) = &*self.follower_acks.lock().unwrap_or_else(|p| p.into_inner());
         status.followers = followers
             .into_iter()

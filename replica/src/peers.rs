@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::checkpoint::{CHECKPOINT_TRANSFER_LIMIT, Checkpoint};
+use crate::checkpoint::{Base, CHECKPOINT_TRANSFER_LIMIT, Checkpoint};
 use crate::client::newest_configuration;
 use crate::error::error_detail;
 use crate::node::{Node, RequestTag};
@@ -82,10 +82,10 @@ async fn replicate_to(node: Arc<Node>, peer: String, address: String) {
                 continue;
             }
             PeerWork::Append(request) => send_append(&node, &peer, &address, request).await,
-            PeerWork::Checkpoint(checkpoint) => {
+            PeerWork::Checkpoint(checkpoint, base) => {
                 let node = Arc::clone(&node);
                 let (peer, address) = (peer.clone(), address.clone());
-                tokio::spawn(async move { send_checkpoint(node, peer, address, checkpoint).await });
+                tokio::spawn(async move { send_checkpoint(node, peer, address, checkpoint, base).await });
                 continue;
             }
         };
@@ -196,14 +196,25 @@ async fn handle_refusal(node: &Arc<Node>, peer: &str, status: &tonic::Status) {
 /// failed (the follower is down, or refused it).
 const CHECKPOINT_RETRY: Duration = Duration::from_millis(500);
 
-async fn send_checkpoint(node: Arc<Node>, peer: String, address: String, checkpoint: Checkpoint) {
+async fn send_checkpoint(
+    node: Arc<Node>,
+    peer: String,
+    address: String,
+    checkpoint: Checkpoint,
+    base: Option<Base>,
+) {
     let (seq, keys) = (checkpoint.seq, checkpoint.state.keys());
+    let base_seq = base.as_ref().map(|base| base.seq);
     let (epoch, leader) = (node.read(|core| core.epoch()), node.id().to_owned());
-    info!(%peer, seq, keys, "sending checkpoint");
+    // Periodic checkpoints of changes are routine: logged at debug.
+    match base_seq {
+        Some(base_seq) => debug!(%peer, seq, keys, base_seq, "sending the changes since the last checkpoint"),
+        None => info!(%peer, seq, keys, "sending checkpoint"),
+    }
     let started = tokio::time::Instant::now();
     let result = match node.peer_client(&address) {
         Ok(mut client) => {
-            let chunks = checkpoint_stream(checkpoint, epoch, leader);
+            let chunks = checkpoint_stream(checkpoint, base, epoch, leader);
             within(CHECKPOINT_TRANSFER_LIMIT, client.install_checkpoint(tonic::Request::new(chunks))).await
         }
         Err(status) => Err(status),
@@ -212,7 +223,13 @@ async fn send_checkpoint(node: Arc<Node>, peer: String, address: String, checkpo
         Ok(reply) => {
             match node.apply(|inner| inner.core.on_checkpoint_sent(&peer, seq, Some(reply.get_ref()))) {
                 Ok(()) => {
-                    info!(%peer, seq, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint installed by follower");
+                    let elapsed_ms = started.elapsed().as_millis() as u64;
+                    match base_seq {
+                        Some(base_seq) => {
+                            debug!(%peer, seq, base_seq, elapsed_ms, "changes installed by follower")
+                        }
+                        None => info!(%peer, seq, elapsed_ms, "checkpoint installed by follower"),
+                    }
                     node.follower_answered(&peer);
                     false
                 }
@@ -221,6 +238,15 @@ async fn send_checkpoint(node: Arc<Node>, peer: String, address: String, checkpo
                     true
                 }
             }
+        }
+        Err(status) if base_seq.is_some() => {
+            // Usually the follower no longer holds the base (it restarted): the whole
+            // state goes at once; if the follower is down, that one backs off.
+            info!(%peer, seq, error = %status.message(), "the follower did not take the changes; sending the whole state");
+            // Cannot be refused: there is no answer to check.
+            let _ = node.apply(|inner| inner.core.on_checkpoint_sent(&peer, seq, None));
+            node.changed.send_modify(|v| *v += 1);
+            return;
         }
         Err(status) => {
             warn!(%peer, seq, error = %status.message(), "checkpoint transfer failed; retrying in {} ms", CHECKPOINT_RETRY.as_millis());
@@ -243,12 +269,17 @@ async fn send_checkpoint(node: Arc<Node>, peer: String, address: String, checkpo
 /// encoding's, and a large state is never encoded all at once).
 fn checkpoint_stream(
     checkpoint: Checkpoint,
+    base: Option<Base>,
     epoch: u64,
     leader_id: String,
 ) -> tokio_stream::wrappers::ReceiverStream<pb::CheckpointChunk> {
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
-        for chunk in checkpoint.into_chunks(epoch, leader_id) {
+        let chunks: Box<dyn Iterator<Item = pb::CheckpointChunk>> = match base {
+            Some(base) => Box::new(checkpoint.into_change_chunks(base, epoch, leader_id)),
+            None => Box::new(checkpoint.into_chunks(epoch, leader_id)),
+        };
+        for chunk in chunks {
             if sender.blocking_send(chunk).is_err() {
                 return;
             }
@@ -257,15 +288,36 @@ fn checkpoint_stream(
     tokio_stream::wrappers::ReceiverStream::new(receiver)
 }
 
-/// Active mode, on a member that is not the order-keeper: hands the request to the
-/// order-keeper, and again to each new one, until it executed here or the client left.
+/// Active mode: how long a member waits before it hands a client's request to the
+/// order-keeper itself. The client sent the request to the order-keeper too, which
+/// normally orders it well within this; forwarding every request would double the
+/// order-keeper's work for nothing. The member forwards only what is not in its log
+/// by then (the client could not reach the order-keeper, or a new one took over).
+pub const FORWARD_AFTER: Duration = Duration::from_millis(50);
+
+/// Active mode, on a member that is not the order-keeper, for a request not executed
+/// `FORWARD_AFTER` after it arrived: unless the request is ordered in this member's log,
+/// hands it to the order-keeper, and again to each new one, until it executed here or
+/// the client left.
 pub async fn forward_to_leader(node: Arc<Node>, request: pb::ExecuteRequest, done: CancellationToken) {
     let mut epochs = node.epoch.subscribe();
     let mut backoff = Backoff::default();
     let tag = RequestTag(&request.client_id, node.id(), request.request_id);
+    let mut wait = Duration::ZERO;
     loop {
-        let (leader, epoch) = node.read(|core| (core.leader().cloned(), core.epoch()));
         epochs.borrow_and_update();
+        tokio::select! {
+            () = done.cancelled() => return,
+            _ = epochs.changed() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+        let (leader, epoch, ordered) = node.read(|core| {
+            (
+                core.leader().cloned(),
+                core.epoch(),
+                core.holds_unexecuted(&request.client_id, request.request_id),
+            )
+        });
         let order = pb::OrderRequest {
             epoch,
             from_replica: node.id().to_owned(),
@@ -274,6 +326,9 @@ pub async fn forward_to_leader(node: Arc<Node>, request: pb::ExecuteRequest, don
             op: request.op.clone(),
         };
         let delivered = match leader {
+            // Ordered already: look again later (or when a new order-keeper takes over,
+            // which may not have it).
+            _ if ordered => true,
             Some(leader) if leader.id != node.id() => match node.peer_client(&leader.address) {
                 Ok(mut client) => match within(node.settings.peer_timeout, client.order(order)).await {
                     Ok(_) => true,
@@ -294,12 +349,7 @@ pub async fn forward_to_leader(node: Arc<Node>, request: pb::ExecuteRequest, don
             // No leader in the configuration: wait for the next one.
             None => true,
         };
-        let retry = if delivered { Duration::from_secs(3600) } else { backoff.next() };
-        tokio::select! {
-            () = done.cancelled() => return,
-            _ = epochs.changed() => {}
-            () = tokio::time::sleep(retry) => {}
-        }
+        wait = if delivered { Duration::from_secs(1) } else { backoff.next() };
     }
 }
 

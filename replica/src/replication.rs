@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Base, Checkpoint};
 use crate::error::ReplicaError;
 use crate::log::{Accepted, Log};
 use crate::pb::{self, Mode, Role};
@@ -79,6 +79,32 @@ pub struct Executed {
     pub outcome: Applied,
 }
 
+/// What the write-ahead log must record, drained by the shell after every event
+/// (`take_persist`) and written in this order.
+#[derive(Debug, Clone)]
+pub enum Persist {
+    /// From `from` on, the log is `entries` (appended, or replacing a deposed leader's
+    /// suffix).
+    Entries { from: u64, entries: Vec<pb::Entry> },
+    /// The configuration or the synced epoch changed.
+    Meta { config: Option<pb::Configuration>, synced_epoch: u64 },
+    /// The state was replaced by a checkpoint that the log on disk cannot lead to: a
+    /// snapshot of it must be on disk before this replica says it installed it. The log
+    /// after it (`log_after`) starts the next segment.
+    Snapshot { checkpoint: Checkpoint, log_after: Vec<pb::Entry> },
+}
+
+/// What a replica recovered from its disk.
+#[derive(Debug, Clone)]
+pub struct Recovered {
+    /// The last snapshot: the state after every entry up to its seq.
+    pub checkpoint: Checkpoint,
+    /// The log after the snapshot, contiguous.
+    pub entries: Vec<pb::Entry>,
+    pub config: Option<pb::Configuration>,
+    pub synced_epoch: u64,
+}
+
 /// What to do with a client request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Route {
@@ -95,7 +121,9 @@ pub enum Route {
 #[derive(Debug, Clone)]
 pub enum PeerWork {
     Append(pb::AppendRequest),
-    Checkpoint(Checkpoint),
+    /// A checkpoint: the whole state, or (with a base the follower installed from this
+    /// leader) what changed since it.
+    Checkpoint(Checkpoint, Option<Base>),
     /// Nothing to send until something changes.
     Idle,
     /// Not a peer of this leader (any more): the peer's sender should stop.
@@ -118,6 +146,11 @@ struct Progress {
     checkpoint_wanted: bool,
     checkpoint_in_flight: bool,
     checkpoint_seq: u64,
+    /// Passive mode: the state of the checkpoint in flight, and of the last one the
+    /// follower installed from this leader (the base of the next, which then carries
+    /// only what changed). Clones of a persistent map: they cost what changed since.
+    checkpoint_sent: Option<Base>,
+    installed_base: Option<Base>,
 }
 
 impl Progress {
@@ -132,6 +165,8 @@ impl Progress {
             checkpoint_wanted: false,
             checkpoint_in_flight: false,
             checkpoint_seq: 0,
+            checkpoint_sent: None,
+            installed_base: None,
         }
     }
 }
@@ -185,6 +220,21 @@ pub struct Core {
     /// This replica's session expiry window; a leader stamps it on what it orders, so
     /// the leader's setting is the group's (0: sessions never expire).
     session_expiry_ms: u64,
+    /// Whether a write-ahead log records this replica (`take_persist` has work).
+    persistence: bool,
+    /// The state must be snapshotted at the next `take_persist` (the log on disk cannot
+    /// lead to it).
+    snapshot_wanted: bool,
+    /// The (epoch, synced epoch) last handed out for writing.
+    written_meta: (u64, u64),
+    /// The log is on this replica's disk up to here: a leader counts itself as holding
+    /// an entry only then (`u64::MAX` when acknowledgements do not wait for the disk).
+    durable_seq: u64,
+    /// The epoch of the configuration this replica recovered from its disk: it never
+    /// leads in that epoch (it may have lost entries it ordered there before the crash,
+    /// which followers hold; ordering others at the same sequence numbers would fork
+    /// the log), only in a later one the RM hands out.
+    recovered_epoch: u64,
 }
 
 impl Core {
@@ -210,7 +260,117 @@ impl Core {
             executed: Vec::new(),
             now_ms: 0,
             session_expiry_ms: 0,
+            persistence: false,
+            snapshot_wanted: false,
+            written_meta: (0, 0),
+            durable_seq: u64::MAX,
+            recovered_epoch: 0,
         }
+    }
+
+    /// A replica restarted from its disk: the state of its last snapshot, the log after
+    /// it (nothing of which counts as committed until a leader says so), and the
+    /// configuration it held, in which it will not lead.
+    pub fn recovered(id: impl Into<String>, recovered: Recovered) -> Self {
+        let Recovered { checkpoint, entries, config, synced_epoch } = recovered;
+        let mut core = Self::new(id, true);
+        core.genesis = config.is_none() && checkpoint.seq == 0 && entries.is_empty();
+        core.log = Log::recovered(checkpoint.seq, checkpoint.seq_epoch, entries);
+        core.state = checkpoint.state;
+        core.applied_seq = checkpoint.seq;
+        core.commit_seq = checkpoint.seq;
+        core.checkpoint_seq = checkpoint.seq;
+        core.recovered_epoch = config.as_ref().map_or(0, |c| c.epoch);
+        core.written_meta = (core.recovered_epoch, synced_epoch);
+        core.config = config;
+        core.synced_epoch = synced_epoch;
+        core.persistence = true;
+        core.durable_seq = core.log.last_seq();
+        core
+    }
+
+    /// A write-ahead log records this replica from now on. `wait_for_disk`: a leader
+    /// counts an entry as its own only once the shell reports it on disk (`set_durable`).
+    /// A replica with a state starts with a snapshot of it (the genesis state of a new
+    /// group), so the disk always holds a state to replay the log on.
+    pub fn enable_persistence(&mut self, wait_for_disk: bool) {
+        if self.persistence {
+            return;
+        }
+        self.persistence = true;
+        self.durable_seq = if wait_for_disk { self.log.last_seq() } else { u64::MAX };
+        self.snapshot_wanted = self.has_state;
+    }
+
+    /// The shell wrote the log to disk up to `seq` (fsync durability).
+    pub fn set_durable(&mut self, seq: u64) {
+        if self.durable_seq != u64::MAX {
+            self.durable_seq = seq;
+            self.advance();
+        }
+    }
+
+    /// The log is on disk up to here (`u64::MAX`: not waited for).
+    pub fn durable_seq(&self) -> u64 {
+        self.durable_seq
+    }
+
+    /// The shell's periodic snapshot: one is handed out at the next `take_persist`.
+    pub fn request_snapshot(&mut self) {
+        self.snapshot_wanted = self.persistence && self.has_state;
+    }
+
+    /// The epoch this replica recovered in (0: not recovered), in which it never leads.
+    pub fn recovered_epoch(&self) -> u64 {
+        self.recovered_epoch
+    }
+
+    /// A snapshot of the state now (for the shell's periodic snapshots), with the log
+    /// after it, which must start the next WAL segment.
+    pub fn snapshot(&self) -> Option<Persist> {
+        if !self.has_state || !self.persistence {
+            return None;
+        }
+        // The state is the applied prefix; the log holds everything after it.
+        let seq_epoch = self.log.epoch_at(self.applied_seq)?;
+        let checkpoint = Checkpoint { seq: self.applied_seq, seq_epoch, state: self.state.clone() };
+        Some(Persist::Snapshot { checkpoint, log_after: self.log.after(self.applied_seq).cloned().collect() })
+    }
+
+    /// What the write-ahead log must record since the last call, in order. Nothing
+    /// without persistence, or without a state (what a replica logs before its first
+    /// checkpoint counts for nothing: it starts over from that checkpoint).
+    pub fn take_persist(&mut self) -> Vec<Persist> {
+        if !self.persistence {
+            return Vec::new();
+        }
+        let written_from = self.log.take_written();
+        if !self.has_state {
+            self.snapshot_wanted = false;
+            return Vec::new();
+        }
+        let mut persist = Vec::new();
+        if std::mem::take(&mut self.snapshot_wanted) {
+            // The snapshot's segment starts with the whole log after it: nothing else to
+            // write of the log.
+            persist.extend(self.snapshot());
+        } else if let Some(from) = written_from.filter(|&from| from <= self.log.base_seq()) {
+            // Entries never written are no longer in memory (folded into a checkpoint in
+            // the same event): the state itself must go to disk.
+            let _ = from;
+            persist.extend(self.snapshot());
+        } else if let Some(from) = written_from {
+            if self.durable_seq != u64::MAX {
+                self.durable_seq = self.durable_seq.min(from - 1);
+            }
+            persist.push(Persist::Entries { from, entries: self.log.after(from - 1).cloned().collect() });
+        }
+        let meta = (self.epoch(), self.synced_epoch);
+        if meta != self.written_meta || persist.iter().any(|p| matches!(p, Persist::Snapshot { .. })) {
+            self.written_meta = meta;
+            persist.push(Persist::Meta { config: self.config.clone(), synced_epoch: self.synced_epoch });
+        }
+        persist
     }
 
     /// The shell's wall clock at the event about to be applied (unix ms).
@@ -266,7 +426,7 @@ impl Core {
 
     /// Leads (orders requests) in the current configuration.
     pub fn is_leader(&self) -> bool {
-        self.has_state && self.named_primary() && self.is_member()
+        self.has_state && self.named_primary() && self.is_member() && self.epoch() > self.recovered_epoch
     }
 
     /// Has a configuration and a consistent state: may serve, and may be added.
@@ -577,6 +737,16 @@ impl Core {
         Ok(None)
     }
 
+    /// Whether `(client_id, request_id)` is ordered in this replica's log and not yet
+    /// executed (among the first `MAX_BATCH_ENTRIES * 16` unexecuted entries): a member
+    /// need not hand the order-keeper a request it already ordered.
+    pub fn holds_unexecuted(&self, client_id: &str, request_id: u64) -> bool {
+        self.log
+            .after(self.applied_seq)
+            .take(MAX_BATCH_ENTRIES * 16)
+            .any(|entry| entry.request_id == request_id && entry.client_id == client_id)
+    }
+
     /// Active mode: a member hands a client request to this order-keeper.
     pub fn on_order(&mut self, request: &pb::OrderRequest) -> Result<u64, ReplicaError> {
         self.check_epoch(request.epoch)?;
@@ -671,6 +841,11 @@ impl Core {
         // Replies are checked before they move `next_seq`; this only makes sure that no
         // bookkeeping slip can ever point past the log (and panic the sender in a loop).
         progress.next_seq = progress.next_seq.min(last + 1);
+        let passive = self.config.as_ref().is_some_and(|c| c.mode() == Mode::Passive);
+        if !passive {
+            // Only passive mode sends checkpoints of changes: no old state kept for them.
+            progress.installed_base = None;
+        }
         if progress.next_seq <= base && !progress.checkpoint_in_flight {
             progress.checkpoint_wanted = true;
         }
@@ -679,7 +854,15 @@ impl Core {
             progress.checkpoint_in_flight = true;
             progress.next_seq = applied + 1;
             let seq_epoch = self.log.epoch_at(applied).expect("a leader keeps the epoch of what it executed");
-            return PeerWork::Checkpoint(Checkpoint { seq: applied, seq_epoch, state: self.state.clone() });
+            progress.checkpoint_sent = passive.then(|| Base { seq: applied, state: self.state.clone() });
+            let base = progress
+                .installed_base
+                .clone()
+                .filter(|base| passive && progress.has_state && base.seq > 0 && base.seq < applied);
+            return PeerWork::Checkpoint(
+                Checkpoint { seq: applied, seq_epoch, state: self.state.clone() },
+                base,
+            );
         }
         if progress.next_seq <= base {
             return PeerWork::Idle;
@@ -723,6 +906,12 @@ impl Core {
             return Ok(());
         };
         progress.has_state = reply.has_state;
+        // A follower without a state (it restarted) no longer holds its base: the whole
+        // state next, without a refused transfer first. (Any other loss of the base is
+        // caught by `change_base`, at the cost of one refusal.)
+        if !reply.has_state {
+            progress.installed_base = None;
+        }
         if reply.matched {
             let sent_through = sent.prev_seq + sent.entries.len() as u64;
             let through = reply.match_seq.min(sent_through);
@@ -770,6 +959,16 @@ impl Core {
             return bad.map_or(Ok(()), Err);
         };
         progress.checkpoint_in_flight = false;
+        let sent = progress.checkpoint_sent.take();
+        // The next checkpoint carries only changes if the follower installed exactly
+        // this one and takes changes; after anything else (a failure, a refusal, an
+        // older follower), the whole state.
+        progress.installed_base = match installed {
+            Some(reply) if bad.is_none() && reply.takes_changes && reply.installed_seq == seq => {
+                sent.filter(|base| base.seq == seq)
+            }
+            _ => None,
+        };
         match installed.filter(|_| bad.is_none()) {
             Some(reply) => {
                 progress.checkpoint_seq = progress.checkpoint_seq.max(reply.installed_seq);
@@ -794,7 +993,7 @@ impl Core {
                 .values()
                 .filter(|p| p.member)
                 .map(|p| if p.has_state { p.match_seq } else { 0 })
-                .fold(self.log.last_seq(), u64::min);
+                .fold(self.log.last_seq().min(self.durable_seq), u64::min);
             self.commit_seq = self.commit_seq.max(held_by_all);
         }
         self.apply_committed();
@@ -830,6 +1029,10 @@ impl Core {
     /// state; a leader also keeps what its followers still lack (within a bound).
     fn compact(&mut self) {
         let mut upto = self.applied_seq;
+        if let Some(from) = self.log.unwritten_from().filter(|_| self.persistence) {
+            // Entries not yet handed to the write-ahead log stay until they are.
+            upto = upto.min(from - 1);
+        }
         if self.is_leader() {
             let slowest = self.peers.values().map(|p| p.match_seq).min().unwrap_or(upto);
             upto = upto.min(slowest.max(upto.saturating_sub(LEADER_LOG_RETENTION)));
@@ -956,6 +1159,9 @@ impl Core {
         if self.has_state && checkpoint.seq <= self.applied_seq {
             return;
         }
+        // The log on disk leads to this state only if it held the entries before it; a
+        // header that restarted the log, or a replica without a state, needs a snapshot.
+        let log_restarted = self.before_checkpoint.is_some() || !self.has_state;
         self.pending_checkpoint = None;
         self.before_checkpoint = None;
         if checkpoint.seq >= self.log.base_seq() {
@@ -970,12 +1176,42 @@ impl Core {
         self.checkpoint_seq = checkpoint.seq;
         self.commit_seq = self.commit_seq.max(checkpoint.seq);
         self.has_state = true;
+        self.snapshot_wanted |= self.persistence && log_restarted;
         self.advance();
     }
 
     /// The follower's answer to a finished checkpoint transfer.
     pub fn checkpoint_reply(&self) -> pb::InstallCheckpointReply {
-        pb::InstallCheckpointReply { installed_seq: self.checkpoint_seq, last_seq: self.log.last_seq() }
+        // Changes apply to a passive backup's state only, at exactly its checkpoint.
+        let holds_checkpoint = self.has_state && self.applied_seq == self.checkpoint_seq;
+        pb::InstallCheckpointReply {
+            installed_seq: self.checkpoint_seq,
+            last_seq: self.log.last_seq(),
+            takes_changes: holds_checkpoint && self.mode() == Mode::Passive && !self.is_leader(),
+        }
+    }
+
+    /// The state a checkpoint of changes (`header.base_seq`) applies to: this replica's,
+    /// if it is a passive backup whose state is at exactly that seq (its last checkpoint).
+    /// The sender is checked first, as `on_checkpoint_header` checks it: a deposed leader
+    /// learns of the newer epoch.
+    pub fn change_base(&self, header: &pb::CheckpointHeader) -> Result<StateMachine, ReplicaError> {
+        self.check_epoch(header.epoch)?;
+        self.check_leader(&header.leader_id)?;
+        let base_seq = header.base_seq;
+        let passive_backup = self.mode() == Mode::Passive && !self.is_leader();
+        if self.has_state && passive_backup && self.applied_seq == base_seq && self.checkpoint_seq == base_seq
+        {
+            return Ok(self.state.clone());
+        }
+        Err(ReplicaError::BadCheckpoint {
+            reason: format!(
+                "a checkpoint of changes since seq {base_seq}, but this replica's state is at seq {} \
+                 (its last checkpoint: seq {}; state: {}; passive backup: {passive_backup}); the leader \
+                 sends the whole state next",
+                self.applied_seq, self.checkpoint_seq, self.has_state
+            ),
+        })
     }
 
     pub fn status(&self, address: &str, checkpoint_interval_ms: u64) -> pb::ReplicaStatus {
@@ -996,6 +1232,7 @@ impl Core {
             not_ready_reason: self.not_ready_reason().unwrap_or_default(),
             synced_epoch: self.synced_epoch,
             has_state: self.has_state,
+            recovered_epoch: self.recovered_epoch,
             ..pb::ReplicaStatus::default()
         }
     }
@@ -1091,17 +1328,10 @@ mod tests {
                     let reply = backup.on_append(&request).expect("the backup takes the append");
                     leader.on_append_reply("r2", &request, &reply).expect("a correct answer");
                 }
-                PeerWork::Checkpoint(checkpoint) => {
+                PeerWork::Checkpoint(checkpoint, base) => {
                     let seq = checkpoint.seq;
-                    let header = pb::CheckpointHeader {
-                        epoch: leader.epoch(),
-                        leader_id: "r1".into(),
-                        seq,
-                        seq_epoch: checkpoint.seq_epoch,
-                        ..Default::default()
-                    };
-                    backup.on_checkpoint_header(&header).expect("header");
-                    backup.install_checkpoint(checkpoint);
+                    let installed = deliver(checkpoint, base, leader.epoch(), backup).expect("installed");
+                    assert_eq!(installed.seq, seq);
                     let reply = backup.checkpoint_reply();
                     leader.on_checkpoint_sent("r2", seq, Some(&reply)).expect("a correct answer");
                 }
@@ -1109,6 +1339,77 @@ mod tests {
             }
         }
         panic!("the leader never ran out of work for its backup");
+    }
+
+    /// A checkpoint's chunks, through the assembler and into `backup`, as the server
+    /// would: a checkpoint of changes starts from the backup's own state.
+    fn deliver(
+        checkpoint: Checkpoint,
+        base: Option<Base>,
+        epoch: u64,
+        backup: &mut Core,
+    ) -> Result<Checkpoint, String> {
+        let mut chunks: Box<dyn Iterator<Item = pb::CheckpointChunk>> = match base {
+            Some(base) => Box::new(checkpoint.into_change_chunks(base, epoch, "r1".into())),
+            None => Box::new(checkpoint.into_chunks(epoch, "r1".into())),
+        };
+        let mut assembler = crate::checkpoint::Assembler::default();
+        let header = assembler.push(chunks.next().expect("a header")).map_err(|e| e.to_string())?.cloned();
+        let header = header.expect("the header first");
+        if header.base_seq != 0 {
+            assembler.start_from(backup.change_base(&header).map_err(|e| e.to_string())?);
+        }
+        backup.on_checkpoint_header(&header).map_err(|e| e.to_string())?;
+        for chunk in chunks {
+            assembler.push(chunk).map_err(|e| e.to_string())?;
+        }
+        let installed = assembler.finish().map_err(|e| e.to_string())?;
+        backup.install_checkpoint(installed.clone());
+        Ok(installed)
+    }
+
+    /// Passive mode: after a backup installed a whole checkpoint from this leader, the
+    /// next ones carry only what changed, and bring it to the leader's state; after a
+    /// failed transfer (or a backup that no longer holds the base) the whole state again.
+    #[test]
+    fn periodic_checkpoints_carry_only_changes_once_the_backup_holds_a_base() {
+        let (mut leader, mut backup) = pair();
+        write(&mut leader, &mut backup, "c", 3);
+        let checkpoint = |leader: &mut Core| {
+            leader.schedule_checkpoints();
+            match leader.next_work("r2", false) {
+                PeerWork::Checkpoint(checkpoint, base) => (checkpoint, base),
+                other => panic!("expected a checkpoint, got {other:?}"),
+            }
+        };
+        let (first, base) = checkpoint(&mut leader);
+        assert!(base.is_none(), "the first checkpoint is the whole state");
+        let seq = first.seq;
+        deliver(first, base, 1, &mut backup).expect("installed");
+        leader.on_checkpoint_sent("r2", seq, Some(&backup.checkpoint_reply())).expect("a correct answer");
+
+        write(&mut leader, &mut backup, "d", 2);
+        let (second, base) = checkpoint(&mut leader);
+        assert_eq!(base.as_ref().map(|b| b.seq), Some(seq), "changes since the installed one");
+        let seq = second.seq;
+        deliver(second, base, 1, &mut backup).expect("changes installed");
+        assert_eq!(backup.state.digest(), leader.state.digest());
+        leader.on_checkpoint_sent("r2", seq, Some(&backup.checkpoint_reply())).expect("a correct answer");
+
+        // A transfer that failed: the next one is the whole state.
+        write(&mut leader, &mut backup, "e", 1);
+        let (third, base) = checkpoint(&mut leader);
+        assert!(base.is_some());
+        leader.on_checkpoint_sent("r2", third.seq, None).expect("no answer to check");
+        let (fourth, base) = checkpoint(&mut leader);
+        assert!(base.is_none(), "after a failure, the whole state");
+
+        // Changes on a state at another seq: refused, and nothing changes.
+        let stale = Base { seq: 1, state: StateMachine::default() };
+        let before = (backup.applied_seq, backup.state.digest());
+        let refused = deliver(fourth, Some(stale), 1, &mut backup).expect_err("the backup is not at seq 1");
+        assert!(refused.contains("the leader sends the whole state next"), "{refused}");
+        assert_eq!((backup.applied_seq, backup.state.digest()), before);
     }
 
     /// Writes `n` keys through the leader and replicates them; returns the leader's
@@ -1175,7 +1476,8 @@ mod tests {
             }
         }
         for installed_seq in [u64::MAX, last + 1, MAX_SEQ] {
-            let reply = pb::InstallCheckpointReply { installed_seq, last_seq: installed_seq };
+            let reply =
+                pb::InstallCheckpointReply { installed_seq, last_seq: installed_seq, takes_changes: true };
             let refused = leader.on_checkpoint_sent("r2", last, Some(&reply)).expect_err("an impossible seq");
             assert_eq!((refused.field, refused.got), ("installed_seq", installed_seq));
             for keepalive in [false, true] {

@@ -33,6 +33,7 @@ pub async fn serve(
     tokio::spawn(publish_health(Arc::clone(&node), health_reporter).instrument(span.clone()));
     tokio::spawn(checkpoint_timer(Arc::clone(&node)).instrument(span.clone()));
     tokio::spawn(peers::keep_joined(Arc::clone(&node)).instrument(span.clone()));
+    tokio::spawn(Arc::clone(&node).keep_durable().instrument(span.clone()));
     info!(
         listen = %node.settings.listen,
         internal = %internal.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -129,6 +130,183 @@ async fn checkpoint_timer(node: Arc<Node>) {
     }
 }
 
+/// A client request taken in: answered right away, or waiting to execute here.
+enum Admitted {
+    Answered(Result<pb::ExecuteReply, ReplicaError>),
+    Waiting {
+        answer: tokio::sync::oneshot::Receiver<Result<pb::ExecuteReply, ReplicaError>>,
+        /// Active mode, on a member that is not the order-keeper.
+        forward: bool,
+    },
+}
+
+/// Routes one client request (under the node's lock): a leader orders it, a retry is
+/// answered from the session table, anything else waits to execute here.
+fn admit(node: &Node, inner: &mut crate::node::Inner, request: &pb::ExecuteRequest) -> Admitted {
+    let tag = RequestTag(&request.client_id, node.id(), request.request_id);
+    match inner.core.route(request) {
+        Route::Reply(reply) => {
+            debug!(req = %tag, "answered from the session table");
+            Admitted::Answered(Ok(reply))
+        }
+        Route::Refuse(error) => {
+            debug!(req = %tag, %error, "refused");
+            Admitted::Answered(Err(error))
+        }
+        Route::Wait { forward_to } => {
+            debug!(req = %tag, op = %describe(request.op.as_ref()), "received");
+            let digest = request.op.as_ref().map(op_digest).unwrap_or_default();
+            let answer = inner.wait_for(&request.client_id, request.request_id, digest);
+            inner.core.advance();
+            Admitted::Waiting { answer, forward: forward_to.is_some() }
+        }
+    }
+}
+
+/// Waits for an admitted request to execute (at most the request timeout), handing it
+/// to the order-keeper meanwhile if it must be.
+async fn finish(
+    node: &Arc<Node>,
+    request: &pb::ExecuteRequest,
+    admitted: Admitted,
+) -> Result<pb::ExecuteReply, Status> {
+    let (answer, forward) = match admitted {
+        Admitted::Answered(answer) => return answer.map_err(Status::from),
+        Admitted::Waiting { answer, forward } => (answer, forward),
+    };
+    let tag = RequestTag(&request.client_id, node.id(), request.request_id);
+    let waited = node.settings.request_timeout;
+    let deadline = tokio::time::Instant::now() + waited;
+    let mut answer = answer;
+    let answered = match tokio::time::timeout(peers::FORWARD_AFTER, &mut answer).await {
+        Ok(answered) => Ok(answered),
+        Err(_) if forward => {
+            // Not executed yet: from now on a forwarder makes sure the order-keeper has
+            // it, until it is answered or abandoned.
+            let done = node.shutdown.child_token();
+            let forwarder = peers::forward_to_leader(Arc::clone(node), request.clone(), done.clone());
+            tokio::spawn(forwarder.instrument(node.span()));
+            let _stop_forwarding = done.drop_guard();
+            tokio::time::timeout_at(deadline, &mut answer).await
+        }
+        Err(_) => tokio::time::timeout_at(deadline, &mut answer).await,
+    };
+    match answered {
+        Ok(Ok(Ok(reply))) => {
+            debug!(req = %tag, seq = reply.seq, "replied");
+            Ok(reply)
+        }
+        Ok(Ok(Err(error))) => Err(error.into()),
+        Ok(Err(_)) | Err(_) => {
+            let epoch = node.apply(|inner| {
+                inner.forget_abandoned(&request.client_id, request.request_id);
+                inner.core.epoch()
+            });
+            warn!(req = %tag, "not executed in time");
+            Err(ReplicaError::NotExecuted {
+                client_id: request.client_id.clone(),
+                replica: node.id().to_owned(),
+                request_id: request.request_id,
+                epoch,
+                waited_ms: waited.as_millis() as u64,
+            }
+            .into())
+        }
+    }
+}
+
+/// The most requests one stream may have waiting at once; more are refused (the
+/// client library never sends more than its sessions' one request each).
+const MAX_OPEN_PER_STREAM: usize = 100_000;
+
+type ResultStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ExecuteResults, Status>> + Send>>;
+
+/// The answers of one stream, each message carrying every answer ready when it is sent.
+fn result_stream(answers: tokio::sync::mpsc::UnboundedReceiver<pb::ExecuteResult>) -> ResultStream {
+    Box::pin(futures::stream::unfold(answers, |mut answers| async move {
+        let mut results = Vec::new();
+        answers.recv_many(&mut results, 1024).await;
+        (!results.is_empty()).then(|| (Ok(pb::ExecuteResults { results }), answers))
+    }))
+}
+
+/// Takes an ExecuteStream's batches, each in one pass of the core, and answers every
+/// request on `results` once it is done (the waits of one stream in this one task).
+/// After the client closed or broke the stream, what it still waits for runs to its end
+/// (an answer, or the request timeout), so nothing is left registered as waiting.
+async fn take_batches(
+    node: Arc<Node>,
+    mut batches: Streaming<pb::ExecuteBatch>,
+    results: tokio::sync::mpsc::UnboundedSender<pb::ExecuteResult>,
+) {
+    let mut waiting = futures::stream::FuturesUnordered::new();
+    let mut taking = true;
+    loop {
+        tokio::select! {
+            batch = batches.next(), if taking => match batch {
+                Some(Ok(batch)) => {
+                    let room = MAX_OPEN_PER_STREAM.saturating_sub(waiting.len());
+                    let admitted = node.apply(|inner| {
+                        batch
+                            .requests
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, tagged)| {
+                                let request = tagged.request.unwrap_or_default();
+                                let admitted = if i < room {
+                                    admit(&node, inner, &request)
+                                } else {
+                                    Admitted::Answered(Err(too_many_open()))
+                                };
+                                (tagged.tag, request, admitted)
+                            })
+                            .collect::<Vec<_>>()
+                    });
+                    for (tag, request, admitted) in admitted {
+                        if let Admitted::Answered(answer) = admitted {
+                            let _ = results.send(execute_result(tag, answer.map_err(Status::from)));
+                            continue;
+                        }
+                        let node = Arc::clone(&node);
+                        waiting.push(async move { (tag, finish(&node, &request, admitted).await) });
+                    }
+                }
+                Some(Err(status)) => {
+                    debug!(error = %status.message(), "execute stream broke");
+                    taking = false;
+                }
+                None => taking = false,
+            },
+            Some((tag, answer)) = waiting.next(), if !waiting.is_empty() => {
+                // The client may be gone: then the answer has nowhere to go.
+                let _ = results.send(execute_result(tag, answer));
+            }
+            else => return,
+        }
+    }
+}
+
+fn too_many_open() -> ReplicaError {
+    ReplicaError::InvalidRequest {
+        field: "requests".into(),
+        reason: format!(
+            "more than {MAX_OPEN_PER_STREAM} requests waiting on one stream; wait for answers before sending more"
+        ),
+    }
+}
+
+fn execute_result(tag: u64, answer: Result<pb::ExecuteReply, Status>) -> pb::ExecuteResult {
+    let outcome = match answer {
+        Ok(reply) => pb::execute_result::Outcome::Reply(reply),
+        Err(status) => pb::execute_result::Outcome::Error(pb::CallError {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+            details: status.details().to_vec().into(),
+        }),
+    };
+    pb::ExecuteResult { tag, outcome: Some(outcome) }
+}
+
 /// The gRPC services, all backed by one node.
 #[derive(Clone)]
 struct Service(Arc<Node>);
@@ -141,60 +319,21 @@ impl pb::replica_server::Replica for Service {
     ) -> Result<Response<pb::ExecuteReply>, Status> {
         let node = &self.0;
         let request = request.into_inner();
-        let tag = RequestTag(&request.client_id, node.id(), request.request_id);
-        let digest = request.op.as_ref().map(op_digest).unwrap_or_default();
-        let routed = node.apply(|inner| match inner.core.route(&request) {
-            Route::Reply(reply) => Err(Ok(reply)),
-            Route::Refuse(error) => Err(Err(error)),
-            Route::Wait { forward_to } => {
-                let waiting = inner.wait_for(&request.client_id, request.request_id, digest);
-                inner.core.advance();
-                Ok((waiting, forward_to))
-            }
-        });
-        let (waiting, forward_to) = match routed {
-            Ok(wait) => wait,
-            Err(Ok(reply)) => {
-                debug!(req = %tag, "answered from the session table");
-                return Ok(Response::new(reply));
-            }
-            Err(Err(error)) => {
-                debug!(req = %tag, %error, "refused");
-                return Err(error.into());
-            }
-        };
-        debug!(req = %tag, op = %describe(request.op.as_ref()), "received");
-        // Stops the forwarder when this request is answered or abandoned.
-        let done = node.shutdown.child_token();
-        let _stop_forwarding = done.clone().drop_guard();
-        if forward_to.is_some() {
-            tokio::spawn(
-                peers::forward_to_leader(Arc::clone(node), request.clone(), done).instrument(node.span()),
-            );
-        }
-        let waited = node.settings.request_timeout;
-        match tokio::time::timeout(waited, waiting).await {
-            Ok(Ok(Ok(reply))) => {
-                debug!(req = %tag, seq = reply.seq, "replied");
-                Ok(Response::new(reply))
-            }
-            Ok(Ok(Err(error))) => Err(error.into()),
-            Ok(Err(_)) | Err(_) => {
-                let epoch = node.apply(|inner| {
-                    inner.forget_abandoned(&request.client_id, request.request_id);
-                    inner.core.epoch()
-                });
-                warn!(req = %tag, "not executed in time");
-                Err(ReplicaError::NotExecuted {
-                    client_id: request.client_id.clone(),
-                    replica: node.id().to_owned(),
-                    request_id: request.request_id,
-                    epoch,
-                    waited_ms: waited.as_millis() as u64,
-                }
-                .into())
-            }
-        }
+        let admitted = node.apply(|inner| admit(node, inner, &request));
+        finish(node, &request, admitted).await.map(Response::new)
+    }
+
+    type ExecuteStreamStream = ResultStream;
+
+    async fn execute_stream(
+        &self,
+        requests: Request<Streaming<pb::ExecuteBatch>>,
+    ) -> Result<Response<ResultStream>, Status> {
+        let (results, answers) = tokio::sync::mpsc::unbounded_channel();
+        let node = Arc::clone(&self.0);
+        let stream = requests.into_inner();
+        tokio::spawn(take_batches(node, stream, results).instrument(self.0.span()));
+        Ok(Response::new(result_stream(answers)))
     }
 
     async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::ReplicaStatus>, Status> {
@@ -225,7 +364,9 @@ impl pb::peer_server::Peer for Service {
         )?;
         let request = request.into_inner();
         match self.0.apply(|inner| inner.core.on_append(&request)) {
-            Ok(reply) => Ok(Response::new(reply)),
+            // What it answers it holds on disk (fsync durability).
+            Ok(reply) if self.0.wait_durable().await => Ok(Response::new(reply)),
+            Ok(_) => Err(Status::unavailable("this replica's write-ahead log failed; it is stopping")),
             Err(error) => {
                 debug!(leader = %request.leader_id, epoch = request.epoch, %error, "append refused");
                 Err(error.into())
@@ -274,7 +415,7 @@ impl pb::peer_server::Peer for Service {
             }
             .into())
         });
-        let (checkpoint, epoch) = match received {
+        let (checkpoint, epoch, changes) = match received {
             Ok(received) => received,
             Err(status) => {
                 // Whatever its header started is undone: a broken or refused stream
@@ -296,9 +437,24 @@ impl pb::peer_server::Peer for Service {
         if epoch < current {
             debug!(seq, epoch, "checkpoint from an older epoch, still a committed prefix");
         }
+        // Installed means on disk too: the leader counts what this replica says it holds.
+        if let Err(error) = node.write_due_snapshot().await {
+            node.shutdown.cancel();
+            return Err(Status::unavailable(format!(
+                "cannot write the checkpoint to disk ({error}); this replica is stopping"
+            )));
+        }
+        if !node.wait_durable().await {
+            return Err(Status::unavailable("this replica's write-ahead log failed; it is stopping"));
+        }
         let elapsed_ms = started.elapsed().as_millis() as u64;
         node.last_checkpoint_install_ms.store(elapsed_ms, std::sync::atomic::Ordering::Relaxed);
-        info!(seq, keys, replayed, elapsed_ms, "installed checkpoint");
+        // Periodic checkpoints of changes are routine: logged at debug.
+        if changes {
+            debug!(seq, keys, replayed, elapsed_ms, "installed the changes since the last checkpoint");
+        } else {
+            info!(seq, keys, replayed, elapsed_ms, "installed checkpoint");
+        }
         Ok(Response::new(reply))
     }
 
@@ -367,26 +523,41 @@ impl pb::control_server::Control for Service {
 
 /// Receives a checkpoint's chunks, checking each as it comes, and applies its header to
 /// the core as soon as it arrives (`announced`: the header's seq, for the caller to undo
-/// if the rest never comes). Returns the checkpoint and the epoch it was sent in.
+/// if the rest never comes). Returns the checkpoint, the epoch it was sent in, and
+/// whether it carried only changes.
 async fn receive_checkpoint(
     node: &Node,
     caller: tls::Caller,
     mut chunks: Streaming<pb::CheckpointChunk>,
     announced: &mut Option<u64>,
-) -> Result<(Checkpoint, u64), Status> {
+) -> Result<(Checkpoint, u64, bool), Status> {
     let refused = |e: AssemblyError| ReplicaError::BadCheckpoint { reason: e.to_string() };
     let mut assembler = Assembler::default();
     while let Some(chunk) = chunks.next().await {
-        let header = assembler.push(chunk?).map_err(refused)?;
+        let header = assembler.push(chunk?).map_err(refused)?.cloned();
         if let Some(header) = header {
             caller.must_be_replica(&node.settings.group, &header.leader_id, "send a checkpoint")?;
-            node.apply(|inner| inner.core.on_checkpoint_header(header))?;
+            let base = node.apply(|inner| {
+                // The base is taken before the header may restart the log.
+                let base = (header.base_seq != 0).then(|| inner.core.change_base(&header)).transpose()?;
+                inner.core.on_checkpoint_header(&header)?;
+                Ok::<_, ReplicaError>(base)
+            })?;
             *announced = Some(header.seq);
-            info!(seq = header.seq, keys = header.keys, bytes = header.bytes, leader = %header.leader_id, "receiving checkpoint");
+            match base {
+                Some(base) => {
+                    assembler.start_from(base);
+                    debug!(seq = header.seq, base_seq = header.base_seq, bytes = header.bytes, leader = %header.leader_id, "receiving the changes since the last checkpoint");
+                }
+                None => {
+                    info!(seq = header.seq, keys = header.keys, bytes = header.bytes, leader = %header.leader_id, "receiving checkpoint")
+                }
+            }
         }
     }
     let epoch = assembler.header().map_or(0, |h| h.epoch);
-    Ok((assembler.finish().map_err(refused)?, epoch))
+    let changes = assembler.header().is_some_and(|h| h.base_seq != 0);
+    Ok((assembler.finish().map_err(refused)?, epoch, changes))
 }
 
 /// A short description of an operation for the trace, e.g. `put k (3 bytes)`.

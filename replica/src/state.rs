@@ -10,6 +10,7 @@
 //! late retry of a forgotten session is told from a new client.
 
 use bytes::Bytes;
+use imbl::ordmap::DiffItem;
 use imbl::{OrdMap, OrdSet};
 use prost::Message;
 use sha2::{Digest as _, Sha256};
@@ -124,12 +125,26 @@ pub enum Applied {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StateMachine {
     kv: OrdMap<String, Bytes>,
+    /// The sum of every key-value's hash, kept as the map changes: the fingerprint of a
+    /// state of any size costs no more than its session table.
+    kv_sum: KvSum,
     sessions: OrdMap<String, SessionRecord>,
     /// The sessions ordered by last use, oldest first: which to expire. Derived from
     /// `sessions` (rebuilt when a checkpoint is assembled), so not hashed on its own.
     by_last_use: OrdSet<(u64, String)>,
     /// The group clock: the highest entry stamp applied (unix ms).
     clock_ms: u64,
+}
+
+/// What changed between two states (`StateMachine::changes_since`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Changes {
+    pub removed_keys: Vec<String>,
+    pub removed_sessions: Vec<String>,
+    /// Added or changed.
+    pub key_values: Vec<(String, Bytes)>,
+    /// Added or changed.
+    pub sessions: Vec<(String, SessionRecord)>,
 }
 
 /// Why a request is refused before it is ordered: which field, and what is wrong.
@@ -267,17 +282,17 @@ impl StateMachine {
                 op_result::Kind::Get(pb::GetResult { value: self.kv.get(&get.key).cloned() })
             }
             Some(operation::Kind::Put(put)) => {
-                self.kv.insert(put.key.clone(), put.value.clone());
+                self.set(put.key.clone(), put.value.clone());
                 op_result::Kind::Put(pb::PutResult {})
             }
             Some(operation::Kind::Delete(delete)) => {
-                op_result::Kind::Delete(pb::DeleteResult { existed: self.kv.remove(&delete.key).is_some() })
+                op_result::Kind::Delete(pb::DeleteResult { existed: self.remove(&delete.key) })
             }
             Some(operation::Kind::CompareAndSwap(cas)) => {
                 let current = self.kv.get(&cas.key).cloned();
                 let swapped = current == cas.expected;
                 if swapped {
-                    self.kv.insert(cas.key.clone(), cas.new_value.clone());
+                    self.set(cas.key.clone(), cas.new_value.clone());
                 }
                 op_result::Kind::CompareAndSwap(pb::CompareAndSwapResult { swapped, current })
             }
@@ -303,7 +318,7 @@ impl StateMachine {
         let value = current
             .checked_add(delta)
             .ok_or_else(|| format!("increment of {key:?} by {delta} overflows i64"))?;
-        self.kv.insert(key.to_owned(), Bytes::from(value.to_string()));
+        self.set(key.to_owned(), Bytes::from(value.to_string()));
         Ok(value)
     }
 
@@ -350,7 +365,63 @@ impl StateMachine {
 
     /// Inserts a key-value pair while a checkpoint is being assembled.
     pub fn restore_key_value(&mut self, key: String, value: Bytes) {
+        self.set(key, value);
+    }
+
+    /// Removes a key while a checkpoint of changes is being assembled.
+    pub fn restore_removal(&mut self, key: &str) {
+        self.remove(key);
+    }
+
+    /// Forgets a session while a checkpoint of changes is being assembled.
+    pub fn restore_session_removal(&mut self, client_id: &str) {
+        if let Some(previous) = self.sessions.remove(client_id) {
+            self.by_last_use.remove(&(previous.last_used_ms, client_id.to_owned()));
+        }
+    }
+
+    /// What changed from `base` to this state. Costs what changed, not the state's
+    /// size: the maps share every node neither touched since `base` was cloned from
+    /// this state's lineage.
+    pub fn changes_since(&self, base: &StateMachine) -> Changes {
+        let mut changes = Changes::default();
+        for item in base.kv.diff(&self.kv) {
+            match item {
+                DiffItem::Remove(key, _) => changes.removed_keys.push(key.clone()),
+                DiffItem::Add(key, value) | DiffItem::Update { new: (key, value), .. } => {
+                    changes.key_values.push((key.clone(), value.clone()))
+                }
+            }
+        }
+        for item in base.sessions.diff(&self.sessions) {
+            match item {
+                DiffItem::Remove(client_id, _) => changes.removed_sessions.push(client_id.clone()),
+                DiffItem::Add(client_id, session) | DiffItem::Update { new: (client_id, session), .. } => {
+                    changes.sessions.push((client_id.clone(), session.clone()))
+                }
+            }
+        }
+        changes
+    }
+
+    fn set(&mut self, key: String, value: Bytes) {
+        let added = KvSum::of(&key, &value);
+        if let Some(previous) = self.kv.get(&key) {
+            self.kv_sum.subtract(KvSum::of(&key, previous));
+        }
+        self.kv_sum.add(added);
         self.kv.insert(key, value);
+    }
+
+    /// Whether the key existed.
+    fn remove(&mut self, key: &str) -> bool {
+        match self.kv.remove(key) {
+            Some(previous) => {
+                self.kv_sum.subtract(KvSum::of(key, &previous));
+                true
+            }
+            None => false,
+        }
     }
 
     /// Inserts (or replaces) a session, e.g. while a checkpoint is being assembled.
@@ -368,27 +439,87 @@ impl StateMachine {
     }
 
     /// Hex SHA-256 over the sorted map and the sorted session table, each field
-    /// length-prefixed so that no two different states hash the same input.
+    /// length-prefixed so that no two different states hash the same input. Reads the
+    /// whole state: for status and whole-state checkpoints.
     pub fn digest(&self) -> String {
         let mut hasher = Sha256::new();
-        let mut field = |bytes: &[u8]| {
-            hasher.update((bytes.len() as u64).to_le_bytes());
-            hasher.update(bytes);
-        };
         for (key, value) in &self.kv {
-            field(key.as_bytes());
-            field(value);
+            hash_field(&mut hasher, key.as_bytes());
+            hash_field(&mut hasher, value);
         }
-        field(b"sessions");
-        field(&self.clock_ms.to_le_bytes());
-        for (client_id, session) in &self.sessions {
-            field(client_id.as_bytes());
-            field(&session.last_request_id.to_le_bytes());
-            field(&session.last_reply.encode_to_vec());
-            field(&session.last_op_digest.to_le_bytes());
-            field(&session.last_used_ms.to_le_bytes());
-        }
+        self.hash_sessions(&mut hasher);
         hex::encode(hasher.finalize())
+    }
+
+    /// Hex SHA-256 over the map's running sum and size and the session table: equal
+    /// states have equal fingerprints, and a state that differs in any key-value differs
+    /// in its fingerprint but with negligible chance. Costs the session table, not the
+    /// map: what checks a checkpoint of changes. Not a defence against a forger (mutual
+    /// TLS keeps those out): sums of hashes can be steered by one who picks many entries.
+    pub fn fingerprint(&self) -> String {
+        let mut hasher = Sha256::new();
+        hash_field(&mut hasher, b"kv-sum");
+        for limb in self.kv_sum.0 {
+            hasher.update(limb.to_le_bytes());
+        }
+        hasher.update((self.kv.len() as u64).to_le_bytes());
+        self.hash_sessions(&mut hasher);
+        hex::encode(hasher.finalize())
+    }
+
+    fn hash_sessions(&self, hasher: &mut Sha256) {
+        hash_field(hasher, b"sessions");
+        hash_field(hasher, &self.clock_ms.to_le_bytes());
+        for (client_id, session) in &self.sessions {
+            hash_field(hasher, client_id.as_bytes());
+            hash_field(hasher, &session.last_request_id.to_le_bytes());
+            hash_field(hasher, &session.last_reply.encode_to_vec());
+            hash_field(hasher, &session.last_op_digest.to_le_bytes());
+            hash_field(hasher, &session.last_used_ms.to_le_bytes());
+        }
+    }
+}
+
+/// Length-prefixed, so that no two different sequences of fields hash the same input.
+fn hash_field(hasher: &mut Sha256, bytes: &[u8]) {
+    hasher.update((bytes.len() as u64).to_le_bytes());
+    hasher.update(bytes);
+}
+
+/// A sum, modulo 2^256, of SHA-256 hashes of key-values: adding and subtracting one is
+/// what a change of the map costs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct KvSum([u64; 4]);
+
+impl KvSum {
+    fn of(key: &str, value: &[u8]) -> KvSum {
+        let mut hasher = Sha256::new();
+        hash_field(&mut hasher, key.as_bytes());
+        hash_field(&mut hasher, value);
+        let hash = hasher.finalize();
+        KvSum(std::array::from_fn(|i| {
+            u64::from_le_bytes(hash[i * 8..i * 8 + 8].try_into().expect("a SHA-256 hash has 32 bytes"))
+        }))
+    }
+
+    fn add(&mut self, other: KvSum) {
+        let mut carry = false;
+        for (limb, other) in self.0.iter_mut().zip(other.0) {
+            let (sum, overflow_a) = limb.overflowing_add(other);
+            let (sum, overflow_b) = sum.overflowing_add(u64::from(carry));
+            *limb = sum;
+            carry = overflow_a || overflow_b;
+        }
+    }
+
+    fn subtract(&mut self, other: KvSum) {
+        let mut borrow = false;
+        for (limb, other) in self.0.iter_mut().zip(other.0) {
+            let (difference, underflow_a) = limb.overflowing_sub(other);
+            let (difference, underflow_b) = difference.overflowing_sub(u64::from(borrow));
+            *limb = difference;
+            borrow = underflow_a || underflow_b;
+        }
     }
 }
 
@@ -615,6 +746,18 @@ mod tests {
         ]
     }
 
+    /// Keys over many nodes of the map's tree.
+    const WIDE_KEYS: u64 = 400;
+
+    fn wide_op() -> impl Strategy<Value = Operation> {
+        let key = (0..WIDE_KEYS + 20).prop_map(|i| format!("k{i:03}"));
+        prop_oneof![
+            (key.clone(), "[a-z0-9]{0,3}").prop_map(|(k, v)| put(&k, &v)),
+            key.clone().prop_map(|k| op(operation::Kind::Delete(pb::Delete { key: k }))),
+            (key, -3i64..3).prop_map(|(k, d)| incr(&k, d)),
+        ]
+    }
+
     proptest! {
         /// Same entries, same order: same state and digest, whatever they are. Different
         /// states: different digests.
@@ -631,9 +774,58 @@ mod tests {
                 prop_assert_eq!(ra, rb);
             }
             prop_assert_eq!(a.digest(), b.digest());
+            prop_assert_eq!(a.fingerprint(), b.fingerprint());
             let mut c = a.clone();
             c.apply(u64::MAX, "other", 1, &put("zz", "different"));
             prop_assert_ne!(a.digest(), c.digest());
+            prop_assert_ne!(a.fingerprint(), c.fingerprint());
+        }
+
+        /// A checkpoint of changes (`into_change_chunks`) brings a backup holding the
+        /// base to exactly the primary's state (keys over many tree nodes, sessions, their
+        /// expiry order, the clock, the running sum); and the running sum always equals
+        /// one computed from scratch.
+        #[test]
+        fn a_checkpoint_of_changes_brings_the_base_to_the_state(
+            before in prop::collection::vec((0u8..3, wide_op(), 0u64..WINDOW), 0..40),
+            after in prop::collection::vec((0u8..3, wide_op(), 0u64..WINDOW), 0..40),
+        ) {
+            use crate::checkpoint::{Assembler, Base, Checkpoint};
+            let mut primary = StateMachine::default();
+            for i in 0..WIDE_KEYS {
+                primary.apply(0, "fill", i + 1, &put(&format!("k{i:03}"), "v"));
+            }
+            // Sessions come and go too: the clock moves up to a window per entry.
+            let (mut clock, mut last_id) = (T0, [0u64; 3]);
+            let mut run = |state: &mut StateMachine, ops: &[(u8, Operation, u64)], from: usize| {
+                for (i, (client, op, dt)) in ops.iter().enumerate() {
+                    clock += dt;
+                    let id = &mut last_id[*client as usize];
+                    *id = (*id).max(clock_id(clock)) + 1;
+                    state.apply_stamped((from + i) as u64 + 1, at(clock), &format!("c{client}"), *id, op);
+                }
+            };
+            run(&mut primary, &before, 0);
+            let base = Base { seq: before.len() as u64 + 1, state: primary.clone() };
+            let backup = primary.clone();
+            run(&mut primary, &after, before.len() + 1);
+            let checkpoint = Checkpoint { seq: base.seq + after.len() as u64 + 1, seq_epoch: 1, state: primary.clone() };
+            let mut assembler = Assembler::default();
+            let mut chunks = checkpoint.into_change_chunks(base, 1, "r1".into());
+            assembler.push(chunks.next().expect("a header")).expect("header");
+            assembler.start_from(backup);
+            for chunk in chunks {
+                assembler.push(chunk).expect("valid chunk");
+            }
+            let installed = assembler.finish().expect("complete").state;
+            prop_assert_eq!(&installed, &primary);
+            prop_assert_eq!(installed.digest(), primary.digest());
+            prop_assert_eq!(installed.fingerprint(), primary.fingerprint());
+            let mut rebuilt = StateMachine::default();
+            for (key, value) in primary.key_values() {
+                rebuilt.restore_key_value(key.clone(), value.clone());
+            }
+            prop_assert_eq!(rebuilt.kv_sum, primary.kv_sum);
         }
 
         /// Sessions that expire, under any timing: replicas agree on every outcome and

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use proptest::prelude::*;
-use tandem_replica::checkpoint::Checkpoint;
+use tandem_replica::checkpoint::{Assembler, Base, Checkpoint};
 use tandem_replica::error::ReplicaError;
 use tandem_replica::pb::{self, Mode, op_result, operation};
 use tandem_replica::replication::{Core, Executed, PeerWork, Route};
@@ -30,7 +30,7 @@ enum Message {
     Config { to: String, config: pb::Configuration },
     Append { to: String, from: String, request: pb::AppendRequest },
     AppendReply { to: String, from: String, request: pb::AppendRequest, reply: pb::AppendReply },
-    Checkpoint { to: String, from: String, epoch: u64, checkpoint: Checkpoint },
+    Checkpoint { to: String, from: String, epoch: u64, checkpoint: Checkpoint, base: Option<Base> },
     CheckpointDone { to: String, from: String, seq: u64, reply: Option<pb::InstallCheckpointReply> },
     Order { to: String, request: pb::OrderRequest },
     Join { to: String, from: String },
@@ -72,6 +72,8 @@ struct Sim {
     /// Every member that held some committed entries is gone: the RM had no safe
     /// replica to promote, so durability is no longer promised.
     data_lost: bool,
+    /// Checkpoints of changes installed, and refused for a base the receiver lacked.
+    changes: (u64, u64),
     log: Vec<String>,
 }
 
@@ -86,6 +88,7 @@ impl Sim {
             clients: vec![ClientState::default(); CLIENTS],
             executed_at: HashMap::new(),
             data_lost: false,
+            changes: (0, 0),
             log: Vec::new(),
         };
         sim.reconfigure("r1", &IDS);
@@ -246,9 +249,13 @@ impl Sim {
                     PeerWork::Append(request) => {
                         outgoing.push(Message::Append { to: peer, from: id.clone(), request })
                     }
-                    PeerWork::Checkpoint(checkpoint) => {
-                        outgoing.push(Message::Checkpoint { to: peer, from: id.clone(), epoch, checkpoint })
-                    }
+                    PeerWork::Checkpoint(checkpoint, base) => outgoing.push(Message::Checkpoint {
+                        to: peer,
+                        from: id.clone(),
+                        epoch,
+                        checkpoint,
+                        base,
+                    }),
                     PeerWork::Idle | PeerWork::Gone => {}
                 }
             }
@@ -297,24 +304,48 @@ impl Sim {
                 core.on_append_reply(&from, &request, &reply).expect("a correct follower's answer");
                 self.drain(&to);
             }
-            Message::Checkpoint { to, from, epoch, checkpoint } => {
-                let core = self.core(&to).expect("alive");
-                let header = pb::CheckpointHeader {
-                    epoch,
-                    leader_id: from.clone(),
-                    seq: checkpoint.seq,
-                    seq_epoch: checkpoint.seq_epoch,
-                    keys: 0,
-                    sessions: 0,
-                    ..Default::default()
-                };
+            Message::Checkpoint { to, from, epoch, checkpoint, base } => {
+                // Through the real chunks and assembler, as the server receives them: a
+                // checkpoint of changes applies to the receiver's own state.
                 let seq = checkpoint.seq;
-                let reply = match core.on_checkpoint_header(&header) {
-                    Ok(()) => {
-                        core.install_checkpoint(checkpoint);
+                let mut chunks: Box<dyn Iterator<Item = pb::CheckpointChunk>> = match base {
+                    Some(base) => Box::new(checkpoint.into_change_chunks(base, epoch, from.clone())),
+                    None => Box::new(checkpoint.into_chunks(epoch, from.clone())),
+                };
+                let mut assembler = Assembler::default();
+                let header = assembler
+                    .push(chunks.next().expect("a header"))
+                    .expect("a leader's header")
+                    .cloned()
+                    .expect("the header comes first");
+                let core = self.core(&to).expect("alive");
+                let received = (header.base_seq != 0)
+                    .then(|| core.change_base(&header))
+                    .transpose()
+                    .and_then(|base| core.on_checkpoint_header(&header).map(|()| base));
+                let reply = match received {
+                    Ok(base) => {
+                        let changes = base.is_some();
+                        if let Some(base) = base {
+                            assembler.start_from(base);
+                        }
+                        for chunk in chunks {
+                            // A base that passed `change_base` yet leads elsewhere would be a
+                            // protocol bug: the fingerprint says so here.
+                            assembler
+                                .push(chunk)
+                                .unwrap_or_else(|e| panic!("{from} -> {to} at seq {seq}: {e}"));
+                        }
+                        core.install_checkpoint(assembler.finish().expect("a whole checkpoint"));
                         let reply = core.checkpoint_reply();
+                        self.changes.0 += u64::from(changes);
                         self.drain(&to);
                         Some(reply)
+                    }
+                    // A base this replica does not hold: refused, the leader sends the whole state.
+                    Err(ReplicaError::BadCheckpoint { .. }) => {
+                        self.changes.1 += 1;
+                        None
                     }
                     Err(error) => {
                         self.refused(&from, &to, error);
@@ -551,10 +582,12 @@ fn run(mode: Mode, choices: Vec<(u8, u8, u8)>) {
     if std::env::var_os("SIM_STATS").is_some() {
         let acked: u64 = sim.clients.iter().map(|c| c.acked).sum();
         eprintln!(
-            "acked {acked} executed {} epochs {} data_lost {}",
+            "acked {acked} executed {} epochs {} data_lost {} changes installed {} refused {}",
             sim.executed_at.len(),
             sim.config.epoch,
-            sim.data_lost
+            sim.data_lost,
+            sim.changes.0,
+            sim.changes.1
         );
     }
 }

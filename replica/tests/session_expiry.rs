@@ -62,7 +62,7 @@ impl Group {
                         leader.on_append_reply(id, &request, &reply).expect("a valid reply");
                         sent = true;
                     }
-                    PeerWork::Checkpoint(checkpoint) => {
+                    PeerWork::Checkpoint(checkpoint, _) => {
                         let seq = checkpoint.seq;
                         follower.install_checkpoint(checkpoint);
                         leader

@@ -491,6 +491,8 @@ enum StreamEdit {
     /// A body chunk no header announced.
     Extra(Index, Vec<(String, u8)>),
     WrongDigest,
+    /// A claim to be a checkpoint of changes since this seq, with removals.
+    Changes(u64, Index, Vec<String>),
 }
 
 fn stream_edit() -> impl Strategy<Value = StreamEdit> {
@@ -502,6 +504,8 @@ fn stream_edit() -> impl Strategy<Value = StreamEdit> {
         1 => any::<Index>().prop_map(StreamEdit::EmptyChunk),
         1 => (any::<Index>(), prop::collection::vec((key(), any::<u8>()), 1..4)).prop_map(|(at, kvs)| StreamEdit::Extra(at, kvs)),
         1 => Just(StreamEdit::WrongDigest),
+        1 => (number(), any::<Index>(), prop::collection::vec(key(), 0..3))
+            .prop_map(|(base_seq, at, keys)| StreamEdit::Changes(base_seq, at, keys)),
     ]
 }
 
@@ -549,6 +553,13 @@ fn checkpoint_chunks(
                 kvs.into_iter().map(|(key, v)| pb::KeyValue { key, value: Bytes::from(vec![v]) }).collect();
             let extra = pb::CheckpointChunk { part: Some(Part::KeyValues(pb::KeyValueBatch { entries })) };
             chunks.insert(at.index(len + 1), extra);
+        }
+        StreamEdit::Changes(base_seq, at, keys) => {
+            if let Some(Part::Header(header)) = chunks[0].part.as_mut() {
+                header.base_seq = base_seq;
+            }
+            let removals = pb::Removals { keys, client_ids: Vec::new() };
+            chunks.insert(at.index(len + 1), pb::CheckpointChunk { part: Some(Part::Removals(removals)) });
         }
         StreamEdit::WrongDigest => {
             if let Some(Part::Trailer(trailer)) = chunks.last_mut().and_then(|c| c.part.as_mut()) {

@@ -371,16 +371,18 @@ pub fn configurations(data: &[u8]) -> Outcome {
 // ------------------------------------------------------------------ checkpoints
 
 /// `Peer.InstallCheckpoint`: the chunks of one stream, fed to an `Assembler` as the
-/// handler does, the header handed to the core (`on_checkpoint_header`), and the
-/// verified checkpoint installed (`install_checkpoint`), on a replica joining an active
-/// group and on a member that holds committed entries. A stream that is refused, broken
+/// handler does, the header handed to the core (`change_base` for a checkpoint of
+/// changes, then `on_checkpoint_header`), and the verified checkpoint installed
+/// (`install_checkpoint`), on a replica joining an active group, on a member that holds
+/// committed entries, and on a passive backup. A stream that is refused, broken
 /// or truncated installs nothing; after one that is installed, the replica takes its
 /// leader's next append.
 pub fn checkpoint(data: &[u8]) -> Outcome {
     let (chunks, broken) = frames::<pb::CheckpointChunk>(data);
     let joiner = core("r4", false, configuration(1, Mode::Active, "r1", &MEMBERS));
     let installed = receive_checkpoint(joiner, chunks.clone(), broken);
-    receive_checkpoint(primed_follower(Mode::Active), chunks, broken);
+    receive_checkpoint(primed_follower(Mode::Active), chunks.clone(), broken);
+    receive_checkpoint(primed_follower(Mode::Passive), chunks, broken);
     Outcome { accepted: usize::from(installed), refused: usize::from(!installed) }
 }
 
@@ -397,9 +399,19 @@ fn receive_checkpoint(mut receiver: Core, chunks: Vec<pb::CheckpointChunk>, brok
             Some(Part::Sessions(batch)) => carried.1 += batch.sessions.len() as u64,
             _ => {}
         }
-        match assembler.push(chunk) {
-            Ok(Some(header)) if receiver.on_checkpoint_header(header).is_err() => refused = true,
-            Ok(Some(header)) => announced = Some(header.seq),
+        match assembler.push(chunk).map(|header| header.cloned()) {
+            Ok(Some(header)) => {
+                let base = (header.base_seq != 0).then(|| receiver.change_base(&header)).transpose();
+                match base.and_then(|base| receiver.on_checkpoint_header(&header).map(|()| base)) {
+                    Ok(base) => {
+                        if let Some(base) = base {
+                            assembler.start_from(base);
+                        }
+                        announced = Some(header.seq);
+                    }
+                    Err(_) => refused = true,
+                }
+            }
             Ok(None) => {}
             Err(_) => refused = true,
         }
@@ -427,7 +439,8 @@ fn receive_checkpoint(mut receiver: Core, chunks: Vec<pb::CheckpointChunk>, brok
     // announced: a count mismatch is never installed.
     let (keys, sessions) = (checkpoint.state.keys() as u64, checkpoint.state.session_count() as u64);
     assert_eq!((keys, sessions), (header.keys, header.sessions));
-    assert!(keys <= carried.0 && sessions <= carried.1);
+    // (A checkpoint of changes keeps what its base held besides.)
+    assert!(header.base_seq != 0 || (keys <= carried.0 && sessions <= carried.1));
     assert_eq!((checkpoint.seq, checkpoint.seq_epoch), (header.seq, header.seq_epoch));
     let digest = checkpoint.state.digest();
     receiver.install_checkpoint(checkpoint);
