@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::controller::Action as Requeue;
@@ -27,13 +29,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::certs;
-use crate::crd::{Defaults, RECREATE_ANNOTATION, ReplicatedService};
+use crate::crd::{Defaults, RECREATE_ANNOTATION, ReplicatedService, SwitchoverStatus};
 use crate::membership::{self, MembershipView};
 use crate::pods::{self, MEMBER_LABEL, PodSettings, REPLICA_LABEL, ROLE_LABEL, SERVICE_LABEL};
 use crate::replicas::{self, CALL_TIMEOUT};
 use crate::rm::{self, Action, Record, Restarts, Trouble};
-use crate::rotation::{self, Rotation};
+use crate::rotation::{self, Rotation, Step, TEMPLATE_HASH_ANNOTATION, Why};
 use crate::status;
+use crate::switchover::{self, Ask, Outcome, Target};
 
 pub const FIELD_MANAGER: &str = "tandem-operator";
 /// Reconcile this often even without events (statuses, heartbeats, back-off timers).
@@ -41,6 +44,9 @@ const RESYNC: Duration = Duration::from_secs(2);
 /// While the group is not whole, reconcile this often: replacements, joins and
 /// failovers are paced by it.
 const RESYNC_WHILE_HEALING: Duration = Duration::from_millis(500);
+/// A switchover asked for and not decided yet (the RM had something else to do) is
+/// asked again this soon.
+const RESYNC_FOR_SWITCHOVER: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,23 +82,38 @@ pub struct Context {
 /// The in-memory part of one service's record.
 #[derive(Debug, Clone, Default)]
 struct Volatile {
+    outage_since: Option<u64>,
     restarts: BTreeMap<String, Restarts>,
     dead_since: BTreeMap<String, u64>,
     terminating_since: BTreeMap<String, u64>,
     trouble: Option<Trouble>,
+    /// The member a rolling update (or certificate rotation) hands the primary's role
+    /// to before it replaces the old primary; asked of the RM in the next round.
+    planned_switchover: Option<String>,
+    /// The switchover asked and not decided yet, and since when (unix ms): the RM waits
+    /// a while for a target that is catching up.
+    switchover_asked: Option<(String, u64)>,
 }
 
 impl Volatile {
-    fn of(record: &Record) -> Self {
+    fn of(
+        record: &Record,
+        planned_switchover: Option<String>,
+        switchover_asked: Option<(String, u64)>,
+    ) -> Self {
         Self {
+            outage_since: record.outage_since,
             restarts: record.restarts.clone(),
             dead_since: record.dead_since.clone(),
             terminating_since: record.terminating_since.clone(),
             trouble: record.trouble.clone(),
+            planned_switchover,
+            switchover_asked,
         }
     }
 
     fn restore(self, record: &mut Record) {
+        record.outage_since = self.outage_since;
         record.restarts = self.restarts;
         record.dead_since = self.dead_since;
         record.terminating_since = self.terminating_since;
@@ -168,7 +189,8 @@ async fn reconcile_service(
     let mut spec = rsvc.spec.effective(&ctx.defaults);
     spec.recreate_lost_epoch =
         rsvc.annotations().get(RECREATE_ANNOTATION).and_then(|epoch| epoch.trim().parse().ok());
-    let problems = spec.problems();
+    let mut problems = spec.problems();
+    problems.extend(rsvc.spec.problems());
 
     let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let pods = pod_api.list(&ListParams::default().labels(&format!("{SERVICE_LABEL}={name}"))).await?.items;
@@ -177,21 +199,64 @@ async fn reconcile_service(
     let volatile =
         ctx.volatile.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned().unwrap_or_default();
     let previous_trouble = volatile.trouble.clone();
+    let planned = volatile.planned_switchover.clone();
+    let earlier_ask = volatile.switchover_asked.clone();
     let mut record = status::record_from_status(rsvc.status.as_ref(), BTreeMap::new());
     volatile.restore(&mut record);
     let observed = status::observe(&rsvc, &pods, &membership, &statuses, &record);
 
+    // A planned switchover: a new value of the annotation, else the one a rolling update
+    // asked for last round. The RM decides it with everything else.
+    let asked = switchover_request(&rsvc);
+    let ask = match &asked {
+        Some((value, Ok(target))) => Some((format!("annotation {value}"), target.clone())),
+        Some((_, Err(_))) => None,
+        None => planned.clone().map(|to| (format!("rolling update to {to}"), Target::Replica(to))),
+    };
+    let ask = ask.map(|(key, target)| {
+        let since = earlier_ask.filter(|(earlier, _)| *earlier == key).map_or_else(unix_ms, |(_, at)| at);
+        (key, since, target)
+    });
+    record.switchover = ask.as_ref().map(|(_, since, target)| Ask::new(target.clone(), *since));
     let actions = if problems.is_empty() {
         rm::reconcile(&spec, &mut record, &observed, membership.known(), unix_ms())
     } else {
         Vec::new()
     };
-    ctx.volatile.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), Volatile::of(&record));
+    let decided = record.switchover.take().and_then(|ask| ask.outcome);
+    let undecided = ask.filter(|_| decided.is_none()).map(|(key, since, _)| (key, since));
+    // A rolling update's switchover stays asked until the RM decides it.
+    let mut planned = if asked.is_none() && decided.is_some() { None } else { planned };
 
-    // Record first: the status write is the commit point of a new configuration.
-    let new_status =
+    // Pods to replace one at a time (certificates due, an old pod template), only when
+    // the RM has nothing else to do and the group is whole (`rotation::next` checks
+    // both), and never under a spec the RM does not act on (nothing would recreate them).
+    let template = rotation::template_hash(&rsvc.spec, &ctx.defaults);
+    let outdated = outdated_pods(&pods, &template, rsvc.spec.image(&ctx.defaults));
+    let step = problems.is_empty().then(|| {
+        let certificates: Vec<_> = match &ctx.authority {
+            Some(_) => pods.iter().filter_map(pods::pod_certificate).collect(),
+            None => Vec::new(),
+        };
+        let (known, now_s) = (membership.known(), unix_ms() as i64 / 1000);
+        rotation::next(&spec, &record, &observed, known, &actions, &certificates, &outdated, now_s)
+    });
+    let step = step.flatten().filter(|_| decided.is_none() && planned.is_none());
+    if let Some(Step::SwitchOver { to, .. }) = &step {
+        planned = Some(to.clone());
+    }
+    ctx.volatile
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key.clone(), Volatile::of(&record, planned.clone(), undecided));
+
+    // Record first: the status write is the commit point of a new configuration (and of
+    // the switchover request it answers: a request is acted on once).
+    let mut new_status =
         status::build_status(&rsvc, &spec, &problems, &record, &observed, &statuses, &membership, unix_ms());
     let previous = rsvc.status.clone().unwrap_or_default();
+    new_status.last_switchover = switchover_status(&rsvc, &asked, decided.as_ref(), unix_ms());
+    show_rollout(&mut new_status, &previous, &pods, &outdated, step.as_ref());
     if status::settled_part(&new_status) != status::settled_part(&previous) {
         let mut updated = (*rsvc).clone();
         updated.status = Some(new_status);
@@ -219,22 +284,27 @@ async fn reconcile_service(
         ctx.event(&rsvc, EventType::Warning, trouble.reason(), "Report".into(), note).await;
     }
 
-    // Certificate rotation disturbs the group on purpose: only when the RM has nothing
-    // else to do and the group is whole (`rotation::next` checks both), and never under
-    // a spec the RM does not act on (nothing would recreate the pod).
-    let rotation = ctx.authority.as_ref().filter(|_| problems.is_empty()).and_then(|_| {
-        let certificates: Vec<_> = pods.iter().filter_map(pods::pod_certificate).collect();
-        let known = membership.known();
-        rotation::next(&spec, &record, &observed, known, &actions, &certificates, unix_ms() as i64 / 1000)
-    });
+    report_switchover(&rsvc, &ctx, &asked, decided.as_ref()).await;
     for action in actions {
         act(&rsvc, &ctx, &spec, &pods, action).await?;
     }
-    let rotating = rotation.is_some();
-    if let Some(rotation) = rotation {
-        rotate_certificates(&rsvc, &ctx, rotation).await?;
+    let rotating = step.is_some();
+    match step {
+        Some(Step::Replace(rotation)) => replace_pod(&rsvc, &ctx, rotation).await?,
+        Some(Step::SwitchOver { from, to, why }) => {
+            let name = rsvc.name_any();
+            let (from, to) = (pods::pod_name(&name, &from), pods::pod_name(&name, &to));
+            let note = format!("{from}, the primary, hands its role to {to} before it is replaced");
+            info!(service = %name, "{note}");
+            ctx.event(&rsvc, EventType::Normal, why_reason(&why), format!("Switch over from {from}"), note)
+                .await;
+        }
+        None => {}
     }
     delete_finished_pods(&pod_api, &pods).await;
+    if problems.is_empty() {
+        delete_unused_claims(&rsvc, &ctx, &record, &pods).await;
+    }
     if let Some(config) = &record.config {
         let behind: Vec<(String, String)> =
             targets(&pods).into_iter().filter(|(id, _)| replicas::lacks(statuses.get(id), config)).collect();
@@ -243,9 +313,16 @@ async fn reconcile_service(
     push_settings(&ctx, &key, &spec, &statuses, &pods).await;
     label_roles(&pod_api, &record, &pods).await;
     ensure_services(&rsvc, &ctx, &namespace, &spec).await?;
-    // A pod just deleted for its certificates leaves the group short from now on.
+    // A pod just deleted leaves the group short from now on.
     let whole = !rotating && rm::whole(&spec, &record, &observed, membership.known());
-    Ok(Requeue::requeue(if whole { RESYNC } else { RESYNC_WHILE_HEALING }))
+    let waiting = asked.as_ref().is_some_and(|(_, target)| target.is_ok()) && decided.is_none();
+    Ok(Requeue::requeue(if problems.is_empty() && (planned.is_some() || waiting) {
+        RESYNC_FOR_SWITCHOVER
+    } else if whole {
+        RESYNC
+    } else {
+        RESYNC_WHILE_HEALING
+    }))
 }
 
 async fn act(
@@ -262,7 +339,13 @@ async fn act(
         Action::Install { config, reason } => {
             let note = replicas::describe_configuration(&config, &reason, |id| pods::pod_name(&name, id));
             info!(service = %name, "{note}");
-            let kind = if reason.is_failover() { "Failover" } else { "Reconfigured" };
+            let kind = if reason.is_failover() {
+                "Failover"
+            } else if reason.switched_over.is_some() {
+                "Switchover"
+            } else {
+                "Reconfigured"
+            };
             ctx.event(rsvc, EventType::Normal, kind, format!("Install epoch {}", config.epoch), note).await;
         }
         Action::Start { id, bootstrap, attempt } => {
@@ -275,6 +358,7 @@ async fn act(
             // kubelet starts none whose Secret does not.
             ensure_replica_account(rsvc, ctx, &namespace).await?;
             ensure_client_secret(rsvc, ctx, &namespace).await?;
+            ensure_data_claim(rsvc, ctx, &namespace, &id).await?;
             let not_after = issue_certificates(rsvc, ctx, &namespace, &id).await?;
             let peers: Vec<String> =
                 pods.iter().filter(|p| status::pod_running(p)).filter_map(status::pod_address).collect();
@@ -283,6 +367,11 @@ async fn act(
             if let Some(not_after) = not_after {
                 pods::set_certificate_not_after(&mut pod, not_after);
             }
+            let template = rotation::template_hash(&rsvc.spec, &ctx.defaults);
+            pod.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(TEMPLATE_HASH_ANNOTATION.into(), template);
             match pod_api
                 .create(
                     &PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() },
@@ -297,7 +386,14 @@ async fn act(
             let (reason, note) = if attempt > 0 {
                 (
                     "Recreated",
-                    format!("recreated {pod_name} (attempt {attempt}); it rejoins through a checkpoint"),
+                    format!(
+                        "recreated {pod_name} (attempt {attempt}); {}",
+                        if spec.durability.on_disk() {
+                            "it recovers its data from its volume, then catches up"
+                        } else {
+                            "it rejoins through a checkpoint"
+                        }
+                    ),
                 )
             } else {
                 (
@@ -319,6 +415,97 @@ async fn act(
     Ok(())
 }
 
+/// The replica's data volume claim (`spec.storage`), created before its first pod and
+/// kept for its later ones: a recreated pod finds the replica's data there.
+async fn ensure_data_claim(
+    rsvc: &ReplicatedService,
+    ctx: &Context,
+    namespace: &str,
+    id: &str,
+) -> Result<(), Error> {
+    let Some(claim) = pods::data_claim(rsvc, id) else { return Ok(()) };
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    match claims
+        .create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() }, &claim)
+        .await
+    {
+        Ok(_) => {
+            let note = format!("created {} for replica {id}'s data", claim.name_any());
+            ctx.event(rsvc, EventType::Normal, "ClaimCreated", format!("Create {}", claim.name_any()), note)
+                .await;
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// How old an unused claim must be before it is deleted (pods and claims are listed at
+/// different moments; a claim is made just before its pod).
+const CLAIM_GRACE_S: i64 = 60;
+
+/// Deletes the data claims of replicas gone for good (neither a member, nor running,
+/// nor being restarted), when the retention policy says so (`whenScaled: Delete`, the
+/// default): a replica replaced under a new id, or removed by a scale-down, leaves no
+/// volume behind. A member's claim is never touched: its data may be all that is left.
+async fn delete_unused_claims(rsvc: &ReplicatedService, ctx: &Context, record: &Record, pods: &[Pod]) {
+    let Some(storage) = &rsvc.spec.storage else { return };
+    // A group being founded has no members yet, and its claims are all needed.
+    if record.config.is_none() || !storage.retention_policy.clone().unwrap_or_default().delete_when_scaled() {
+        return;
+    }
+    let namespace = rsvc.namespace().unwrap_or_default();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    let listed = match claims
+        .list(&ListParams::default().labels(&format!("{SERVICE_LABEL}={}", rsvc.name_any())))
+        .await
+    {
+        Ok(listed) => listed.items,
+        Err(error) => {
+            warn!(service = %rsvc.name_any(), %error, "could not list the data claims; retrying later");
+            return;
+        }
+    };
+    let needed = |id: &str| {
+        record.config.as_ref().is_some_and(|c| c.has_member(id))
+            || record.restarts.contains_key(id)
+            || pods.iter().any(|p| p.labels().get(REPLICA_LABEL).is_some_and(|r| r == id))
+    };
+    for claim in listed {
+        let Some(id) = claim.labels().get(REPLICA_LABEL).cloned() else { continue };
+        // A claim made for a pod not yet listed (created this round) is young: only a
+        // claim unused for a while is gone for good.
+        let age_s = claim
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(0, |t| unix_ms() as i64 / 1000 - t.0.as_second());
+        if needed(&id) || claim.metadata.deletion_timestamp.is_some() || age_s < CLAIM_GRACE_S {
+            continue;
+        }
+        match claims.delete(&claim.name_any(), &DeleteParams::default()).await {
+            Ok(_) => {
+                let note = format!(
+                    "deleted {}: replica {id} is gone for good (retentionPolicy.whenScaled: Delete)",
+                    claim.name_any()
+                );
+                info!(service = %rsvc.name_any(), "{note}");
+                ctx.event(
+                    rsvc,
+                    EventType::Normal,
+                    "ClaimDeleted",
+                    format!("Delete {}", claim.name_any()),
+                    note,
+                )
+                .await;
+            }
+            Err(error) => {
+                warn!(claim = %claim.name_any(), %error, "could not delete a data claim; retrying later")
+            }
+        }
+    }
+}
+
 /// Deletes a replica pod and the Secret of its certificates (a new pod gets new ones).
 async fn delete_pod(ctx: &Context, namespace: &str, pod_name: &str) -> Result<(), Error> {
     let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
@@ -338,28 +525,192 @@ async fn delete_pod(ctx: &Context, namespace: &str, pod_name: &str) -> Result<()
     Ok(())
 }
 
-/// Carries out a certificate rotation: the pod goes, and the RM replaces it as it does
-/// any lost member (a failover first for the primary), through `Action::Start`, which
-/// issues the new pod new certificates.
-async fn rotate_certificates(
-    rsvc: &ReplicatedService,
-    ctx: &Context,
-    rotation: Rotation,
-) -> Result<(), Error> {
+/// The event reason of a replacement.
+fn why_reason(why: &Why) -> &'static str {
+    match why {
+        Why::Certificate { .. } => "CertificateRotation",
+        Why::Template => "RollingUpdate",
+    }
+}
+
+/// Carries out a replacement (certificates due, or an old pod template): the pod goes,
+/// and the RM replaces it as it does any lost member through `Action::Start`, which
+/// issues the new pod new certificates and gives it the current template.
+async fn replace_pod(rsvc: &ReplicatedService, ctx: &Context, rotation: Rotation) -> Result<(), Error> {
     let namespace = rsvc.namespace().unwrap_or_default();
     let pod_name = pods::pod_name(&rsvc.name_any(), &rotation.id);
     let now = unix_ms() as i64 / 1000;
-    let note = format!(
-        "replacing {pod_name}{} to renew its certificates (they expire in {} s; due for renewal since {} s ago)",
-        if rotation.primary { ", the primary, after a failover" } else { "" },
-        rotation.not_after - now,
-        now - rotation.due_since,
-    );
+    let primary = if rotation.primary { ", the primary, after a failover" } else { "" };
+    let (note, action) = match &rotation.why {
+        Why::Certificate { not_after, due_since } => (
+            format!(
+                "replacing {pod_name}{primary} to renew its certificates (they expire in {} s; due for renewal since {} s ago)",
+                not_after - now,
+                now - due_since,
+            ),
+            format!("Replace {pod_name} for certificates expiring at {not_after}"),
+        ),
+        Why::Template => (
+            format!("replacing {pod_name}{primary}: its pod template is not the spec's (rolling update)"),
+            format!("Replace {pod_name} for template {}", rotation::template_hash(&rsvc.spec, &ctx.defaults)),
+        ),
+    };
     info!(service = %rsvc.name_any(), "{note}");
     delete_pod(ctx, &namespace, &pod_name).await?;
-    let action = format!("Replace {pod_name} for certificates expiring at {}", rotation.not_after);
-    ctx.event(rsvc, EventType::Normal, "CertificateRotation", action, note).await;
+    ctx.event(rsvc, EventType::Normal, why_reason(&rotation.why), action, note).await;
     Ok(())
+}
+
+/// The ids of running replica pods not on the spec's template: their hash annotation
+/// differs, or (pods made before the hash was recorded) their image does.
+fn outdated_pods(pods: &[Pod], template: &str, image: &str) -> Vec<String> {
+    pods.iter()
+        .filter(|p| status::pod_running(p))
+        .filter(|pod| match pod.annotations().get(TEMPLATE_HASH_ANNOTATION) {
+            Some(hash) => hash != template,
+            None => pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.containers.first())
+                .and_then(|c| c.image.as_deref())
+                .is_some_and(|running| running != image),
+        })
+        .filter_map(|pod| pod.labels().get(REPLICA_LABEL).cloned())
+        .collect()
+}
+
+/// A switchover asked with the annotation and not acted on yet: its value and target.
+fn switchover_request(rsvc: &ReplicatedService) -> Option<(String, Result<Target, String>)> {
+    let value = rsvc.annotations().get(switchover::ANNOTATION)?.trim().to_owned();
+    let handled = rsvc.status.as_ref().and_then(|s| s.last_switchover.as_ref()).map(|s| s.request.as_str());
+    if handled == Some(value.as_str()) {
+        return None;
+    }
+    // A pod name names its replica.
+    let id = value.strip_prefix(&format!("{}-", rsvc.name_any())).unwrap_or(&value);
+    Some((value.clone(), Target::parse(id)))
+}
+
+/// `status.lastSwitchover` after this round: what was decided, and the annotation value
+/// acted on (cleared once the annotation is gone, so that value may be used again).
+fn switchover_status(
+    rsvc: &ReplicatedService,
+    asked: &Option<(String, Result<Target, String>)>,
+    decided: Option<&Outcome>,
+    now_ms: u64,
+) -> Option<SwitchoverStatus> {
+    let mut last = rsvc.status.as_ref().and_then(|s| s.last_switchover.clone());
+    if !rsvc.annotations().contains_key(switchover::ANNOTATION)
+        && let Some(last) = last.as_mut()
+    {
+        last.request.clear();
+    }
+    let request = match asked {
+        Some((value, _)) => value.clone(),
+        None => last.as_ref().map(|s| s.request.clone()).unwrap_or_default(),
+    };
+    let name = |id: &str| pods::pod_name(&rsvc.name_any(), id);
+    let time = Some(Time(Timestamp::from_millisecond(now_ms as i64).unwrap_or(Timestamp::UNIX_EPOCH)));
+    let new = match (asked, decided) {
+        (Some((_, Err(bad))), _) => SwitchoverStatus {
+            request,
+            result: "Refused".into(),
+            message: format!("{}: {bad}", switchover::ANNOTATION),
+            time,
+            ..SwitchoverStatus::default()
+        },
+        (_, Some(Outcome::Done { from, to, epoch })) => SwitchoverStatus {
+            request,
+            result: "Done".into(),
+            from: name(from),
+            to: name(to),
+            epoch: *epoch as i64,
+            time,
+            message: format!("switched over from {} to {} in epoch {epoch}", name(from), name(to)),
+        },
+        (_, Some(Outcome::AlreadyPrimary { id, epoch })) => SwitchoverStatus {
+            request,
+            result: "AlreadyPrimary".into(),
+            from: name(id),
+            to: name(id),
+            epoch: *epoch as i64,
+            time,
+            message: format!("{} is the primary already", name(id)),
+        },
+        (_, Some(Outcome::Refused(refusal))) => SwitchoverStatus {
+            request,
+            result: "Refused".into(),
+            time,
+            message: refusal.to_string(),
+            ..SwitchoverStatus::default()
+        },
+        (_, None) => return last,
+    };
+    Some(new)
+}
+
+/// Events for a switchover that did not install anything (a done one is announced by
+/// its configuration's `Switchover` event).
+async fn report_switchover(
+    rsvc: &ReplicatedService,
+    ctx: &Context,
+    asked: &Option<(String, Result<Target, String>)>,
+    decided: Option<&Outcome>,
+) {
+    let what = match asked {
+        Some((value, _)) => format!("{}={value}", switchover::ANNOTATION),
+        None => "the rolling update's switchover".to_owned(),
+    };
+    let (type_, reason, note) = match (asked, decided) {
+        (Some((_, Err(bad))), _) => (EventType::Warning, "SwitchoverRefused", format!("{what}: {bad}")),
+        (_, Some(Outcome::Refused(refusal))) => {
+            (EventType::Warning, "SwitchoverRefused", format!("{what} refused: {refusal}"))
+        }
+        (_, Some(outcome @ Outcome::AlreadyPrimary { .. })) => {
+            (EventType::Normal, "Switchover", format!("{what}: {outcome}"))
+        }
+        _ => return,
+    };
+    warn!(service = %rsvc.name_any(), "{note}");
+    ctx.event(rsvc, type_, reason, format!("Switchover {what}"), note).await;
+}
+
+/// `updatedReplicas`, and the Progressing condition while a rolling update runs.
+fn show_rollout(
+    status: &mut crate::crd::ReplicatedServiceStatus,
+    previous: &crate::crd::ReplicatedServiceStatus,
+    pods: &[Pod],
+    outdated: &[String],
+    step: Option<&Step>,
+) {
+    let running =
+        pods.iter().filter(|p| status::pod_running(p) && p.labels().contains_key(REPLICA_LABEL)).count();
+    status.updated_replicas = Some(running.saturating_sub(outdated.len()) as i32);
+    if outdated.is_empty() {
+        return;
+    }
+    let Some(progressing) = status.conditions.iter_mut().find(|c| c.type_ == "Progressing") else { return };
+    let doing = match step {
+        Some(Step::Replace(rotation)) => format!("; replacing {}", rotation.id),
+        Some(Step::SwitchOver { from, to, .. }) => format!("; switching {from} over to {to}"),
+        None => "; waiting for the group to be whole".into(),
+    };
+    let mut old = outdated.to_vec();
+    old.sort();
+    progressing.message = format!(
+        "rolling update: {} of {running} replica pods on the spec's template (old: {}){doing}",
+        running - outdated.len().min(running),
+        old.join(", "),
+    );
+    progressing.reason = "RollingUpdate".into();
+    if progressing.status != "True" {
+        progressing.status = "True".into();
+        if let Some(before) =
+            previous.conditions.iter().find(|c| c.type_ == "Progressing" && c.status == "True")
+        {
+            progressing.last_transition_time = before.last_transition_time.clone();
+        }
+    }
 }
 
 /// Deletes pods that finished (evicted, failed): they hold their name, so the replica
@@ -525,14 +876,18 @@ async fn ensure_services(
     }
     if ctx.pdb_v1 {
         let budgets: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), namespace);
-        let budget = pods::disruption_budget(rsvc);
+        let budget = pods::disruption_budget(rsvc, spec.replicas);
         budgets.patch(&budget.name_any(), &apply, &Patch::Apply(&budget)).await?;
     } else {
         let resource =
             ApiResource::from_gvk(&GroupVersionKind::gvk("policy", "v1beta1", "PodDisruptionBudget"));
         let budgets: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), namespace, &resource);
         budgets
-            .patch(&rsvc.name_any(), &apply, &Patch::Apply(&pods::disruption_budget_v1beta1(rsvc)))
+            .patch(
+                &rsvc.name_any(),
+                &apply,
+                &Patch::Apply(&pods::disruption_budget_v1beta1(rsvc, spec.replicas)),
+            )
             .await?;
     }
     Ok(())

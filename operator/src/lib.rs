@@ -13,3 +13,4 @@ pub mod replicas;
 pub mod rm;
 pub mod rotation;
 pub mod status;
+pub mod switchover;

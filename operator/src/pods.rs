@@ -6,10 +6,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
-    KeyToPath, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret,
-    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    KeyToPath, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    Probe, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -18,7 +19,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tandem_replica::pb::Mode;
 
-use crate::crd::{Defaults, ReplicatedService};
+use crate::crd::{AntiAffinity, Defaults, ReplicatedService};
 use crate::rm::Spec;
 
 /// The gRPC port of every replica for clients (pods have their own IPs, so one port fits
@@ -76,6 +77,12 @@ fn owner(rsvc: &ReplicatedService) -> OwnerReference {
 
 pub fn selector_labels(service: &str) -> BTreeMap<String, String> {
     BTreeMap::from([(SERVICE_LABEL.to_owned(), service.to_owned())])
+}
+
+/// `selector_labels` as a label selector string (the status' `selector`, which the scale
+/// subresource shows): exactly the service's replica pods in its namespace.
+pub fn pod_selector(service: &str) -> String {
+    selector_labels(service).iter().map(|(key, value)| format!("{key}={value}")).collect::<Vec<_>>().join(",")
 }
 
 fn common_labels(service: &str) -> BTreeMap<String, String> {
@@ -165,20 +172,89 @@ pub fn replica_pod(
             service_account_name: Some(replica_service_account_name(&rsvc.name_any())),
             automount_service_account_token: Some(false),
             termination_grace_period_seconds: Some(5),
+            affinity: anti_affinity(overrides.anti_affinity.unwrap_or_default(), &rsvc.name_any()),
             node_selector: overrides.node_selector,
             tolerations: overrides.tolerations,
             priority_class_name: overrides.priority_class_name,
-            volumes: Some(volumes(settings, &rsvc.name_any(), &name)),
+            volumes: Some(volumes(settings, rsvc, spec, &name)),
             ..PodSpec::default()
         }),
         status: None,
     }
 }
 
+/// Keeps the service's replica pods off one node (`kubernetes.io/hostname`), so that one
+/// node's loss or drain costs one replica: as a preference by default, as a rule when
+/// the spec says `required`.
+fn anti_affinity(kind: AntiAffinity, service: &str) -> Option<Affinity> {
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(service)),
+            ..LabelSelector::default()
+        }),
+        topology_key: "kubernetes.io/hostname".into(),
+        ..PodAffinityTerm::default()
+    };
+    let anti = match kind {
+        AntiAffinity::None => return None,
+        AntiAffinity::Preferred => PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: term,
+            }]),
+            ..PodAntiAffinity::default()
+        },
+        AntiAffinity::Required => PodAntiAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![term]),
+            ..PodAntiAffinity::default()
+        },
+    };
+    Some(Affinity { pod_anti_affinity: Some(anti), ..Affinity::default() })
+}
+
 /// The only writable place in the pod (the root filesystem is read-only): the replica's
 /// start marker.
 const RUN_VOLUME: &str = "run";
 const RUN_DIR: &str = "/var/run/tandem";
+/// The replica's data (`spec.storage`): a PersistentVolumeClaim per replica id, which
+/// outlives its pods, so a recreated pod recovers the replica's data.
+const DATA_VOLUME: &str = "data";
+const DATA_DIR: &str = "/var/lib/tandem";
+
+/// The claim of the replica in pod `pod` (the same for every pod of that replica id).
+pub fn data_claim_name(pod: &str) -> String {
+    format!("{pod}-data")
+}
+
+/// The PersistentVolumeClaim of replica `id`, when the service asks for storage. Owned
+/// by the service only when its retention policy deletes the data with it.
+pub fn data_claim(rsvc: &ReplicatedService, id: &str) -> Option<PersistentVolumeClaim> {
+    let storage = rsvc.spec.storage.as_ref()?;
+    let pod = pod_name(&rsvc.name_any(), id);
+    let mut metadata = owned_metadata(rsvc, &data_claim_name(&pod));
+    metadata.labels.get_or_insert_default().insert(REPLICA_LABEL.into(), id.into());
+    if !storage.retention_policy.as_ref().is_some_and(|p| p.delete_when_deleted()) {
+        metadata.owner_references = None;
+    }
+    let size = storage.size.clone().unwrap_or_else(|| "1Gi".into());
+    Some(PersistentVolumeClaim {
+        metadata,
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity(size),
+                )])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        status: None,
+    })
+}
+
 /// The pod's certificates: `replica/` for the replica, `lfd/` for its LFD.
 const TLS_VOLUME: &str = "tls";
 const TLS_DIR: &str = "/etc/tandem/tls";
@@ -269,12 +345,23 @@ pub fn group_name(rsvc: &ReplicatedService) -> String {
 const CLIENT_VOLUME: &str = "client";
 const CLIENT_DIR: &str = "/etc/tandem/client";
 
-fn volumes(settings: &PodSettings, service: &str, pod: &str) -> Vec<Volume> {
+fn volumes(settings: &PodSettings, rsvc: &ReplicatedService, spec: &Spec, pod: &str) -> Vec<Volume> {
+    let service = &rsvc.name_any();
     let mut volumes = vec![Volume {
         name: RUN_VOLUME.into(),
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Volume::default()
     }];
+    if spec.durability.on_disk() && rsvc.spec.storage.is_some() {
+        volumes.push(Volume {
+            name: DATA_VOLUME.into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: data_claim_name(pod),
+                read_only: Some(false),
+            }),
+            ..Volume::default()
+        });
+    }
     if settings.tls {
         let item =
             |key: &str, path: &str| KeyToPath { key: key.into(), path: path.into(), ..KeyToPath::default() };
@@ -376,7 +463,17 @@ fn replica_container(
         env("TANDEM_GFD", settings.gfd_address.clone()),
         env("TANDEM_GROUP", group_name(rsvc)),
         env("TANDEM_SESSION_EXPIRY_MS", settings.session_expiry_ms.to_string()),
+        env("TANDEM_DURABILITY", spec.durability.as_str()),
     ];
+    let mut data_mounts = Vec::new();
+    if spec.durability.on_disk() && rsvc.spec.storage.is_some() {
+        replica_env.push(env("TANDEM_DATA_DIR", format!("{DATA_DIR}/data")));
+        data_mounts.push(VolumeMount {
+            name: DATA_VOLUME.into(),
+            mount_path: DATA_DIR.into(),
+            ..VolumeMount::default()
+        });
+    }
     let (tls_env, mut tls_mounts) = tls_env_and_mount(settings, "replica");
     replica_env.extend(tls_env);
     if settings.client_tls && settings.tls {
@@ -425,6 +522,7 @@ fn replica_container(
             [VolumeMount { name: RUN_VOLUME.into(), mount_path: RUN_DIR.into(), ..VolumeMount::default() }]
                 .into_iter()
                 .chain(tls_mounts)
+                .chain(data_mounts)
                 .collect(),
         ),
         ..Container::default()
@@ -432,8 +530,9 @@ fn replica_container(
 }
 
 /// `tandem health` in the pod. An exec probe starts a process in the pod: not every
-/// second, or a small node spends its time starting them. Failover never waits for it
-/// (the LFD does).
+/// second, or a small node spends its time starting them; and on a loaded node starting
+/// one can take over a second, which must not take a healthy primary out of its Service
+/// (or let a budget count it as down). Failover never waits for it (the LFD does).
 fn readiness_probe() -> Probe {
     Probe {
         exec: Some(ExecAction {
@@ -445,7 +544,7 @@ fn readiness_probe() -> Probe {
             ]),
         }),
         period_seconds: Some(3),
-        timeout_seconds: Some(1),
+        timeout_seconds: Some(3),
         failure_threshold: Some(2),
         success_threshold: Some(1),
         ..Probe::default()
@@ -533,17 +632,30 @@ pub fn peer_service(rsvc: &ReplicatedService) -> Service {
     }
 }
 
-/// At most one replica voluntarily disrupted at a time (policy/v1).
-pub fn disruption_budget(rsvc: &ReplicatedService) -> PodDisruptionBudget {
+/// At most one member voluntarily disrupted at a time (policy/v1), `replicas` being the
+/// effective count.
+///
+/// It selects the members' pods only (`tandem.dev/member=true`): a pod counts as healthy
+/// when it is Ready, and a replica is ready (grpc.health SERVING) as soon as it holds a
+/// state, before the RM adds it; a recreated replica must not count until it is a
+/// member again. `maxUnavailable: 1` takes the expected count from the pods' controller,
+/// the ReplicatedService's scale subresource, so `kubectl scale` counts at once. A
+/// resource stored under an older CRD may lack `spec.replicas`, which the scale
+/// subresource refuses to read: its budget names the count (`minAvailable`) instead.
+pub fn disruption_budget(rsvc: &ReplicatedService, replicas: u32) -> PodDisruptionBudget {
     let service = rsvc.name_any();
+    let mut members = selector_labels(&service);
+    members.insert(MEMBER_LABEL.into(), "true".into());
+    let (max_unavailable, min_available) = match rsvc.spec.replicas {
+        Some(_) => (Some(IntOrString::Int(1)), None),
+        None => (None, Some(IntOrString::Int(replicas.saturating_sub(1) as i32))),
+    };
     PodDisruptionBudget {
         metadata: owned_metadata(rsvc, &service),
         spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector {
-                match_labels: Some(selector_labels(&service)),
-                ..LabelSelector::default()
-            }),
+            max_unavailable,
+            min_available,
+            selector: Some(LabelSelector { match_labels: Some(members), ..LabelSelector::default() }),
             ..PodDisruptionBudgetSpec::default()
         }),
         status: None,
@@ -551,8 +663,8 @@ pub fn disruption_budget(rsvc: &ReplicatedService) -> PodDisruptionBudget {
 }
 
 /// The same budget as policy/v1beta1, for API servers older than 1.21.
-pub fn disruption_budget_v1beta1(rsvc: &ReplicatedService) -> serde_json::Value {
-    let budget = disruption_budget(rsvc);
+pub fn disruption_budget_v1beta1(rsvc: &ReplicatedService, replicas: u32) -> serde_json::Value {
+    let budget = disruption_budget(rsvc, replicas);
     json!({
         "apiVersion": "policy/v1beta1",
         "kind": "PodDisruptionBudget",
@@ -699,13 +811,90 @@ mod tests {
     }
 
     #[test]
-    fn budget_allows_one_disruption_in_both_api_versions() {
-        let v1 = disruption_budget(&rsvc());
-        assert_eq!(v1.spec.and_then(|s| s.max_unavailable), Some(IntOrString::Int(1)));
-        let v1beta1 = disruption_budget_v1beta1(&rsvc());
+    fn budget_allows_one_member_down_and_counts_members_only_in_both_api_versions() {
+        let mut resource = rsvc();
+        resource.spec.replicas = Some(5);
+        let v1 = disruption_budget(&resource, 5).spec.expect("spec");
+        // The expected count comes from the scale subresource (kubectl scale counts at once).
+        assert_eq!((v1.max_unavailable, v1.min_available), (Some(IntOrString::Int(1)), None));
+        let selected = v1.selector.and_then(|s| s.match_labels).expect("match labels");
+        assert_eq!(
+            selected,
+            BTreeMap::from([
+                (SERVICE_LABEL.to_owned(), "demo".to_owned()),
+                (MEMBER_LABEL.to_owned(), "true".to_owned())
+            ]),
+            "a ready replica that is not (yet) a member must not count as available"
+        );
+        let v1beta1 = disruption_budget_v1beta1(&resource, 5);
         assert_eq!(v1beta1["apiVersion"], "policy/v1beta1");
         assert_eq!(v1beta1["spec"]["maxUnavailable"], 1);
         assert_eq!(v1beta1["spec"]["selector"]["matchLabels"][SERVICE_LABEL], "demo");
+        assert_eq!(v1beta1["spec"]["selector"]["matchLabels"][MEMBER_LABEL], "true");
+        assert!(v1beta1["spec"].get("minAvailable").is_none(), "{v1beta1}");
+    }
+
+    #[test]
+    fn a_spec_without_replicas_gets_a_budget_that_names_the_count() {
+        // Stored under an older CRD (no schema default): the scale subresource refuses to
+        // read an unset count, so the budget cannot lean on it.
+        let budget = disruption_budget(&rsvc(), 3).spec.expect("spec");
+        assert_eq!((budget.max_unavailable, budget.min_available), (None, Some(IntOrString::Int(2))));
+        let lone = disruption_budget(&rsvc(), 1).spec.expect("spec");
+        assert_eq!(lone.min_available, Some(IntOrString::Int(0)));
+    }
+
+    #[test]
+    fn replica_pods_prefer_separate_nodes_unless_told_to_require_it_or_not_to_care() {
+        let affinity = |kind: Option<AntiAffinity>| {
+            let mut resource = rsvc();
+            resource.spec.pod_template =
+                Some(crate::crd::PodOverrides { anti_affinity: kind, ..Default::default() });
+            let pod = replica_pod(&resource, &defaults(), &settings(), &Spec::default(), "r1", true, &[]);
+            pod.spec.expect("spec").affinity.and_then(|a| a.pod_anti_affinity)
+        };
+        let demo = Some(BTreeMap::from([(SERVICE_LABEL.to_owned(), "demo".to_owned())]));
+
+        let preferred = affinity(None).expect("preferred by default");
+        assert_eq!(preferred, affinity(Some(AntiAffinity::Preferred)).expect("preferred"));
+        assert!(preferred.required_during_scheduling_ignored_during_execution.is_none());
+        let terms = preferred.preferred_during_scheduling_ignored_during_execution.expect("a preference");
+        assert_eq!(terms.len(), 1);
+        assert_eq!(terms[0].pod_affinity_term.topology_key, "kubernetes.io/hostname");
+        assert_eq!(
+            terms[0].pod_affinity_term.label_selector.as_ref().and_then(|s| s.match_labels.clone()),
+            demo
+        );
+
+        let required = affinity(Some(AntiAffinity::Required)).expect("required");
+        assert!(required.preferred_during_scheduling_ignored_during_execution.is_none());
+        let terms = required.required_during_scheduling_ignored_during_execution.expect("a rule");
+        assert_eq!(terms[0].topology_key, "kubernetes.io/hostname");
+        assert_eq!(terms[0].label_selector.as_ref().and_then(|s| s.match_labels.clone()), demo);
+
+        assert_eq!(affinity(Some(AntiAffinity::None)), None);
+    }
+
+    #[test]
+    fn the_anti_affinity_setting_reads_as_documented() {
+        for (text, kind) in [
+            ("preferred", AntiAffinity::Preferred),
+            ("required", AntiAffinity::Required),
+            ("none", AntiAffinity::None),
+        ] {
+            let overrides: crate::crd::PodOverrides =
+                serde_json::from_value(json!({ "antiAffinity": text })).expect("a valid setting");
+            assert_eq!(overrides.anti_affinity, Some(kind));
+        }
+        assert!(
+            serde_json::from_value::<crate::crd::PodOverrides>(json!({ "antiAffinity": "sometimes" }))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_pod_selector_is_the_service_label() {
+        assert_eq!(pod_selector("demo"), "tandem.dev/service=demo");
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub fn facts(status: &pb::ReplicaStatus) -> Facts {
         synced_epoch: status.synced_epoch,
         has_state: status.has_state,
         incarnation: status.incarnation.clone(),
+        data_id: status.data_id.clone(),
         follower_silence: status.followers.iter().map(|f| (f.replica_id.clone(), f.ack_age_ms)).collect(),
     }
 }

@@ -31,6 +31,7 @@ use std::fmt;
 
 use tandem_replica::detector::limits;
 use tandem_replica::pb::{self, Mode};
+pub use tandem_replica::storage::Durability;
 
 /// How long a replica whose LFD vanished may stay silent before it counts as failed
 /// (its LFD is restarted in the meantime; a dead replica is reported much sooner by
@@ -53,9 +54,19 @@ pub const CRASH_LOOP_RESTARTS: u32 = 5;
 /// kubelet several (7 s seen on a 1.20 node), or forever with a finalizer: the group
 /// does not wait for that, its replacement gets a new name.
 pub const TERMINATING_PATIENCE_MS: u64 = 2_000;
+/// The same, for a replica whose data is on its volume: its replacement under the same
+/// id re-attaches the volume and recovers the data, under a new id it starts empty and
+/// needs a whole checkpoint. A pod normally terminates well within this.
+pub const DURABLE_TERMINATING_PATIENCE_MS: u64 = 30_000;
 /// A follower the leader could not replicate to for this long (at least; longer when
 /// the detection window is) fails like a dead member: three keepalives.
 pub const UNREACHABLE_MS: u64 = 3 * tandem_replica::peers::KEEPALIVE.as_millis() as u64;
+/// After every member of a durable group stopped at once, how long the RM waits for all
+/// of them to come back from their disks before it resumes with those that did. Any
+/// member that synced holds every acknowledged write (fsync durability); waiting for
+/// all also covers one whose disk lost a tail that no checksum can show (a file cut at
+/// a frame boundary), since the longest log is chosen.
+pub const RECOVERY_PATIENCE_MS: u64 = 60_000;
 
 pub use tandem_replica::limits::MAX_REPLICAS;
 
@@ -70,6 +81,9 @@ pub struct Spec {
     /// The user accepts that the group of this epoch is lost (every replica's state
     /// gone at once) and asks for a new, empty group in its place.
     pub recreate_lost_epoch: Option<u64>,
+    /// Whether replicas keep their data on disk: then an instance that stopped has not
+    /// lost its state, and a group whose every member stopped resumes from their disks.
+    pub durability: Durability,
 }
 
 impl Default for Spec {
@@ -81,6 +95,7 @@ impl Default for Spec {
             failure_threshold: limits::DEFAULT_FAILURE_THRESHOLD,
             checkpoint_interval_ms: limits::DEFAULT_CHECKPOINT_INTERVAL_MS,
             recreate_lost_epoch: None,
+            durability: Durability::default(),
         }
     }
 }
@@ -110,6 +125,11 @@ impl Spec {
             ));
         }
         problems
+    }
+
+    /// How long an instance being stopped is waited for before a new id replaces it.
+    pub fn terminating_patience_ms(&self) -> u64 {
+        if self.durability.on_disk() { DURABLE_TERMINATING_PATIENCE_MS } else { TERMINATING_PATIENCE_MS }
     }
 
     /// How long a follower may leave its leader unanswered before it counts as cut off.
@@ -156,6 +176,9 @@ pub struct Facts {
     pub has_state: bool,
     /// Which start of the replica answered (random per process).
     pub incarnation: String,
+    /// Which data it holds on disk (chosen when its data directory was created; empty
+    /// in memory): a restarted replica with the member's data id has its data.
+    pub data_id: String,
     /// Leader only: each follower (member, or learner joining) and how long it has left
     /// the leader unanswered (ms).
     pub follower_silence: Vec<(String, u64)>,
@@ -181,6 +204,11 @@ pub struct Record {
     pub joined_epoch: BTreeMap<String, u64>,
     /// The instance (incarnation) each member was when it became one.
     pub incarnations: BTreeMap<String, String>,
+    /// The data (data id) each member held when it became one.
+    pub data_ids: BTreeMap<String, String>,
+    /// Since when no member of the configuration has been running (a durable group
+    /// waiting for its members to come back from their disks).
+    pub outage_since: Option<u64>,
     /// The epoch of a group that was lost and recreated: the new group starts after it.
     pub epoch_floor: u64,
     pub failovers: u64,
@@ -191,6 +219,8 @@ pub struct Record {
     pub terminating_since: BTreeMap<String, u64>,
     /// What keeps the group from its spec right now, if the RM cannot fix it alone.
     pub trouble: Option<Trouble>,
+    /// A planned switchover asked for this round, and its outcome (switchover.rs).
+    pub switchover: Option<crate::switchover::Ask>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -209,6 +239,9 @@ pub enum Failure {
     InstanceGone,
     /// A new instance runs in its place: it holds none of the member's state.
     Restarted,
+    /// A new instance runs in its place with the member's data, recovered from its disk:
+    /// it holds what it wrote, but must be synced by a leader again before it counts.
+    RestartedFromDisk,
     /// Its LFD reported it dead (crashed, or hung past the detection window).
     ReportedDead,
     /// Its LFD has been silent this long.
@@ -220,9 +253,14 @@ pub enum Failure {
 }
 
 impl Failure {
-    /// Whether the member's state is certainly gone (not merely out of reach).
-    pub fn state_gone(&self) -> bool {
-        matches!(self, Self::NoInstance | Self::InstanceGone | Self::Restarted)
+    /// Whether the member's state is certainly gone (not merely out of reach). With
+    /// data on disk, a stopped instance keeps it.
+    pub fn state_gone(&self, on_disk: bool) -> bool {
+        match self {
+            Self::NoInstance | Self::InstanceGone => !on_disk,
+            Self::Restarted => true,
+            _ => false,
+        }
     }
 }
 
@@ -232,6 +270,7 @@ impl fmt::Display for Failure {
             Self::NoInstance => write!(f, "no instance"),
             Self::InstanceGone => write!(f, "instance gone"),
             Self::Restarted => write!(f, "restarted: a new instance without its state"),
+            Self::RestartedFromDisk => write!(f, "restarted from its disk: to be synced again"),
             Self::ReportedDead => write!(f, "reported dead by its LFD"),
             Self::DetectorSilent { ms } => write!(f, "its LFD has been silent for {ms} ms"),
             Self::Unreachable { ms } => write!(f, "its leader could not replicate to it for {ms} ms"),
@@ -254,6 +293,10 @@ pub struct Reason {
     pub removed: Vec<String>,
     pub scaled_to: u32,
     pub mode_change: Option<(Mode, Mode)>,
+    /// Every member had stopped: these came back from their disks and resume.
+    pub recovered: Vec<String>,
+    /// A planned switchover: (old primary, new primary), both members still.
+    pub switched_over: Option<(String, String)>,
 }
 
 impl Reason {
@@ -279,6 +322,12 @@ impl fmt::Display for Reason {
         if let Some((from, to)) = self.mode_change {
             parts.push(format!("mode {from} -> {to}"));
         }
+        if !self.recovered.is_empty() {
+            parts.push(format!("recovered from disk: {}", self.recovered.join(", ")));
+        }
+        if let Some((from, to)) = &self.switched_over {
+            parts.push(format!("planned switchover from {from} to {to}"));
+        }
         write!(f, "{}", parts.join("; "))
     }
 }
@@ -296,6 +345,9 @@ pub enum Trouble {
     GroupLost { epoch: u64, members: Vec<String>, last_seq: u64 },
     /// A replica keeps failing soon after it starts.
     CrashLooping { id: String, restarts: u32 },
+    /// Every member of a durable group stopped: the RM waits for them to come back from
+    /// their disks (`back` are, `waiting` not yet).
+    Recovering { epoch: u64, back: Vec<String>, waiting: Vec<String> },
 }
 
 impl Trouble {
@@ -305,6 +357,7 @@ impl Trouble {
             Self::NoSafePrimary { .. } => "NoSafePrimary",
             Self::GroupLost { .. } => "GroupLost",
             Self::CrashLooping { .. } => "CrashLooping",
+            Self::Recovering { .. } => "Recovering",
         }
     }
 }
@@ -321,6 +374,13 @@ impl fmt::Display for Trouble {
                 "every replica of epoch {epoch} ({}) lost its state at once; the data they held (requests up to seq {last_seq}) is gone, and the group cannot serve until it is recreated empty",
                 members.join(", ")
             ),
+            Self::Recovering { epoch, back, waiting } => write!(
+                f,
+                "every member of epoch {epoch} stopped; waiting for them to come back from their disks (back: {}; waiting for: {}); resuming with those back after {} s at most",
+                if back.is_empty() { "none".to_owned() } else { back.join(", ") },
+                if waiting.is_empty() { "none".to_owned() } else { waiting.join(", ") },
+                RECOVERY_PATIENCE_MS / 1000
+            ),
             Self::CrashLooping { id, restarts } => write!(
                 f,
                 "{id} failed {restarts} times in a row soon after starting; still restarting it every {} s at most (see its log)",
@@ -330,6 +390,8 @@ impl fmt::Display for Trouble {
     }
 }
 
+// A handful of actions per reconciliation: their size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Record this configuration (the next epoch), then push it to every replica.
@@ -372,10 +434,10 @@ pub fn reconcile(
     record.trouble = None;
 
     match record.config.clone() {
-        None => bootstrap(spec, record, &by_id, membership_known, &mut actions),
+        None => bootstrap(spec, record, &by_id, membership_known, now, &mut actions),
         Some(config) => {
             let failures = failures(spec, record, &config, &by_id, membership_known, now);
-            if let Some(lost) = group_lost(&config, &failures, &by_id) {
+            if let Some(lost) = group_lost(spec, &config, &failures, &by_id) {
                 if spec.recreate_lost_epoch == Some(config.epoch) {
                     recreate(record, &config);
                     return actions;
@@ -384,7 +446,12 @@ pub fn reconcile(
                 // from a member, and none is left. It waits for the user's word.
                 record.trouble = Some(lost);
                 return actions;
-            } else if let Some(next) = next_configuration(spec, record, &config, &by_id, failures) {
+            } else if let Some(next) = next_configuration(spec, record, &config, &by_id, failures, now) {
+                install(record, next, &mut actions);
+            }
+            if let Some(next) =
+                crate::switchover::next(spec, record, observed, membership_known, &actions, now)
+            {
                 install(record, next, &mut actions);
             }
             replace_instances(spec, record, &by_id, now, &mut actions);
@@ -435,7 +502,7 @@ fn track_since(record: &mut Record, observed: &[Observed], membership_known: boo
 /// rebuilt after the RM's restart) adopts the one that serves as a member with state in
 /// the configuration's epoch: that instance is the member.
 fn adopt_incarnations(record: &mut Record, by_id: &BTreeMap<&str, &Observed>) {
-    let Some(config) = &record.config else { return };
+    let Some(config) = record.config.clone() else { return };
     for member in &config.members {
         if record.incarnations.get(&member.id).is_some_and(|i| !i.is_empty()) {
             continue;
@@ -444,9 +511,15 @@ fn adopt_incarnations(record: &mut Record, by_id: &BTreeMap<&str, &Observed>) {
         if let Some(facts) =
             facts.filter(|f| f.has_state && f.epoch == config.epoch && !f.incarnation.is_empty())
         {
-            record.incarnations.insert(member.id.clone(), facts.incarnation.clone());
+            remember_instance(record, &member.id, facts);
         }
     }
+}
+
+/// Records which instance, with which data, member `id` is.
+fn remember_instance(record: &mut Record, id: &str, facts: &Facts) {
+    record.incarnations.insert(id.to_owned(), facts.incarnation.clone());
+    record.data_ids.insert(id.to_owned(), facts.data_id.clone());
 }
 
 /// A new group: start `replicas` fresh instances; once all are alive with their empty
@@ -456,15 +529,17 @@ fn bootstrap(
     record: &mut Record,
     by_id: &BTreeMap<&str, &Observed>,
     membership_known: bool,
+    now: u64,
     actions: &mut Vec<Action>,
 ) {
     let ids: Vec<String> = (1..=spec.replicas).map(replica_id).collect();
+    report_crash_loop(record);
     let mut ready = true;
     for id in &ids {
         let observed = by_id.get(id.as_str());
         match observed.map(|o| (o.instance, o.facts.as_ref())) {
             None | Some((Instance::Gone, _)) => {
-                actions.push(Action::Start { id: id.clone(), bootstrap: true, attempt: 0 });
+                start_with_backoff(record, id.clone(), true, now, actions);
                 ready = false;
             }
             Some((Instance::Terminating, _)) | Some((Instance::Running, None)) => ready = false,
@@ -495,7 +570,7 @@ fn bootstrap(
         install(record, (config, Reason { new_group: true, ..Reason::default() }), actions);
         for id in &ids {
             if let Some(facts) = &by_id[id.as_str()].facts {
-                record.incarnations.insert(id.clone(), facts.incarnation.clone());
+                remember_instance(record, id, facts);
             }
         }
     }
@@ -507,6 +582,7 @@ fn recreate(record: &mut Record, config: &pb::Configuration) {
     record.config = None;
     record.joined_epoch.clear();
     record.incarnations.clear();
+    record.data_ids.clear();
     record.restarts.clear();
 }
 
@@ -516,6 +592,7 @@ fn install(record: &mut Record, (config, reason): (pb::Configuration, Reason), a
     }
     record.joined_epoch.retain(|id, _| config.has_member(id));
     record.incarnations.retain(|id, _| config.has_member(id));
+    record.data_ids.retain(|id, _| config.has_member(id));
     for member in &config.members {
         record.joined_epoch.entry(member.id.clone()).or_insert(config.epoch);
     }
@@ -584,7 +661,9 @@ fn failure(
     if let (Some(recorded), Some(current)) = (recorded, current)
         && recorded != current
     {
-        return Some(Failure::Restarted);
+        let data = record.data_ids.get(&o.id).filter(|d| !d.is_empty());
+        let same_data = data.is_some_and(|d| o.facts.as_ref().is_some_and(|f| &f.data_id == d));
+        return Some(if same_data { Failure::RestartedFromDisk } else { Failure::Restarted });
     }
     if !membership_known {
         return None;
@@ -603,11 +682,13 @@ fn failure(
 
 /// The group is lost when every member's state is certainly gone.
 fn group_lost(
+    spec: &Spec,
     config: &pb::Configuration,
     failures: &BTreeMap<String, Failure>,
     by_id: &BTreeMap<&str, &Observed>,
 ) -> Option<Trouble> {
-    let all_gone = config.members.iter().all(|m| failures.get(&m.id).is_some_and(Failure::state_gone));
+    let on_disk = spec.durability.on_disk();
+    let all_gone = config.members.iter().all(|m| failures.get(&m.id).is_some_and(|f| f.state_gone(on_disk)));
     if !all_gone {
         return None;
     }
@@ -633,15 +714,42 @@ fn next_configuration(
     config: &pb::Configuration,
     by_id: &BTreeMap<&str, &Observed>,
     failures: BTreeMap<String, Failure>,
+    now: u64,
 ) -> Option<(pb::Configuration, Reason)> {
     let mut reason = Reason { scaled_to: spec.replicas, ..Reason::default() };
     let mut members: Vec<pb::Member> =
         config.members.iter().filter(|m| !failures.contains_key(&m.id)).cloned().collect();
+    // Members restarted with their data, ready to be synced again by a leader.
+    let back_from_disk: Vec<&Observed> = config
+        .members
+        .iter()
+        .filter(|m| failures.get(&m.id) == Some(&Failure::RestartedFromDisk))
+        .filter_map(|m| by_id.get(m.id.as_str()).copied())
+        .filter(|o| matches!(o.liveness, Liveness::Alive { ready: true }))
+        .filter(|o| o.facts.as_ref().is_some_and(|f| f.has_state))
+        .collect();
+    if record.outage_since.is_some() {
+        // While the group recovers, a member counts as surviving only once it answered
+        // as the instance it was: a process just started under its id has proven nothing.
+        members.retain(|m| {
+            let facts = by_id.get(m.id.as_str()).and_then(|o| o.facts.as_ref());
+            facts.is_some_and(|f| record.incarnations.get(&m.id) == Some(&f.incarnation))
+        });
+    }
+    if members.is_empty() && spec.durability.on_disk() {
+        return recover_from_disks(record, config, &back_from_disk, &failures, now);
+    }
+    record.outage_since = None;
     reason.failed = failures.into_iter().collect();
     let mut primary = config.primary.clone();
     if !members.iter().any(|m| m.id == primary) {
-        let candidates =
-            members.iter().filter_map(|m| by_id.get(m.id.as_str())).filter(|o| safe_to_lead(record, o));
+        // A member back from its disk that synced during its membership holds every
+        // acknowledged write as much as a survivor does.
+        let candidates = members
+            .iter()
+            .filter_map(|m| by_id.get(m.id.as_str()).copied())
+            .chain(back_from_disk.iter().copied())
+            .filter(|o| safe_to_lead(record, o));
         let last_seq = |o: &Observed| o.facts.as_ref().map_or(0, |f| f.last_seq);
         let Some(best) = candidates.max_by_key(|o| (last_seq(o), std::cmp::Reverse(order(&o.id)))) else {
             record.trouble =
@@ -650,6 +758,12 @@ fn next_configuration(
         };
         reason.promoted = Some((best.id.clone(), last_seq(best)));
         primary = best.id.clone();
+        if !members.iter().any(|m| m.id == best.id) {
+            rejoin_from_disk(record, best, true);
+            reason.failed.retain(|(id, _)| id != &best.id);
+            reason.recovered.push(best.id.clone());
+            members.push(pb::Member { id: best.id.clone(), address: best.address.clone() });
+        }
     }
     if reason.failed.is_empty() {
         // Only without failures: grow by ready joiners, shrink to the spec.
@@ -684,8 +798,9 @@ fn next_configuration(
         for joiner in joiners.into_iter().take(room) {
             reason.joined.push(joiner.id.clone());
             members.push(pb::Member { id: joiner.id.clone(), address: joiner.address.clone() });
-            let incarnation = joiner.facts.as_ref().map(|f| f.incarnation.clone()).unwrap_or_default();
-            record.incarnations.insert(joiner.id.clone(), incarnation);
+            if let Some(facts) = &joiner.facts {
+                remember_instance(record, &joiner.id, facts);
+            }
         }
         while members.len() > spec.replicas.max(1) as usize {
             let Some(victim) =
@@ -712,6 +827,97 @@ fn next_configuration(
     Some((next, reason))
 }
 
+/// Every member of a durable group stopped. Once all of them are back from their disks
+/// (or `RECOVERY_PATIENCE_MS` passed and some are), the group resumes in a new epoch
+/// with those back as members, led by the longest log among those that synced during
+/// their membership. Until then it waits, and says for whom.
+fn recover_from_disks(
+    record: &mut Record,
+    config: &pb::Configuration,
+    back: &[&Observed],
+    failures: &BTreeMap<String, Failure>,
+    now: u64,
+) -> Option<(pb::Configuration, Reason)> {
+    let since = *record.outage_since.get_or_insert(now);
+    let is_back = |id: &str| back.iter().any(|o| o.id == id);
+    // A member that came back without the member's data will not bring it.
+    let waiting: Vec<String> = config
+        .members
+        .iter()
+        .filter(|m| !is_back(&m.id) && failures.get(&m.id) != Some(&Failure::Restarted))
+        .map(|m| m.id.clone())
+        .collect();
+    let patient = now.saturating_sub(since) < RECOVERY_PATIENCE_MS;
+    if back.is_empty() || (!waiting.is_empty() && patient) {
+        record.trouble = Some(Trouble::Recovering {
+            epoch: config.epoch,
+            back: back.iter().map(|o| o.id.clone()).collect(),
+            waiting,
+        });
+        return None;
+    }
+    let last_seq = |o: &Observed| o.facts.as_ref().map_or(0, |f| f.last_seq);
+    let Some(best) = back
+        .iter()
+        .filter(|o| safe_to_lead(record, o))
+        .max_by_key(|o| (last_seq(o), std::cmp::Reverse(order(&o.id))))
+    else {
+        record.trouble =
+            Some(Trouble::NoSafePrimary { epoch: config.epoch, primary: config.primary.clone() });
+        return None;
+    };
+    let mut reason = Reason { promoted: Some((best.id.clone(), last_seq(best))), ..Reason::default() };
+    reason.failed =
+        failures.iter().filter(|(id, _)| !is_back(id)).map(|(id, f)| (id.clone(), f.clone())).collect();
+    let mut members = Vec::new();
+    for o in back {
+        rejoin_from_disk(record, o, o.id == best.id);
+        reason.recovered.push(o.id.clone());
+        members.push(pb::Member { id: o.id.clone(), address: o.address.clone() });
+    }
+    members.sort_by_key(|m| order(&m.id));
+    record.outage_since = None;
+    let next =
+        pb::Configuration { epoch: config.epoch + 1, mode: config.mode, primary: best.id.clone(), members };
+    Some((next, reason))
+}
+
+/// A member back from its disk stays one, as the instance now running. Unless it leads
+/// (its log defines the next epoch's), it counts as joined in the next epoch: it is safe
+/// to promote only once a leader synced it again.
+fn rejoin_from_disk(record: &mut Record, o: &Observed, leads: bool) {
+    if !leads {
+        record.joined_epoch.remove(&o.id);
+    }
+    if let Some(facts) = &o.facts {
+        remember_instance(record, &o.id, facts);
+    }
+}
+
+/// Starts `id` unless its last start was too recent: the pause doubles with every start
+/// that did not make it to ready, so a replica that cannot start (its port taken, its
+/// disk full) is retried without spinning.
+fn start_with_backoff(record: &mut Record, id: String, bootstrap: bool, now: u64, actions: &mut Vec<Action>) {
+    let restarts = record.restarts.entry(id.clone()).or_default();
+    if now < restarts.not_before {
+        return;
+    }
+    let attempt = restarts.count;
+    let delay = (RESTART_BACKOFF_MS << attempt.min(10)).min(RESTART_BACKOFF_MAX_MS);
+    restarts.count += 1;
+    restarts.not_before = now + delay;
+    let attempt = if bootstrap { attempt } else { restarts.count };
+    actions.push(Action::Start { id, bootstrap, attempt });
+}
+
+fn report_crash_loop(record: &mut Record) {
+    if record.trouble.is_none()
+        && let Some((id, restarts)) = record.restarts.iter().find(|(_, r)| r.count >= CRASH_LOOP_RESTARTS)
+    {
+        record.trouble = Some(Trouble::CrashLooping { id: id.clone(), restarts: restarts.count });
+    }
+}
+
 /// Keeps `spec.replicas` instances running: restarts the gone ones (with back-off),
 /// starts new ids when growing or when an old instance takes too long to stop, stops
 /// instances that are neither members nor needed, replaces replicas that hang, and
@@ -733,11 +939,7 @@ fn replace_instances(
             record.restarts.remove(&o.id);
         }
     }
-    if record.trouble.is_none()
-        && let Some((id, restarts)) = record.restarts.iter().find(|(_, r)| r.count >= CRASH_LOOP_RESTARTS)
-    {
-        record.trouble = Some(Trouble::CrashLooping { id: id.clone(), restarts: restarts.count });
-    }
+    report_crash_loop(record);
 
     // Hung: reported dead for long while the process still runs.
     for (id, since) in record.dead_since.clone() {
@@ -773,13 +975,25 @@ fn replace_instances(
     // stopping, then take new ids.
     let mut missing = wanted.saturating_sub(running.len());
     let mut gone: std::collections::VecDeque<&str> = with(Instance::Gone).into();
+    // While a durable group recovers from an outage, its members' data is on their
+    // disks, under their ids: they are waited for however long they take to stop, and
+    // restarted under the same ids, never replaced by new ones.
+    let outage = record.outage_since.is_some();
     let mut stopping = with(Instance::Terminating)
         .into_iter()
         .filter(|id| {
-            now.saturating_sub(record.terminating_since.get(*id).copied().unwrap_or(now))
-                < TERMINATING_PATIENCE_MS
+            outage
+                || now.saturating_sub(record.terminating_since.get(*id).copied().unwrap_or(now))
+                    < spec.terminating_patience_ms()
         })
         .count();
+    if outage {
+        // Members first: a gone member is restarted even if another instance runs.
+        let mut members_first: Vec<&str> = gone.iter().copied().filter(|id| is_member(id)).collect();
+        members_first.extend(gone.iter().copied().filter(|id| !is_member(id)));
+        gone = members_first.into();
+        missing = missing.max(gone.iter().filter(|id| is_member(id)).count());
+    }
     let mut next_new = by_id.keys().filter_map(|id| id_number(id)).max().unwrap_or(0) + 1;
     while missing > 0 {
         missing -= 1;
@@ -794,14 +1008,7 @@ fn replace_instances(
                 replica_id(next_new - 1)
             }
         };
-        let restarts = record.restarts.entry(id.clone()).or_default();
-        if now < restarts.not_before {
-            continue;
-        }
-        let delay = (RESTART_BACKOFF_MS << restarts.count.min(10)).min(RESTART_BACKOFF_MAX_MS);
-        restarts.count += 1;
-        restarts.not_before = now + delay;
-        actions.push(Action::Start { id, bootstrap: false, attempt: restarts.count });
+        start_with_backoff(record, id, false, now, actions);
     }
     // Gone for good: neither a member nor restarting.
     for id in gone {

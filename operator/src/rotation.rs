@@ -1,11 +1,18 @@
-//! When a replica pod's certificates are renewed (Kubernetes). A process loads its
-//! certificates once, at start, so renewing them means replacing the pod: the operator
-//! deletes it, and the ordinary recreate path issues the new pod new certificates.
+//! When replica pods are replaced (Kubernetes), one at a time, for either of two reasons:
+//! their certificates are due for renewal (a process loads its certificates once, at
+//! start), or their pod template is not the spec's any more (a new image, resources,
+//! scheduling overrides: a rolling update). The operator deletes the pod, and the
+//! ordinary recreate path gives the new pod new certificates and the current template.
 //! Decided here as a pure function: one pod at a time, only while the group is whole,
-//! backups before the primary (whose replacement is a failover), each pod past two
-//! thirds of its certificate's validity. The controller carries it out.
+//! backups first; the primary last, and then by a planned switchover to a backup that is
+//! done (switchover.rs), so that it leaves as a backup and nobody fails over.
 
+use crate::crd::{Defaults, ReplicatedServiceSpec};
 use crate::rm::{self, Action, Observed, Record, Spec};
+
+/// On each replica pod: a hash of the pod template it was created from
+/// (`template_hash`); a pod whose hash differs from the spec's is replaced.
+pub const TEMPLATE_HASH_ANNOTATION: &str = "tandem.dev/template-hash";
 
 /// A replica pod's certificates, as the operator recorded them when it issued them
 /// (unix seconds). Both of a pod's certificates (replica, LFD) are issued together.
@@ -30,23 +37,46 @@ pub fn renew_at(issued_at: i64, not_after: i64) -> i64 {
     issued_at + (not_after - issued_at).max(0) * 2 / 3
 }
 
-/// A pod to replace for its certificates.
+/// Why a pod is replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Why {
+    /// Its certificates are due: they expire at `not_after`, due since `due_since`.
+    Certificate { not_after: i64, due_since: i64 },
+    /// Its pod template is not the spec's (a rolling update).
+    Template,
+}
+
+/// A pod to replace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rotation {
     pub id: String,
-    /// It is the primary (or active order-keeper): its replacement is a failover.
+    /// It is the primary (or active order-keeper): its replacement is a failover. Only
+    /// when no other member can take over by a switchover (a group of one).
     pub primary: bool,
-    pub not_after: i64,
-    /// Due since (unix seconds).
-    pub due_since: i64,
+    pub why: Why,
 }
 
-/// The one pod to replace now, if any. Nothing while the RM has anything else to do
+/// What to do next for the pods that are due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Replace(Rotation),
+    /// Only the primary is due: hand its role to `to` (a member that is not due) first;
+    /// it is then a backup, replaced in a later round.
+    SwitchOver {
+        from: String,
+        to: String,
+        why: Why,
+    },
+}
+
+/// The one step to take now, if any. Nothing while the RM has anything else to do
 /// (`pending`: its actions of this round) or the group is not whole: a pod replaced
-/// then would add to a failure, and a rotation under way (its pod gone or rejoining)
+/// then would add to a failure, and a replacement under way (its pod gone or rejoining)
 /// makes the group not whole, so they come one at a time, each back as a member before
-/// the next. Backups go first, the earliest due first; the primary only when no backup
-/// is due, so that its failover finds every backup renewed and synced.
+/// the next. Backups go first (certificates by the earliest due, then templates); the
+/// primary only when no backup is due, and by a switchover to a backup that is not due
+/// (the longest log, then the lowest id) when there is one.
+#[allow(clippy::too_many_arguments)]
 pub fn next(
     spec: &Spec,
     record: &Record,
@@ -54,22 +84,100 @@ pub fn next(
     membership_known: bool,
     pending: &[Action],
     certificates: &[PodCertificate],
+    outdated: &[String],
     now_s: i64,
-) -> Option<Rotation> {
+) -> Option<Step> {
     if !pending.is_empty() || !rm::whole(spec, record, observed, membership_known) {
         return None;
     }
     let config = record.config.as_ref()?;
-    certificates
+    let mut due: Vec<(String, Why)> = certificates
         .iter()
         .filter(|c| config.has_member(&c.id) && now_s >= c.renew_at())
-        .min_by_key(|c| (c.id == config.primary, c.renew_at(), rm::id_number(&c.id).unwrap_or(u32::MAX)))
-        .map(|c| Rotation {
-            id: c.id.clone(),
-            primary: c.id == config.primary,
-            not_after: c.not_after,
-            due_since: c.renew_at(),
-        })
+        .map(|c| (c.id.clone(), Why::Certificate { not_after: c.not_after, due_since: c.renew_at() }))
+        .collect();
+    let templates: Vec<(String, Why)> = outdated
+        .iter()
+        .filter(|id| config.has_member(id) && !due.iter().any(|(d, _)| d == *id))
+        .map(|id| (id.clone(), Why::Template))
+        .collect();
+    due.extend(templates);
+    let key = |(id, why): &(String, Why)| {
+        let since = match why {
+            Why::Certificate { due_since, .. } => *due_since,
+            Why::Template => i64::MAX,
+        };
+        (*id == config.primary, since, rm::id_number(id).unwrap_or(u32::MAX))
+    };
+    let (id, why) = due.iter().min_by_key(|d| key(d))?.clone();
+    if id != config.primary {
+        return Some(Step::Replace(Rotation { id, primary: false, why }));
+    }
+    let last_seq = |id: &str| {
+        observed.iter().find(|o| o.id == id).and_then(|o| o.facts.as_ref()).map_or(0, |f| f.last_seq)
+    };
+    let successor = config
+        .members
+        .iter()
+        .map(|m| m.id.as_str())
+        .filter(|m| *m != id && !due.iter().any(|(d, _)| d == m))
+        .max_by_key(|m| (last_seq(m), std::cmp::Reverse(rm::id_number(m).unwrap_or(u32::MAX))));
+    Some(match successor {
+        Some(to) => Step::SwitchOver { from: id, to: to.to_owned(), why },
+        None => Step::Replace(Rotation { id, primary: true, why }),
+    })
+}
+
+/// A short, stable hash of what shapes a replica pod: the spec without the settings the
+/// RM applies live (replicas, mode, intervals), with the image the pod would run (the
+/// operator's default when the spec names none). Keys are hashed in sorted order, so
+/// the same spec always gives the same hash, whatever the operator's version.
+pub fn template_hash(spec: &ReplicatedServiceSpec, defaults: &Defaults) -> String {
+    let mut value = serde_json::to_value(spec).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        for live in ["replicas", "mode", "heartbeatIntervalMs", "failureThreshold", "checkpointIntervalMs"] {
+            fields.remove(live);
+        }
+        fields.insert("image".into(), spec.image(defaults).into());
+    }
+    let mut canonical = String::new();
+    write_canonical(&value, &mut canonical);
+    // FNV-1a, 64 bits: stable across Rust releases (std's hasher is not).
+    let hash = canonical.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+/// JSON with every object's keys in sorted order.
+fn write_canonical(value: &serde_json::Value, out: &mut String) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            let mut keys: Vec<&String> = fields.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(key.clone()).to_string());
+                out.push(':');
+                write_canonical(&fields[key], out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -112,6 +220,7 @@ mod tests {
                     synced_epoch: 4,
                     has_state: true,
                     incarnation: format!("{id}-a"),
+                    data_id: String::new(),
                     follower_silence: Vec::new(),
                 }),
             })
@@ -134,8 +243,25 @@ mod tests {
 
     const NOW: i64 = 1_900_000_000;
 
+    fn step(
+        observed: &[Observed],
+        record: &Record,
+        certificates: &[PodCertificate],
+        outdated: &[&str],
+    ) -> Option<Step> {
+        let outdated: Vec<String> = outdated.iter().map(|id| (*id).to_owned()).collect();
+        next(&Spec::default(), record, observed, true, &[], certificates, &outdated, NOW)
+    }
+
     fn next_of(observed: &[Observed], record: &Record, certificates: &[PodCertificate]) -> Option<String> {
-        next(&Spec::default(), record, observed, true, &[], certificates, NOW).map(|r| r.id)
+        match step(observed, record, certificates, &[])? {
+            Step::Replace(rotation) => Some(rotation.id),
+            Step::SwitchOver { from, .. } => Some(format!("switch over from {from}")),
+        }
+    }
+
+    fn switch_over(from: &str, to: &str, why: Why) -> Option<Step> {
+        Some(Step::SwitchOver { from: from.into(), to: to.into(), why })
     }
 
     #[test]
@@ -145,25 +271,71 @@ mod tests {
     }
 
     #[test]
-    fn backups_go_before_the_primary_earliest_due_first() {
+    fn backups_go_before_the_primary_earliest_due_first_then_a_switchover() {
         let (_, record, observed) = whole_group();
         // All three past two thirds (60 days); r1, the primary, the most overdue.
         let certificates = issued([80, 61, 70], NOW);
-        let rotation =
-            next(&Spec::default(), &record, &observed, true, &[], &certificates, NOW).expect("a rotation");
-        assert_eq!((rotation.id.as_str(), rotation.primary), ("r3", false), "{rotation:?}");
-        assert_eq!(rotation.due_since, NOW - 10 * DAY);
-        // r3 renewed: r2 next; then the primary, when no backup is due.
+        let first = step(&observed, &record, &certificates, &[]);
+        let due_since = NOW - 10 * DAY;
+        let expected = Rotation {
+            id: "r3".into(),
+            primary: false,
+            why: Why::Certificate { not_after: NOW - 70 * DAY + VALIDITY, due_since },
+        };
+        assert_eq!(first, Some(Step::Replace(expected)));
+        // r3 renewed: r2 next; then the primary hands over to a renewed backup first.
         assert_eq!(next_of(&observed, &record, &issued([80, 61, 0], NOW)).as_deref(), Some("r2"));
-        let last = next(&Spec::default(), &record, &observed, true, &[], &issued([80, 0, 0], NOW), NOW)
-            .expect("the primary");
-        assert_eq!((last.id.as_str(), last.primary), ("r1", true));
+        let certificates = issued([80, 0, 0], NOW);
+        let why = Why::Certificate { not_after: NOW - 80 * DAY + VALIDITY, due_since: NOW - 20 * DAY };
+        assert_eq!(step(&observed, &record, &certificates, &[]), switch_over("r1", "r2", why));
     }
 
     #[test]
-    fn the_primary_goes_when_it_alone_is_due() {
-        let (_, record, observed) = whole_group();
-        assert_eq!(next_of(&observed, &record, &issued([61, 1, 2], NOW)).as_deref(), Some("r1"));
+    fn the_primary_hands_over_to_the_longest_log_when_it_alone_is_due() {
+        let (_, record, mut observed) = whole_group();
+        observed[2].facts.as_mut().expect("facts").last_seq = 11;
+        let certificates = issued([61, 1, 2], NOW);
+        let why = Why::Certificate { not_after: NOW - 61 * DAY + VALIDITY, due_since: NOW - DAY };
+        assert_eq!(step(&observed, &record, &certificates, &[]), switch_over("r1", "r3", why));
+    }
+
+    #[test]
+    fn a_group_of_one_replaces_its_primary() {
+        let (_, mut record, mut observed) = whole_group();
+        observed.truncate(1);
+        if let Some(config) = record.config.as_mut() {
+            config.members.truncate(1);
+        }
+        let spec = Spec { replicas: 1, ..Spec::default() };
+        let rolled = next(&spec, &record, &observed, true, &[], &issued([1, 1, 1], NOW), &["r1".into()], NOW);
+        assert_eq!(
+            rolled,
+            Some(Step::Replace(Rotation { id: "r1".into(), primary: true, why: Why::Template }))
+        );
+    }
+
+    #[test]
+    fn a_rolling_update_replaces_backups_then_switches_over_then_replaces_the_old_primary() {
+        let (_, mut record, observed) = whole_group();
+        let fresh = issued([1, 1, 1], NOW);
+        let replace =
+            |id: &str| Some(Step::Replace(Rotation { id: id.into(), primary: false, why: Why::Template }));
+        // Every pod on the old template: the lowest backup first.
+        assert_eq!(step(&observed, &record, &fresh, &["r1", "r2", "r3"]), replace("r2"));
+        assert_eq!(step(&observed, &record, &fresh, &["r1", "r3"]), replace("r3"));
+        // Only the primary left: it hands over to an updated backup.
+        assert_eq!(step(&observed, &record, &fresh, &["r1"]), switch_over("r1", "r2", Why::Template));
+        // After the switchover r1 is a backup: it is replaced, no failover.
+        if let Some(config) = record.config.as_mut() {
+            config.primary = "r2".into();
+        }
+        assert_eq!(step(&observed, &record, &fresh, &["r1"]), replace("r1"));
+        assert_eq!(step(&observed, &record, &fresh, &[]), None, "done");
+        // A backup due for its certificates goes before one on an old template.
+        record.config.as_mut().expect("config").primary = "r1".into();
+        assert_eq!(next_of(&observed, &record, &issued([1, 1, 70], NOW)).as_deref(), Some("r3"));
+        let due_r3 = step(&observed, &record, &issued([1, 1, 70], NOW), &["r2"]);
+        assert!(matches!(due_r3, Some(Step::Replace(Rotation { ref id, .. })) if id == "r3"), "{due_r3:?}");
     }
 
     #[test]
@@ -198,17 +370,21 @@ mod tests {
         for (i, break_it) in broken.iter().enumerate() {
             let (mut observed, mut record) = (observed.clone(), record.clone());
             break_it(&mut observed, &mut record);
-            assert_eq!(next(&spec, &record, &observed, true, &[], &certificates, NOW), None, "case {i}");
+            assert_eq!(next(&spec, &record, &observed, true, &[], &certificates, &[], NOW), None, "case {i}");
         }
-        assert_eq!(next(&spec, &record, &observed, false, &[], &certificates, NOW), None, "GFD view unknown");
+        assert_eq!(
+            next(&spec, &record, &observed, false, &[], &certificates, &[], NOW),
+            None,
+            "GFD view unknown"
+        );
         let pending = [Action::Forget { id: "r9".into() }];
         assert_eq!(
-            next(&spec, &record, &observed, true, &pending, &certificates, NOW),
+            next(&spec, &record, &observed, true, &pending, &certificates, &[], NOW),
             None,
             "the RM has something else to do"
         );
         assert!(
-            next(&spec, &record, &observed, true, &[], &certificates, NOW).is_some(),
+            next(&spec, &record, &observed, true, &[], &certificates, &[], NOW).is_some(),
             "whole: it rotates"
         );
     }
@@ -216,21 +392,45 @@ mod tests {
     #[test]
     fn one_at_a_time_a_replaced_pod_must_be_a_member_again_before_the_next() {
         let (spec, record, mut observed) = whole_group();
+        let _ = &spec;
         let mut certificates = issued([80, 80, 80], NOW);
-        let first = next(&spec, &record, &observed, true, &[], &certificates, NOW).expect("first");
-        assert_eq!(first.id, "r2");
+        let first = next_of(&observed, &record, &certificates).expect("first");
+        assert_eq!(first, "r2");
         // Its pod is being replaced: the new one runs, joining, with new certificates.
         let replaced = observed.iter_mut().find(|o| o.id == "r2").expect("r2");
         replaced.liveness = Liveness::Alive { ready: false };
         replaced.facts = None;
         certificates[1] = PodCertificate { id: "r2".into(), issued_at: NOW, not_after: NOW + VALIDITY };
-        assert_eq!(next(&spec, &record, &observed, true, &[], &certificates, NOW), None, "r2 rejoining");
+        assert_eq!(next(&spec, &record, &observed, true, &[], &certificates, &[], NOW), None, "r2 rejoining");
         // Back, ready and synced as a member: the next one.
         let (_, _, fresh) = whole_group();
+        assert_eq!(next_of(&fresh, &record, &certificates).as_deref(), Some("r3"));
+    }
+
+    #[test]
+    fn the_template_hash_follows_what_shapes_a_pod_and_nothing_else() {
+        let defaults = Defaults { image: "tandem:1".into(), spec: Spec::default() };
+        let base = ReplicatedServiceSpec::default();
+        let hash = template_hash(&base, &defaults);
+        assert_eq!(hash, template_hash(&base.clone(), &defaults), "stable");
+        assert_eq!(hash.len(), 16);
+        let live =
+            ReplicatedServiceSpec { replicas: Some(5), heartbeat_interval_ms: Some(200), ..base.clone() };
+        assert_eq!(template_hash(&live, &defaults), hash, "settings the RM applies live roll nothing");
+        let same_image = ReplicatedServiceSpec { image: Some("tandem:1".into()), ..base.clone() };
+        assert_eq!(template_hash(&same_image, &defaults), hash, "the default image, named");
+        let new_image = ReplicatedServiceSpec { image: Some("tandem:2".into()), ..base.clone() };
+        assert_ne!(template_hash(&new_image, &defaults), hash);
+        let new_default = Defaults { image: "tandem:2".into(), ..defaults.clone() };
         assert_eq!(
-            next(&spec, &record, &fresh, true, &[], &certificates, NOW).map(|r| r.id).as_deref(),
-            Some("r3")
+            template_hash(&base, &new_default),
+            template_hash(&new_image, &defaults),
+            "the operator's default"
         );
+        let overrides =
+            crate::crd::PodOverrides { priority_class_name: Some("high".into()), ..Default::default() };
+        let scheduled = ReplicatedServiceSpec { pod_template: Some(overrides), ..base.clone() };
+        assert_ne!(template_hash(&scheduled, &defaults), hash);
     }
 
     #[test]

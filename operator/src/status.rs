@@ -16,7 +16,7 @@ use crate::crd::{
     ReplicatedServiceStatus,
 };
 use crate::membership::MembershipView;
-use crate::pods::{REPLICA_LABEL, REPLICA_PORT, detector_id, pod_name};
+use crate::pods::{REPLICA_LABEL, REPLICA_PORT, detector_id, pod_name, pod_selector};
 use crate::rm::{Instance, Liveness, Observed, Record, Restarts, Spec, Trouble};
 
 /// The RM's record: the configuration, join epochs and incarnations from the status,
@@ -60,6 +60,12 @@ pub fn record_from_configuration(configuration: Option<&ConfigurationStatus>) ->
             .filter(|m| !m.incarnation.is_empty())
             .map(|m| (m.id.clone(), m.incarnation.clone()))
             .collect(),
+        data_ids: c
+            .members
+            .iter()
+            .filter(|m| !m.data_id.is_empty())
+            .map(|m| (m.id.clone(), m.data_id.clone()))
+            .collect(),
         ..Record::default()
     }
 }
@@ -79,6 +85,7 @@ pub fn configuration_status(record: &Record) -> Option<ConfigurationStatus> {
                 address: m.address.clone(),
                 joined_epoch: record.joined_epoch.get(&m.id).copied().unwrap_or(config.epoch) as i64,
                 incarnation: record.incarnations.get(&m.id).cloned().unwrap_or_default(),
+                data_id: record.data_ids.get(&m.id).cloned().unwrap_or_default(),
             })
             .collect(),
     })
@@ -254,11 +261,16 @@ pub fn build_status(
         primary: config.map(|c| pod_name(&service, &c.primary)),
         ready: Some(format!("{ready_members}/{wanted}")),
         ready_replicas: ready_members as i32,
+        replicas: running as i32,
+        selector: Some(pod_selector(&service)),
         members,
         conditions,
         failovers: record.failovers as i64,
         last_failover_time: if failover_happened { Some(now) } else { previous.last_failover_time },
         configuration: configuration_status(record),
+        durability: Some(spec.durability.to_string()),
+        // Switchovers and rolling updates are the controller's to fill in.
+        ..ReplicatedServiceStatus::default()
     }
 }
 
@@ -425,6 +437,38 @@ mod tests {
         assert_eq!(condition("SpecValid").as_deref(), Some("True"));
         assert!(status.last_failover_time.is_some(), "a new failover is timestamped");
         assert_eq!(status.members.iter().find(|m| m.id == "r1").map(|m| m.role.as_str()), Some("primary"));
+    }
+
+    #[test]
+    fn the_scale_subresource_reads_running_replica_pods_and_their_selector() {
+        // r1 and r2 run, r3's pod is being deleted, r4 (a member) has no pod at all.
+        let mut record = record();
+        if let Some(config) = record.config.as_mut() {
+            config.members.push(pb::Member { id: "r4".into(), address: "r4:7000".into() });
+        }
+        let pods = vec![
+            pod("r1", Some("10.0.0.1"), false),
+            pod("r2", Some("10.0.0.2"), false),
+            pod("r3", Some("10.0.0.3"), true),
+        ];
+        let observed = observe(&rsvc(), &pods, &MembershipView::default(), &BTreeMap::new(), &record);
+        let status = build_status(
+            &rsvc(),
+            &Spec { replicas: 4, ..Spec::default() },
+            &[],
+            &record,
+            &observed,
+            &BTreeMap::new(),
+            &MembershipView::default(),
+            0,
+        );
+        assert_eq!(status.replicas, 2, "running pods only: {:?}", status.members);
+        assert_eq!(status.selector.as_deref(), Some("tandem.dev/service=demo"));
+        let json = serde_json::to_value(&status).expect("a status serializes");
+        assert_eq!(
+            (json["replicas"].as_i64(), json["selector"].as_str()),
+            (Some(2), Some("tandem.dev/service=demo"))
+        );
     }
 
     #[test]

@@ -12,11 +12,11 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
-use super::{Context, reconcile, rotate_certificates};
+use super::{Context, reconcile, replace_pod};
 use crate::crd::{Defaults, ReplicatedService, ReplicatedServiceSpec};
 use crate::pods::PodSettings;
 use crate::rm::Spec;
-use crate::rotation::Rotation;
+use crate::rotation::{Rotation, Why};
 
 type ApiHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -304,7 +304,54 @@ async fn a_certificate_rotation_deletes_the_pod_and_its_secret_and_says_why() {
     ];
     let api = serve(handle, script);
     let now = tandem_replica::wire::unix_ms() as i64 / 1000;
-    let rotation = Rotation { id: "r2".into(), primary: false, not_after: now + 30, due_since: now - 1 };
-    rotate_certificates(&service(), &ctx, rotation).await.expect("rotated");
+    let why = Why::Certificate { not_after: now + 30, due_since: now - 1 };
+    let rotation = Rotation { id: "r2".into(), primary: false, why };
+    replace_pod(&service(), &ctx, rotation).await.expect("rotated");
     assert_eq!(api.await.expect("api").len(), 3);
+}
+
+#[tokio::test]
+async fn a_switchover_annotation_is_answered_in_the_status_write_that_commits_the_round() {
+    let (ctx, handle) = context();
+    let script = vec![
+        list_no_pods(),
+        Expect {
+            method: Method::PUT,
+            path: STATUS,
+            // A conflict ends the round: what matters is what the write carried.
+            status: StatusCode::CONFLICT,
+            answer: Answer::Json(conflict()),
+            check: |body| {
+                let last = &body["status"]["lastSwitchover"];
+                assert_eq!(
+                    (&last["request"], &last["result"]),
+                    (&json!("the-primary"), &json!("Refused")),
+                    "{last}"
+                );
+                let message = last["message"].as_str().expect("a message");
+                assert!(message.contains("not a replica id"), "{message}");
+                assert_eq!(body["status"]["updatedReplicas"], 0, "no pods yet");
+            },
+        },
+    ];
+    let api = serve(handle, script);
+    let mut rsvc = service();
+    rsvc.annotations_mut().insert(crate::switchover::ANNOTATION.into(), "the-primary".into());
+    reconcile(Arc::new(rsvc), Arc::clone(&ctx)).await.expect("a conflict is no error");
+    assert_eq!(api.await.expect("api").len(), 2);
+}
+
+#[test]
+fn an_annotation_value_is_acted_on_once_and_may_name_a_pod() {
+    let mut rsvc = service();
+    assert_eq!(super::switchover_request(&rsvc), None, "no annotation");
+    rsvc.annotations_mut().insert(crate::switchover::ANNOTATION.into(), "demo-r2".into());
+    let (value, target) = super::switchover_request(&rsvc).expect("a request");
+    assert_eq!((value.as_str(), target), ("demo-r2", Ok(crate::switchover::Target::Replica("r2".into()))));
+    let handled = crate::crd::SwitchoverStatus { request: "demo-r2".into(), ..Default::default() };
+    rsvc.status =
+        Some(crate::crd::ReplicatedServiceStatus { last_switchover: Some(handled), ..Default::default() });
+    assert_eq!(super::switchover_request(&rsvc), None, "handled already");
+    rsvc.annotations_mut().insert(crate::switchover::ANNOTATION.into(), "any".into());
+    assert_eq!(super::switchover_request(&rsvc).map(|(_, t)| t), Some(Ok(crate::switchover::Target::Any)));
 }

@@ -12,6 +12,28 @@ use tonic::{Request, Response, Status};
 
 use super::Shared;
 use crate::rm::{Instance, Liveness, Spec, Trouble};
+use crate::switchover::{Ask, Outcome, Target};
+
+/// How long `Switchover` waits for the RM to decide (it waits while the RM changes the
+/// group for its own reasons).
+const SWITCHOVER_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The switchover asked through the API and not decided yet: the RM's loop takes it
+/// into its record for one round (`Local::reconcile`).
+pub(super) fn pending_switchover(shared: &Mutex<Shared>) -> Option<Ask> {
+    shared.lock().unwrap_or_else(|p| p.into_inner()).switchover.clone().filter(|a| a.outcome.is_none())
+}
+
+/// What the RM's round decided of it, for the API call that waits.
+pub(super) fn answer_switchover(shared: &Mutex<Shared>, decided: Option<Ask>) {
+    let Some(decided) = decided.filter(|a| a.outcome.is_some()) else { return };
+    let mut shared = shared.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(asked) =
+        shared.switchover.as_mut().filter(|a| a.outcome.is_none() && a.target == decided.target)
+    {
+        asked.outcome = decided.outcome;
+    }
+}
 
 pub struct ManagerService {
     shared: Arc<Mutex<Shared>>,
@@ -104,6 +126,51 @@ impl pb::manager_server::Manager for ManagerService {
         }
         self.spec.send_replace(spec.clone());
         Ok(Response::new(spec_to_wire(&spec)))
+    }
+
+    async fn switchover(
+        &self,
+        request: Request<pb::SwitchoverRequest>,
+    ) -> Result<Response<pb::SwitchoverReply>, Status> {
+        tls::authorize(&request, "switch the primary over", |caller| *caller == Identity::Manager)?;
+        let target = Target::parse(&request.into_inner().to).map_err(Status::invalid_argument)?;
+        {
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            if shared.switchover.is_some() {
+                return Err(Status::aborted("another switchover is under way; try again when it is done"));
+            }
+            shared.switchover = Some(Ask::new(target.clone(), tandem_replica::wire::unix_ms()));
+        }
+        let deadline = tokio::time::Instant::now() + SWITCHOVER_PATIENCE;
+        let outcome = loop {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(outcome) = shared.switchover.as_ref().and_then(|a| a.outcome.clone()) {
+                shared.switchover = None;
+                break outcome;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                shared.switchover = None;
+                return Err(Status::deadline_exceeded(format!(
+                    "the RM did not get to the switchover to {target} within {} s (it was changing the group); nothing switched over",
+                    SWITCHOVER_PATIENCE.as_secs()
+                )));
+            }
+        };
+        match outcome {
+            Outcome::Done { from, to, epoch } => {
+                Ok(Response::new(pb::SwitchoverReply { from, to, epoch, already_primary: false }))
+            }
+            Outcome::AlreadyPrimary { id, epoch } => Ok(Response::new(pb::SwitchoverReply {
+                from: id.clone(),
+                to: id,
+                epoch,
+                already_primary: true,
+            })),
+            Outcome::Refused(refusal) => {
+                Err(Status::failed_precondition(format!("switchover to {target} refused: {refusal}")))
+            }
+        }
     }
 
     async fn describe(

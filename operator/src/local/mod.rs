@@ -126,6 +126,9 @@ pub enum LocalError {
 /// changes, failovers, restarts). The CLI prints them on stdout, as text or JSON.
 pub const EVENTS: &str = "tandem::events";
 
+/// How long a port held at start may take to be released before it counts as taken.
+const PORT_RELEASE_PATIENCE: Duration = Duration::from_secs(5);
+
 fn say(line: impl AsRef<str>) {
     tracing::info!(target: EVENTS, "{}", line.as_ref());
 }
@@ -141,6 +144,8 @@ pub struct Shared {
     pub restarts: BTreeMap<String, u32>,
     pub membership_known: bool,
     pub gfd_address: String,
+    /// A switchover asked through the API, until the RM decides it (manager.rs).
+    pub switchover: Option<crate::switchover::Ask>,
 }
 
 /// Runs the whole local system until `shutdown`, then stops every child.
@@ -177,6 +182,15 @@ pub async fn run(settings: LocalSettings, shutdown: CancellationToken) -> Result
         return Err(LocalError::AlreadyRunning(settings.dir.clone()));
     }
     let saved = SavedRecord::read(&settings.dir)?;
+    if let Some(saved) = &saved
+        && saved.durability != settings.spec.durability.to_string()
+    {
+        return Err(LocalError::Mismatch {
+            what: "--durability".into(),
+            recorded: format!("--durability {}", saved.durability),
+            asked: format!("--durability {}", settings.spec.durability),
+        });
+    }
     let listener = tokio::net::TcpListener::bind(settings.manager_address())
         .await
         .map_err(|source| LocalError::Bind { address: settings.manager_address(), source })?;
@@ -224,14 +238,25 @@ pub async fn run(settings: LocalSettings, shutdown: CancellationToken) -> Result
     ));
     local.run(exits, membership, spec_changes, shutdown).await;
     local.supervisor.stop_all(STOP_GRACE).await;
-    for file in [
-        StateFile::path(&local.settings.dir),
-        SavedRecord::path(&local.settings.dir),
-        local.settings.dir.join("endpoints"),
-    ] {
-        let _ = std::fs::remove_file(file);
+    if local.spec.durability.on_disk() {
+        // The group's record stays, as after a crash: the next `tandem up` on this
+        // directory resumes the group from the replicas' disks.
+        say(format!(
+            "RM: stopped every replica, LFD and the GFD; the data stays in {}: `tandem up` on this \
+             directory resumes the group (remove the directory to start a new one)",
+            local.settings.dir.join("data").display()
+        ));
+    } else {
+        // In memory, nothing outlives the processes: the next `tandem up` starts anew.
+        for file in [
+            StateFile::path(&local.settings.dir),
+            SavedRecord::path(&local.settings.dir),
+            local.settings.dir.join("endpoints"),
+        ] {
+            let _ = std::fs::remove_file(file);
+        }
+        say("RM: stopped every replica, LFD and the GFD");
     }
-    say("RM: stopped every replica, LFD and the GFD");
     Ok(())
 }
 
@@ -386,8 +411,14 @@ impl Local {
             if self.supervisor.process(&role).is_some() {
                 continue;
             }
-            if std::net::TcpListener::bind(&address).is_err() {
-                return Err(LocalError::PortInUse { address });
+            // A process just killed (a restart after kill -9 of everything) may hold its
+            // port a moment longer: a stranger holds it for good.
+            let deadline = std::time::Instant::now() + PORT_RELEASE_PATIENCE;
+            while std::net::TcpListener::bind(&address).is_err() {
+                if std::time::Instant::now() > deadline {
+                    return Err(LocalError::PortInUse { address });
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
         Ok(())
@@ -521,6 +552,12 @@ impl Local {
         if self.settings.security.client_token {
             let path = self.settings.dir.join(CLIENT_TOKEN_FILE);
             args.extend(["--client-token-file".into(), path.display().to_string()]);
+        }
+        args.extend(["--durability".into(), self.spec.durability.to_string()]);
+        if self.spec.durability.on_disk() {
+            // The same directory for every start of this id: a restart recovers it.
+            let data = self.settings.dir.join("data").join(id);
+            args.extend(["--data-dir".into(), data.display().to_string()]);
         }
         self.facts.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         self.known.insert(id.into(), address);
@@ -688,8 +725,10 @@ impl Local {
     /// Observe, decide, act.
     fn reconcile(&mut self) {
         let observed = self.observe();
+        self.record.switchover = manager::pending_switchover(&self.shared);
         let actions =
             rm::reconcile(&self.spec, &mut self.record, &observed, self.membership.known(), unix_ms());
+        let switchover = self.record.switchover.take();
         // The record first: a configuration is the group's once it is on disk.
         self.save_record();
         for action in actions {
@@ -698,6 +737,8 @@ impl Local {
         self.report_trouble();
         self.push_configuration();
         self.publish(observed);
+        // Answered once recorded, pushed and described.
+        manager::answer_switchover(&self.shared, switchover);
     }
 
     fn act(&mut self, action: Action) {
@@ -708,9 +749,12 @@ impl Local {
             }
             Action::Start { id, bootstrap, attempt } => {
                 if attempt > 0 {
-                    say(format!(
-                        "RM: restarting {id} (attempt {attempt}); it will rejoin through a checkpoint"
-                    ));
+                    let how = if self.spec.durability.on_disk() {
+                        "it recovers its data from disk, then catches up"
+                    } else {
+                        "it will rejoin through a checkpoint"
+                    };
+                    say(format!("RM: restarting {id} (attempt {attempt}); {how}"));
                     self.restarted_at.insert(id.clone(), Instant::now());
                     *self.restarts.entry(id.clone()).or_default() += 1;
                 } else {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::LocalError;
 use super::supervisor::ProcessId;
 use crate::crd::ConfigurationStatus;
-use crate::rm::{Record, Spec};
+use crate::rm::{Durability, Record, Spec};
 use crate::status::{configuration_status, record_from_configuration};
 
 /// Writes `contents` to `path` atomically: a reader sees the old file or the new one,
@@ -138,6 +138,13 @@ pub struct SavedRecord {
     pub epoch_floor: u64,
     #[serde(default)]
     pub failovers: u64,
+    /// A record from before durability was a group in memory.
+    #[serde(default = "memory")]
+    pub durability: String,
+}
+
+fn memory() -> String {
+    Durability::Memory.to_string()
 }
 
 impl SavedRecord {
@@ -166,6 +173,7 @@ impl SavedRecord {
             configuration: configuration_status(record),
             epoch_floor: record.epoch_floor,
             failovers: record.failovers,
+            durability: spec.durability.to_string(),
         }
     }
 
@@ -178,6 +186,7 @@ impl SavedRecord {
             failure_threshold: self.failure_threshold,
             checkpoint_interval_ms: self.checkpoint_interval_ms,
             recreate_lost_epoch: None,
+            durability: self.durability.parse().unwrap_or(given.durability),
         }
     }
 

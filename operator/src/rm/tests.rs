@@ -13,6 +13,7 @@ fn facts(id: &str, epoch: u64, last_seq: u64, synced_epoch: u64) -> Facts {
         synced_epoch,
         has_state: true,
         incarnation: format!("{id}#1"),
+        data_id: String::new(),
         follower_silence: Vec::new(),
     }
 }
@@ -107,6 +108,38 @@ fn bootstrap_starts_fresh_replicas_and_configures_them_once_all_are_alive() {
         Some("r2#1"),
         "each member is the instance that joined"
     );
+}
+
+#[test]
+fn a_founding_replica_that_cannot_start_is_retried_with_back_off_and_reported() {
+    let spec = Spec::default();
+    let mut record = Record::default();
+    // r1 and r2 run; r3 exits at every start (its port taken, say).
+    let observed: Vec<Observed> = ["r1", "r2"].iter().map(|id| alive(id, 0, 0, 0)).collect();
+    let mut started = Vec::new();
+    for now in (0..120_000).step_by(10) {
+        let actions = reconcile(&spec, &mut record, &observed, true, now);
+        assert!(installs(&actions).is_empty(), "no group without r3");
+        if let Some((id, bootstrap)) = starts(&actions).pop() {
+            assert_eq!((id.as_str(), bootstrap), ("r3", true));
+            started.push(now);
+        }
+    }
+    assert!(started.len() < 30, "it spins: {} starts in 2 minutes", started.len());
+    let gaps: Vec<u64> = started.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "back-off never shrinks: {gaps:?}");
+    assert!(gaps.iter().all(|g| *g <= RESTART_BACKOFF_MAX_MS + 10), "never gives up: {gaps:?}");
+    assert!(
+        matches!(&record.trouble, Some(Trouble::CrashLooping { id, .. }) if id == "r3"),
+        "{:?}",
+        record.trouble
+    );
+    // Once it runs, the group is founded and the count starts afresh.
+    let observed: Vec<Observed> = ["r1", "r2", "r3"].iter().map(|id| alive(id, 0, 0, 0)).collect();
+    assert_eq!(installs(&reconcile(&spec, &mut record, &observed, true, 130_000)).len(), 1);
+    let observed: Vec<Observed> = observed.into_iter().map(|o| alive(&o.id, 1, 1, 1)).collect();
+    reconcile(&spec, &mut record, &observed, true, 130_010);
+    assert!(record.restarts.is_empty() && record.trouble.is_none(), "{:?}", record.trouble);
 }
 
 #[test]
@@ -228,14 +261,14 @@ fn restarts_count_failed_instances_not_reconciliations_and_never_stop() {
     let (mut record, mut observed) = booted(&spec);
     observed[2] = with(observed[2].clone(), Liveness::Failed, Instance::Terminating);
     // A pod that takes its time to terminate: no start under its name meanwhile.
-    for now in (0..TERMINATING_PATIENCE_MS).step_by(50) {
+    for now in (0..spec.terminating_patience_ms()).step_by(50) {
         assert!(starts(&reconcile(&spec, &mut record, &observed, true, now)).is_empty(), "at {now}");
     }
     assert!(record.restarts.is_empty(), "nothing was restarted, so nothing counts");
     observed[2] = with(observed[2].clone(), Liveness::Failed, Instance::Gone);
     // Now it crashes at every start; restarts back off, never stop, and are reported.
     let mut started = Vec::new();
-    for now in (TERMINATING_PATIENCE_MS..600_000).step_by(50) {
+    for now in (spec.terminating_patience_ms()..600_000).step_by(50) {
         let actions = reconcile(&spec, &mut record, &observed, true, now);
         if let Some((id, bootstrap)) = starts(&actions).pop() {
             assert_eq!((id.as_str(), bootstrap), ("r3", false), "a replacement joins, it never bootstraps");
@@ -266,7 +299,7 @@ fn a_pod_stuck_terminating_is_replaced_under_a_new_id() {
     let config = installs(&actions).pop().expect("failover");
     assert_eq!(member_ids(&config), vec!["r2", "r3"]);
     assert!(starts(&actions).is_empty(), "patience first");
-    let actions = reconcile(&spec, &mut record, &observed, true, 1_000 + TERMINATING_PATIENCE_MS);
+    let actions = reconcile(&spec, &mut record, &observed, true, 1_000 + spec.terminating_patience_ms());
     assert_eq!(starts(&actions), vec![("r4".to_owned(), false)]);
     // The old pod finally goes: nothing more to start, its id is forgotten.
     observed[0] = with(observed[0].clone(), Liveness::Unknown, Instance::Gone);
@@ -280,7 +313,7 @@ fn a_pod_stuck_terminating_is_replaced_under_a_new_id() {
 /// nothing that said what happened or what to do.
 #[test]
 fn losing_every_member_at_once_is_reported_and_recreated_only_when_the_user_says_so() {
-    let mut spec = Spec::default();
+    let mut spec = Spec { durability: Durability::Memory, ..Spec::default() };
     let (mut record, mut observed) = booted(&spec);
     for o in &mut observed {
         *o = restarted(&o.id.clone(), 1);
@@ -470,6 +503,9 @@ struct World {
     now: u64,
     /// A follower the leader cannot reach, and until when.
     cut: Option<(String, u64)>,
+    /// A durable world: what each replica id holds on its disk (its facts as last
+    /// written), which a restart of that id recovers.
+    disks: Option<BTreeMap<String, Facts>>,
 }
 
 impl World {
@@ -552,10 +588,17 @@ impl World {
                 Action::Start { id, bootstrap, .. } => {
                     self.starts += 1;
                     let address = format!("{id}:1");
-                    let facts = Facts {
-                        has_state: bootstrap,
-                        incarnation: format!("{id}#{}", self.starts),
-                        ..Facts::default()
+                    let incarnation = format!("{id}#{}", self.starts);
+                    let on_disk = self.disks.as_ref().and_then(|disks| disks.get(&id)).cloned();
+                    let facts = match on_disk {
+                        // Recovered from its disk: its data, its data id, a new process.
+                        Some(disk) => Facts { incarnation, follower_silence: Vec::new(), ..disk },
+                        None => Facts {
+                            has_state: bootstrap,
+                            incarnation,
+                            data_id: if self.disks.is_some() { format!("{id}-disk") } else { String::new() },
+                            ..Facts::default()
+                        },
                     };
                     self.instances.insert(
                         id.clone(),
@@ -600,6 +643,14 @@ impl World {
                 }
             }
         }
+        // What the running replicas hold is on their disks.
+        if let Some(disks) = self.disks.as_mut() {
+            for o in self.instances.values().filter(|o| o.instance == Instance::Running) {
+                if let Some(facts) = o.facts.as_ref().filter(|f| f.has_state) {
+                    disks.insert(o.id.clone(), facts.clone());
+                }
+            }
+        }
         self.now += 50;
     }
 }
@@ -615,6 +666,8 @@ enum Fault {
     Scale(u8),
     SwitchMode,
     Wait(u16),
+    /// Every instance at once (a durable world only).
+    CrashAll,
 }
 
 fn fault() -> impl Strategy<Value = Fault> {
@@ -639,7 +692,29 @@ proptest! {
     /// desired size with every member alive and ready.
     #[test]
     fn the_group_heals_to_the_desired_size_and_never_promotes_the_dead(faults in prop::collection::vec(fault(), 0..40)) {
-        let mut world = World { spec: Spec::default(), record: Record::default(), instances: BTreeMap::new(), starts: 0, now: 0, cut: None };
+        // Instances restart empty here.
+        let spec = Spec { durability: Durability::Memory, ..Spec::default() };
+        heals(World { spec, record: Record::default(), instances: BTreeMap::new(), starts: 0, now: 0, cut: None, disks: None }, faults)?;
+    }
+
+    /// The same with data on disk, and faults no memory group survives: every instance
+    /// crashing at once, the last safe member crashing. A restarted instance recovers its
+    /// data; the group always comes back whole.
+    #[test]
+    fn a_durable_group_heals_from_any_crash_even_of_every_instance(
+        faults in prop::collection::vec(prop_oneof![fault(), Just(Fault::CrashAll)], 0..40)
+    ) {
+        let world = World {
+            spec: Spec::default(), record: Record::default(), instances: BTreeMap::new(), starts: 0, now: 0, cut: None,
+            disks: Some(BTreeMap::new()),
+        };
+        heals(world, faults)?;
+    }
+}
+
+fn heals(mut world: World, faults: Vec<Fault>) -> Result<(), TestCaseError> {
+    let durable = world.disks.is_some();
+    {
         for _ in 0..5 {
             world.step();
         }
@@ -649,7 +724,44 @@ proptest! {
                 ids[n as usize % ids.len()].clone()
             };
             match fault {
-                Fault::Crash(n) | Fault::RestartInPlace(n) | Fault::Hang(n) | Fault::LoseDetector(n) | Fault::Cut(n)
+                // Crashes and restarts lose nothing with disks; the others (a hang, a lost
+                // detector, a cut) may take the last safe member out of reach for long.
+                Fault::Crash(n) | Fault::RestartInPlace(n) if durable && !world.instances.is_empty() => {
+                    let _ = n;
+                    match fault {
+                        Fault::Crash(n) => {
+                            let o = world.instances.get_mut(&pick(&world, n)).expect("instance");
+                            o.instance = Instance::Gone;
+                            o.liveness = Liveness::Failed;
+                        }
+                        Fault::RestartInPlace(n) => {
+                            let id = pick(&world, n);
+                            world.starts += 1;
+                            let incarnation = format!("{id}#{}", world.starts);
+                            let disk = world.disks.as_ref().and_then(|d| d.get(&id)).cloned();
+                            let o = world.instances.get_mut(&id).expect("instance");
+                            if o.instance == Instance::Running {
+                                o.liveness = Liveness::Alive { ready: false };
+                                o.facts = Some(match disk {
+                                    Some(disk) => Facts { incarnation, follower_silence: Vec::new(), ..disk },
+                                    None => Facts { incarnation, ..Facts::default() },
+                                });
+                            }
+                        }
+                        _ => unreachable!(),
+                    }
+                }
+                Fault::CrashAll => {
+                    for o in world.instances.values_mut() {
+                        o.instance = Instance::Gone;
+                        o.liveness = Liveness::Failed;
+                    }
+                }
+                Fault::Crash(n)
+                | Fault::RestartInPlace(n)
+                | Fault::Hang(n)
+                | Fault::LoseDetector(n)
+                | Fault::Cut(n)
                     if !world.survivable_without(&pick(&world, n)) => {}
                 Fault::Crash(n) => {
                     let o = world.instances.get_mut(&pick(&world, n)).expect("instance");
@@ -666,7 +778,9 @@ proptest! {
                         o.facts = Some(Facts { incarnation, ..Facts::default() });
                     }
                 }
-                Fault::Hang(n) => world.instances.get_mut(&pick(&world, n)).expect("instance").liveness = Liveness::Failed,
+                Fault::Hang(n) => {
+                    world.instances.get_mut(&pick(&world, n)).expect("instance").liveness = Liveness::Failed
+                }
                 Fault::Resume(n) => {
                     let o = world.instances.get_mut(&pick(&world, n)).expect("instance");
                     if o.instance == Instance::Running {
@@ -683,7 +797,8 @@ proptest! {
                 Fault::Cut(n) => world.cut = Some((pick(&world, n), world.now + 3_000)),
                 Fault::Scale(n) => world.spec.replicas = u32::from(n),
                 Fault::SwitchMode => {
-                    world.spec.mode = if world.spec.mode == Mode::Passive { Mode::Active } else { Mode::Passive };
+                    world.spec.mode =
+                        if world.spec.mode == Mode::Passive { Mode::Active } else { Mode::Passive };
                 }
                 Fault::Wait(ms) => world.now += u64::from(ms),
             }
@@ -701,7 +816,12 @@ proptest! {
             world.step();
         }
         let config = world.record.config.clone().expect("configured");
-        prop_assert_eq!(config.members.len(), world.spec.replicas as usize, "members: {:?}", member_ids(&config));
+        prop_assert_eq!(
+            config.members.len(),
+            world.spec.replicas as usize,
+            "members: {:?}",
+            member_ids(&config)
+        );
         for member in &config.members {
             let o = &world.instances[&member.id];
             prop_assert_eq!(o.instance, Instance::Running);
@@ -712,4 +832,160 @@ proptest! {
         prop_assert_eq!(config.mode(), world.spec.mode);
         prop_assert_eq!(world.record.trouble.clone(), None);
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- durable groups
+
+/// A replica with data on disk: its data id is the same for every start of it.
+fn on_disk(mut o: Observed) -> Observed {
+    if let Some(facts) = o.facts.as_mut() {
+        facts.data_id = format!("{}-disk", o.id);
+    }
+    o
+}
+
+/// The same replica id, a new process that recovered its data from disk.
+fn back_from_disk(id: &str, last_seq: u64, epoch: u64, synced_epoch: u64) -> Observed {
+    let mut o = on_disk(alive(id, last_seq, epoch, synced_epoch));
+    if let Some(facts) = o.facts.as_mut() {
+        facts.incarnation = format!("{id}#2");
+    }
+    o
+}
+
+/// A durable group bootstrapped as r1..r3, epoch 1, primary r1.
+fn booted_on_disk(spec: &Spec) -> (Record, Vec<Observed>) {
+    let mut record = Record::default();
+    let observed: Vec<Observed> = ["r1", "r2", "r3"].iter().map(|id| on_disk(alive(id, 0, 0, 0))).collect();
+    assert_eq!(installs(&reconcile(spec, &mut record, &observed, true, 0)).len(), 1);
+    let observed = observed.into_iter().map(|o| on_disk(alive(&o.id, 10, 1, 1))).collect();
+    (record, observed)
+}
+
+/// Issue 10: every process of a durable group killed at once. The RM restarts every
+/// member under its id (so on its disk), waits for all of them, and resumes with the
+/// longest log among those that synced: never an empty group, never a shorter log.
+#[test]
+fn a_durable_group_whose_every_member_stopped_resumes_from_their_disks() {
+    let spec = Spec::default();
+    assert_eq!(spec.durability, Durability::Fsync, "durable by default");
+    let (mut record, observed) = booted_on_disk(&spec);
+    assert_eq!(record.data_ids.get("r2").map(String::as_str), Some("r2-disk"));
+    let gone: Vec<Observed> =
+        observed.iter().map(|o| with(o.clone(), Liveness::Unknown, Instance::Gone)).collect();
+    let actions = reconcile(&spec, &mut record, &gone, true, 1_000);
+    assert!(installs(&actions).is_empty(), "{actions:?}");
+    let mut started: Vec<String> = starts(&actions).into_iter().map(|(id, _)| id).collect();
+    started.sort();
+    assert_eq!(started, vec!["r1", "r2", "r3"], "restarted under their ids, so on their disks");
+    assert_eq!(record.trouble.as_ref().map(Trouble::reason), Some("Recovering"));
+
+    // r2 (one entry short: cut tail) and r3 are back; r1 (longest log) not yet: wait.
+    // r1's new process runs but has not answered yet: it has proven nothing.
+    let starting = Observed { facts: None, ..with(gone[0].clone(), Liveness::Unknown, Instance::Running) };
+    let partly = vec![starting, back_from_disk("r2", 9, 1, 1), back_from_disk("r3", 10, 1, 1)];
+    for now in [2_000, 30_000] {
+        assert!(installs(&reconcile(&spec, &mut record, &partly, true, now)).is_empty());
+        let Some(Trouble::Recovering { waiting, back, .. }) = &record.trouble else {
+            panic!("{:?}", record.trouble)
+        };
+        assert_eq!(
+            (waiting.as_slice(), back.as_slice()),
+            (&["r1".to_owned()][..], &["r2".to_owned(), "r3".to_owned()][..])
+        );
+    }
+    // All back: r1 has the longest log and synced, so it leads epoch 2; all stay members,
+    // joined anew (each must sync with r1 before it may be promoted).
+    let all =
+        vec![back_from_disk("r1", 11, 1, 1), back_from_disk("r2", 9, 1, 1), back_from_disk("r3", 10, 1, 1)];
+    let actions = reconcile(&spec, &mut record, &all, true, 31_000);
+    let config = installs(&actions).pop().expect("resumed");
+    assert_eq!(
+        (config.epoch, config.primary.as_str(), member_ids(&config)),
+        (2, "r1", vec!["r1", "r2", "r3"])
+    );
+    let Some(Action::Install { reason, .. }) = actions.iter().find(|a| matches!(a, Action::Install { .. }))
+    else {
+        unreachable!()
+    };
+    assert_eq!(reason.recovered, vec!["r1", "r2", "r3"]);
+    // The leader keeps its join epoch (its log is the next epoch's); the others must sync
+    // with it again before they may be promoted.
+    assert_eq!(record.joined_epoch.get("r1"), Some(&1));
+    assert_eq!((record.joined_epoch.get("r2"), record.joined_epoch.get("r3")), (Some(&2), Some(&2)));
+    assert_eq!(record.incarnations.get("r3").map(String::as_str), Some("r3#2"));
+    assert_eq!(record.trouble, None);
+    // The replicas take epoch 2 and sync: nothing more to change.
+    let synced: Vec<Observed> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|id| {
+            let mut o = back_from_disk(id, 11, 2, 2);
+            o.facts.as_mut().expect("facts").follower_silence =
+                if *id == "r1" { vec![("r2".into(), 10), ("r3".into(), 10)] } else { Vec::new() };
+            o
+        })
+        .collect();
+    assert!(reconcile(&spec, &mut record, &synced, true, 32_000).is_empty());
+    assert!(whole(&spec, &record, &synced, true));
+}
+
+/// One member never comes back (its node is gone): after the patience, the group
+/// resumes with those that did; a member back without its data (a new disk) is not
+/// waited for and does not count.
+#[test]
+fn a_durable_group_resumes_without_a_member_that_does_not_come_back() {
+    let spec = Spec::default();
+    let (mut record, observed) = booted_on_disk(&spec);
+    let gone: Vec<Observed> =
+        observed.iter().map(|o| with(o.clone(), Liveness::Unknown, Instance::Gone)).collect();
+    reconcile(&spec, &mut record, &gone, true, 1_000);
+    let mut wiped = restarted("r3", 0);
+    wiped.facts.as_mut().expect("facts").data_id = "r3-new-disk".into();
+    let some = vec![gone[0].clone(), back_from_disk("r2", 10, 1, 1), wiped.clone()];
+    assert!(installs(&reconcile(&spec, &mut record, &some, true, 2_000)).is_empty());
+    let Some(Trouble::Recovering { waiting, .. }) = &record.trouble else { panic!("{:?}", record.trouble) };
+    assert_eq!(waiting, &vec!["r1".to_owned()], "r3 came back without its data: not waited for");
+    let actions = reconcile(&spec, &mut record, &some, true, 1_000 + RECOVERY_PATIENCE_MS);
+    let config = installs(&actions).pop().expect("resumed after the patience");
+    assert_eq!((config.primary.as_str(), member_ids(&config)), ("r2", vec!["r2"]));
+}
+
+/// A durable primary restarted in place (same disk) while its backups run: it fails
+/// over like any restart (it may have lost what it had not yet written), and comes back
+/// as a joiner with its data rather than from nothing.
+#[test]
+fn a_primary_restarted_from_its_disk_fails_over_and_rejoins() {
+    let spec = Spec::default();
+    let (mut record, mut observed) = booted_on_disk(&spec);
+    observed[0] = back_from_disk("r1", 8, 1, 1);
+    let actions = reconcile(&spec, &mut record, &observed, true, 1_000);
+    let config = installs(&actions).pop().expect("failover");
+    assert_eq!((config.primary.as_str(), member_ids(&config)), ("r2", vec!["r2", "r3"]));
+    let Some(Action::Install { reason, .. }) = actions.first() else { panic!("{actions:?}") };
+    assert_eq!(reason.failed, vec![("r1".to_owned(), Failure::RestartedFromDisk)]);
+    assert!(!Failure::RestartedFromDisk.state_gone(true));
+}
+
+/// Issue 10 on Kubernetes: every pod of a durable group deleted at once. Their
+/// replacements must come under the same ids (their volumes hold the data), however
+/// long the old pods take to terminate: a new id would start empty, and leave the
+/// members' data unclaimed.
+#[test]
+fn a_durable_group_waits_for_its_terminating_members_and_restarts_them_under_their_ids() {
+    let spec = Spec::default();
+    let (mut record, observed) = booted_on_disk(&spec);
+    let terminating: Vec<Observed> =
+        observed.iter().map(|o| with(o.clone(), Liveness::Failed, Instance::Terminating)).collect();
+    for now in [1_000, 1_000 + spec.terminating_patience_ms(), 60_000] {
+        let actions = reconcile(&spec, &mut record, &terminating, true, now);
+        assert!(starts(&actions).is_empty(), "no new ids while the members terminate: {actions:?}");
+        assert_eq!(record.trouble.as_ref().map(Trouble::reason), Some("Recovering"));
+    }
+    let gone: Vec<Observed> =
+        observed.iter().map(|o| with(o.clone(), Liveness::Unknown, Instance::Gone)).collect();
+    let actions = reconcile(&spec, &mut record, &gone, true, 61_000);
+    let mut started: Vec<String> = starts(&actions).into_iter().map(|(id, _)| id).collect();
+    started.sort();
+    assert_eq!(started, vec!["r1", "r2", "r3"]);
 }
