@@ -156,6 +156,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         "HEARTBEAT"
     );
     let mut reachable = 0;
+    let mut durabilities = std::collections::BTreeSet::new();
     for (address, answer) in &statuses {
         match answer {
             Ok(s) => {
@@ -183,9 +184,17 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
                 if !s.not_ready_reason.is_empty() {
                     println!("         not ready: {}", s.not_ready_reason);
                 }
+                durabilities.insert(s.durability.clone());
+                if !s.recovery.is_empty() {
+                    println!("         recovered from disk: {}", s.recovery);
+                }
             }
             Err(error) => println!("{:<8} {:<21} unreachable: {error:#}", "?", address),
         }
+    }
+    if !durabilities.is_empty() {
+        let durability: Vec<&str> = durabilities.iter().map(String::as_str).collect();
+        println!("durability: {}", durability.join(", "));
     }
     if let Some(trouble) = rm_trouble(&args.endpoints).await {
         println!("RM: {trouble}");
@@ -302,6 +311,35 @@ pub async fn recreate(args: RecreateArgs) -> anyhow::Result<()> {
     let update = pb::SpecUpdate { recreate_lost_epoch: Some(args.lost_epoch), ..pb::SpecUpdate::default() };
     update_spec(&state.manager, update).await?;
     println!("recreating: a new, empty group replaces the lost group of epoch {}", args.lost_epoch);
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct SwitchoverArgs {
+    /// The replica id of the new primary (or active order-keeper); default: the best
+    /// backup that can safely take over (synced in the current epoch, the longest log).
+    #[arg(long, env = "TANDEM_SWITCHOVER_TO", default_value = "any")]
+    pub to: String,
+    #[command(flatten)]
+    pub target: EndpointArgs,
+}
+
+/// `tandem switchover`: asks the RM of a running `tandem up` to hand the primary's role
+/// to another member, and prints what it did (or why it would not).
+pub async fn switchover(args: SwitchoverArgs) -> anyhow::Result<()> {
+    let state = args.target.local_state()?;
+    let mut manager = pb::manager_client::ManagerClient::new(dial_internal(&state.manager, None)?);
+    // The RM may wait for a round in which it changes nothing else (its API waits 10 s).
+    let request = pb::SwitchoverRequest { to: args.to };
+    let reply = within(Duration::from_secs(15), manager.switchover(request))
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .into_inner();
+    if reply.already_primary {
+        println!("{} is the primary already (epoch {}): nothing to do", reply.to, reply.epoch);
+    } else {
+        println!("switched over: {} -> {} (epoch {})", reply.from, reply.to, reply.epoch);
+    }
     Ok(())
 }
 

@@ -5,10 +5,36 @@
 //! configuration) and the recovery time (kill -> replacement ready), then a summary line.
 //! At the end every acknowledged write is read back: `lost_acked` counts those missing.
 //!
+//! `tandem bench switchover` (switchover.rs): planned switchovers under load, the time
+//! no write is acknowledged across each.
+//!
 //! `tandem bench sessions` (sessions.rs): a replica's memory with many client sessions,
 //! before and after they expire, and with many idle connections.
+//!
+//! `tandem bench durability` (durability.rs): write throughput and latency with fsync
+//! and in-memory durability, and the time a durable group takes to come back after
+//! every process was killed.
+//!
+//! `tandem bench throughput` (throughput.rs): steady-state throughput, latency, CPU and
+//! memory per component, against the ceiling of a no-op gRPC server (noop.rs).
+//!
+//! `tandem bench compare` (compare.rs): Tandem against etcd (etcd.rs) on one machine,
+//! throughput, latency and leader kill -9, as figures, ratios and plots (plots.rs).
+//!
+//! What several of them share: a `tandem up` child process (up.rs), the load driver
+//! (load.rs), each process's CPU and memory (resources.rs).
 
+mod compare;
+mod durability;
+mod etcd;
+mod load;
+mod noop;
+mod plots;
+mod resources;
 mod sessions;
+mod switchover;
+mod throughput;
+mod up;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -46,6 +72,22 @@ pub enum Bench {
     /// What mutual TLS on the internal plane costs: the failover bench twice, with and
     /// without it (each in a process of its own), side by side.
     Tls(FailoverArgs),
+    /// What fsync durability costs (throughput, latency, against memory) and how long a
+    /// group with ~100 MB takes to come back after kill -9 of every process.
+    Durability(durability::DurabilityArgs),
+    /// Hand the primary over N times under load (`tandem switchover`); measure how long
+    /// no write is acknowledged across each, and count lost and failed requests.
+    Switchover(switchover::SwitchoverArgs),
+    /// Steady-state throughput and latency (p50/p99/p999) at each client count, in
+    /// each mode, with the CPU and memory of every process, against a no-op gRPC
+    /// server's (the ceiling).
+    Throughput(throughput::ThroughputArgs),
+    /// Tandem against etcd 3.4 on this machine: throughput, latency and leader kill -9
+    /// with one load driver; a figure per line, ratios, optional SVG plots.
+    Compare(compare::CompareArgs),
+    /// The ceiling's server: answers Tandem's Execute at once, executing nothing.
+    #[command(hide = true)]
+    NoopServer(noop::NoopServerArgs),
 }
 
 /// What happens to the primary.
@@ -96,7 +138,13 @@ impl BenchArgs {
     pub fn prints_events(&self) -> bool {
         match &self.bench {
             Bench::Failover(args) => args.verbose,
-            Bench::Sessions(_) | Bench::Tls(_) => false,
+            Bench::Switchover(args) => args.verbose,
+            Bench::Sessions(_)
+            | Bench::Tls(_)
+            | Bench::Durability(_)
+            | Bench::Throughput(_)
+            | Bench::Compare(_)
+            | Bench::NoopServer(_) => false,
         }
     }
 }
@@ -106,7 +154,25 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         Bench::Failover(args) => failover(args).await,
         Bench::Sessions(args) => sessions::sessions(args).await,
         Bench::Tls(args) => tls_cost(args).await,
+        Bench::Durability(args) => durability::durability(args).await,
+        Bench::Switchover(args) => switchover::switchover(args).await,
+        Bench::Throughput(args) => until_stopped(throughput::throughput(args)).await,
+        Bench::Compare(args) => until_stopped(compare::compare(args)).await,
+        Bench::NoopServer(args) => noop::serve(args).await,
     }
+}
+
+/// Runs `bench` unless Ctrl-C or SIGTERM comes first; then drops it, so that the child
+/// processes it started are killed and its temporary directories removed.
+async fn until_stopped(bench: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let signals = tokio::spawn(crate::replica::stop_on_signal(stop.clone()));
+    let outcome = tokio::select! {
+        outcome = bench => outcome,
+        () = stop.cancelled() => Err(anyhow::anyhow!("interrupted; every process the bench started was stopped")),
+    };
+    signals.abort();
+    outcome
 }
 
 /// Runs `tandem bench failover` with these settings twice, TLS on then off, in child
@@ -170,42 +236,54 @@ struct Measured {
     recover_ms: u64,
 }
 
+/// Runs `run` against a local system: the running one in `use_running`, or one started
+/// here (in a temporary directory named after `name`, on `port`) and stopped after it.
+async fn on_local_system<T>(
+    use_running: Option<&PathBuf>,
+    name: &str,
+    spec: Spec,
+    port: u16,
+    tls: bool,
+    run: impl AsyncFnOnce(&std::path::Path) -> anyhow::Result<T>,
+) -> anyhow::Result<anyhow::Result<T>> {
+    if let Some(dir) = use_running {
+        return Ok(run(dir).await);
+    }
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let settings = LocalSettings {
+        spec,
+        base_port: port,
+        dir: dir.clone(),
+        binary: std::env::current_exe().context("cannot find the tandem executable")?,
+        log_level: "info".into(),
+        loopback_per_replica: false,
+        security: Security { tls, ..Security::default() },
+        session_expiry_ms: tandem_replica::state::DEFAULT_SESSION_EXPIRY_MS,
+    };
+    let stop = CancellationToken::new();
+    let system = tokio::spawn(local::run(settings, stop.clone()));
+    let outcome = run(&dir).await;
+    stop.cancel();
+    system.await.context("local system task")?.context("local system")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(outcome)
+}
+
 async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.kills >= 1 && args.kills <= 100, "--kills between 1 and 100");
     anyhow::ensure!(args.clients >= 1 && args.clients <= 256, "--clients between 1 and 256");
     anyhow::ensure!(args.replicas >= 2, "failover needs at least 2 replicas");
     let started = Instant::now();
-    let system = CancellationToken::new();
-    let (dir, own) = match &args.use_running {
-        Some(dir) => (dir.clone(), None),
-        None => {
-            let dir = std::env::temp_dir().join(format!("tandem-bench-{}", std::process::id()));
-            let settings = LocalSettings {
-                spec: Spec { replicas: args.replicas, mode: args.mode, ..Spec::default() },
-                base_port: args.port,
-                dir: dir.clone(),
-                binary: std::env::current_exe().context("cannot find the tandem executable")?,
-                log_level: "info".into(),
-                loopback_per_replica: false,
-                security: Security { tls: !args.no_tls, ..Security::default() },
-                session_expiry_ms: tandem_replica::state::DEFAULT_SESSION_EXPIRY_MS,
-            };
-            let stop = system.clone();
-            (dir, Some(tokio::spawn(async move { local::run(settings, stop).await })))
-        }
-    };
-    let outcome = run_kills(&args, &dir).await;
-    system.cancel();
-    if let Some(task) = own {
-        task.await.context("local system task")?.context("local system")?;
-        let _ = std::fs::remove_dir_all(&dir);
-    }
+    let outcome = on_local_system(
+        args.use_running.as_ref(),
+        "tandem-bench",
+        Spec { replicas: args.replicas, mode: args.mode, ..Spec::default() },
+        args.port,
+        !args.no_tls,
+        async |dir| run_kills(&args, dir).await,
+    )
+    .await?;
     let (measured, lost, failed, acked, load_secs) = outcome?;
-    let percentile = |mut values: Vec<u64>, p: f64| {
-        values.sort_unstable();
-        let rank = ((p * values.len() as f64).ceil() as usize).clamp(1, values.len());
-        values[rank - 1]
-    };
     let failovers: Vec<u64> = measured.iter().map(|m| m.failover_ms).collect();
     let detects: Vec<u64> = measured.iter().map(|m| m.detect_ms).collect();
     let fault = match args.fault {
@@ -234,6 +312,16 @@ async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         acked as f64 / load_secs.max(0.001),
     );
     Ok(())
+}
+
+/// The `p` quantile (0..1, nearest rank) of `values`; 0 when there are none.
+fn percentile(mut values: Vec<u64>, p: f64) -> u64 {
+    if values.is_empty() {
+        return 0;
+    }
+    values.sort_unstable();
+    let rank = ((p * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
 }
 
 /// Faults measured, lost and failed writes, acknowledged writes, seconds under load.

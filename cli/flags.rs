@@ -44,4 +44,10 @@ pub struct GroupFlags {
     /// Passive mode checkpoint period, ms (0: off, else 50..3600000).
     #[arg(long, env = "TANDEM_CHECKPOINT_INTERVAL_MS", default_value_t = 2000)]
     pub checkpoint_interval_ms: u64,
+    /// When a write counts as done: fsync (acknowledged once every member has it on
+    /// disk; the group survives losing every process at once), interval (synced every
+    /// 100 ms: such a loss may take the last 100 ms of writes), or memory (nothing on
+    /// disk: such a loss takes everything).
+    #[arg(long, env = "TANDEM_DURABILITY", default_value = "fsync")]
+    pub durability: tandem_replica::storage::Durability,
 }

@@ -66,11 +66,15 @@ enum Command {
     Digest(admin::DigestArgs),
     /// Change a running `tandem up` without restarting it.
     Set(admin::SetArgs),
+    /// Hand the primary's role to another member (planned: nothing lost, clients follow).
+    Switchover(admin::SwitchoverArgs),
     /// After every replica lost its state at once: start a new, empty group in its place.
     Recreate(admin::RecreateArgs),
     /// Inject a fault into a running `tandem up`.
     Chaos(chaos::ChaosArgs),
-    /// Measure: failover, session memory, what TLS costs (`tandem bench failover|sessions|tls`).
+    /// Measure: failover, switchover, session memory, what TLS and durability cost,
+    /// throughput, and Tandem against etcd
+    /// (`tandem bench failover|switchover|sessions|tls|durability|throughput|compare`).
     Bench(bench::BenchArgs),
     /// Run a seeded fault campaign against a local system, then check it: linearizable,
     /// nothing acknowledged lost, nothing executed twice, equal digests, healed.
@@ -115,6 +119,7 @@ async fn main() -> std::process::ExitCode {
         Command::Digest(args) => admin::digest(args).await,
         Command::Set(args) => admin::set(args).await,
         Command::Recreate(args) => admin::recreate(args).await,
+        Command::Switchover(args) => admin::switchover(args).await,
         Command::Chaos(args) => chaos::chaos(args).await,
         Command::Bench(args) => bench::bench(args).await,
         Command::Nemesis(args) => nemesis::nemesis(args).await,

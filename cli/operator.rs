@@ -94,6 +94,8 @@ pub async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
             failure_threshold: args.default_failure_threshold,
             checkpoint_interval_ms: args.default_checkpoint_interval_ms,
             recreate_lost_epoch: None,
+            // Replica pods have no persistent volume yet: their data lives in memory.
+            durability: tandem_operator::rm::Durability::Memory,
         },
     };
     let problems = defaults.spec.problems();

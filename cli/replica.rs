@@ -43,6 +43,15 @@ pub struct ReplicaArgs {
     /// replica finds its marker there and joins instead of bootstrapping a second time.
     #[arg(long, env = "TANDEM_STATE_DIR")]
     pub state_dir: Option<std::path::PathBuf>,
+    /// Where the replica keeps its data (write-ahead log, snapshots), recovered when it
+    /// restarts. Needed unless --durability is memory.
+    #[arg(long, env = "TANDEM_DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// When a write counts as done: fsync (acknowledged once every member has it on
+    /// disk), interval (written at once, synced every 100 ms: a crash of every replica
+    /// at once may lose the last 100 ms), or memory (nothing on disk).
+    #[arg(long, env = "TANDEM_DURABILITY", default_value = "fsync")]
+    pub durability: tandem_replica::storage::Durability,
     /// The group's name in its members' certificates (`namespace/service` on Kubernetes,
     /// where one CA serves every group): peers must present `tandem://replica/GROUP/ID`.
     #[arg(long, env = "TANDEM_GROUP", default_value = "")]
@@ -85,7 +94,15 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
         .map_err(|invalid| anyhow::anyhow!("--session-expiry-ms: {}", invalid.reason))?;
     let mut settings = ReplicaSettings::new(args.id, args.listen);
     settings.advertise = args.advertise.unwrap_or_else(|| args.listen.to_string());
-    settings.bootstrap = args.bootstrap && first_start(args.state_dir.as_deref())?;
+    anyhow::ensure!(
+        args.data_dir.is_some() || !args.durability.on_disk(),
+        "--durability {} keeps the data on disk: pass --data-dir (or --durability memory)",
+        args.durability
+    );
+    settings.data_dir = args.data_dir.clone();
+    settings.durability = args.durability;
+    settings.bootstrap =
+        args.bootstrap && first_start(args.state_dir.as_deref().or(args.data_dir.as_deref()))?;
     if args.bootstrap && !settings.bootstrap {
         tracing::warn!("restarted: joining the group instead of bootstrapping it again");
     }
@@ -119,7 +136,7 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    let node = Node::new(settings, shutdown);
+    let node = Node::start(settings, shutdown).await.context("cannot open the data directory")?;
     let span = node.span();
     server::serve(node, listener, internal).instrument(span).await.context("gRPC server failed")?;
     info!("replica stopped");

@@ -61,6 +61,7 @@ impl UpArgs {
             failure_threshold: self.group.detectors.failure_threshold,
             checkpoint_interval_ms: self.group.checkpoint_interval_ms,
             recreate_lost_epoch: None,
+            durability: self.group.durability,
         };
         let problems = spec.problems();
         anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
-use tandem_replica::client::{Client, ClientError, ClientSettings};
+use tandem_replica::client::{Client, ClientError, ClientSettings, Connections};
 use tandem_replica::pb::{self, op_result, operation};
 use tandem_replica::wire::ClientCredentials;
 use tokio::time::Instant;
@@ -141,11 +141,22 @@ impl Target {
 
 impl RecordingClient {
     pub fn new(target: &Target, client_id: String, recorder: Arc<Recorder>) -> Self {
+        Self::sharing(target, client_id, recorder, Connections::new(target.credentials.clone()))
+    }
+
+    /// A session over `connections`, shared with other sessions (as a real client
+    /// program's sessions share them): its requests travel in batches with theirs.
+    pub fn sharing(
+        target: &Target,
+        client_id: String,
+        recorder: Arc<Recorder>,
+        connections: Connections,
+    ) -> Self {
         let mut settings = target.client_settings();
         settings.client_id = Some(client_id);
         settings.deadline = Duration::from_secs(20);
         settings.attempt_timeout = Duration::from_secs(3);
-        Self { client: Client::new(settings).expect("client"), recorder }
+        Self { client: Client::with_connections(settings, connections).expect("client"), recorder }
     }
 
     /// Runs one operation and records it. A timeout is recorded as an unknown outcome
@@ -218,8 +229,10 @@ pub fn start(
 ) -> tokio::task::JoinSet<()> {
     let target = target.into();
     let mut tasks = tokio::task::JoinSet::new();
+    let connections = Connections::new(target.credentials.clone());
     for c in 0..workload.clients {
-        let mut client = RecordingClient::new(&target, format!("w{c}"), Arc::clone(&recorder));
+        let mut client =
+            RecordingClient::sharing(&target, format!("w{c}"), Arc::clone(&recorder), connections.clone());
         let (stop, workload, recorder) = (stop.clone(), workload.clone(), Arc::clone(&recorder));
         tasks.spawn(async move {
             let mut last_seen: Option<Vec<u8>> = None;

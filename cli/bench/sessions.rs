@@ -94,10 +94,7 @@ impl Replicas {
             self.state.replicas.get(id).and_then(|r| r.pid).with_context(|| format!("no pid for {id}"))?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .with_context(|| format!("cannot read /proc/{pid}/status of {id}"))?;
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        super::resources::status_kib(&status, "VmRSS:")
             .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
     }
 
