@@ -29,7 +29,7 @@ fn the_crd_enforces_the_documented_limits() {
         "maximum: 9.0",
         "minimum: 1.0",
         "x-kubernetes-validations",
-        "subresources:\n      status: {}",
+        "subresources:\n      scale:\n        labelSelectorPath: .status.selector\n        specReplicasPath: .spec.replicas\n        statusReplicasPath: .status.replicas\n      status: {}",
         "jsonPath: .status.primary",
         "jsonPath: .status.epoch",
     ] {

@@ -220,7 +220,23 @@ async fn scaling_switching_mode_and_changing_heartbeat_on_a_live_service_lose_no
     let three = k8s::wait_for(&client, &ns, "live", HEAL, "at 3", healthy(3, epoch(&active))).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while k8s::pods(&client, &ns).await.len() != 3 {
-        assert!(tokio::time::Instant::now() < deadline, "the removed replicas' pods were not deleted");
+        if tokio::time::Instant::now() > deadline {
+            // Seen once in CI, not understood yet: say what the pods and the operator did.
+            k8s::dump(&ns);
+            eprintln!(
+                "{}",
+                kubectl(&[
+                    "logs",
+                    "-n",
+                    k8s::OPERATOR_NAMESPACE,
+                    "deploy/tandem-operator",
+                    "-c",
+                    "operator",
+                    "--tail=200"
+                ])
+            );
+            panic!("the removed replicas' pods were not deleted within 60 s");
+        }
         sleep(Duration::from_millis(500)).await;
     }
     let gfd = kubectl(&["logs", "-n", k8s::OPERATOR_NAMESPACE, "deploy/tandem-operator", "-c", "gfd"]);
@@ -436,7 +452,8 @@ async fn timed_pod_deletion(
 /// Certificate rotation, with the chart's validity cut to 180 s (renewal at 120 s, which
 /// leaves a minute for a round of three): under a writing client, every replica pod is
 /// replaced, one at a time, by one with newer certificates (its annotation), the primary
-/// through a failover; the operator and its GFD restart for their own. The group is
+/// last, after a planned switchover to a renewed backup; the operator and its GFD restart
+/// for their own. The group is
 /// whole again afterwards and no acknowledged write is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs the test cluster: see .ci/run"]
@@ -489,7 +506,10 @@ async fn short_lived_certificates_are_rotated_pod_by_pod_without_losing_a_write(
     let reasons = k8s::event_reasons(&client, &ns, "rot").await;
     let rotations = reasons.iter().filter(|r| *r == "CertificateRotation").count();
     assert!(rotations >= 3, "a CertificateRotation event per pod: {reasons:?}");
-    assert!(reasons.iter().any(|r| r == "Failover"), "the primary went through a failover: {reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r == "Switchover"),
+        "the primary handed over by a planned switchover: {reasons:?}"
+    );
     assert_ne!(
         rotated.status.as_ref().and_then(|s| s.primary.clone()),
         up.status.as_ref().and_then(|s| s.primary.clone()),
@@ -669,6 +689,9 @@ async fn operator_rbac_is_exactly_what_it_uses_and_the_replicas_can_do_nothing()
         "/secrets update",
         "/secrets patch",
         "/secrets delete",
+        "/persistentvolumeclaims list",
+        "/persistentvolumeclaims create",
+        "/persistentvolumeclaims delete",
         "events.k8s.io/events create",
         "events.k8s.io/events patch",
     ];
@@ -905,4 +928,511 @@ async fn a_ca_given_in_a_cert_manager_secret_signs_every_certificate_of_the_grou
     assert_eq!(client_lib.get("signed").await.expect("get").as_deref(), Some(&b"by the user's CA"[..]));
     drop(given);
     kubectl(&["delete", "secret", "-n", k8s::OPERATOR_NAMESPACE, "tandem-ca-from-issuer"]);
+}
+
+/// hostPath PersistentVolumes of a storage class of their own (the test cluster has no
+/// provisioner; its one node is this machine), deleted with the value.
+struct LocalVolumes {
+    class: String,
+    names: Vec<String>,
+    root: tempfile::TempDir,
+}
+
+impl LocalVolumes {
+    fn create(namespace: &str, count: usize) -> Self {
+        let root = tempfile::tempdir().expect("a directory for the volumes");
+        let class = format!("{namespace}-local");
+        let mut names = Vec::new();
+        for n in 0..count {
+            let path = root.path().join(format!("v{n}"));
+            std::fs::create_dir_all(&path).expect("volume dir");
+            // The replicas run as nobody; hostPath volumes get no fsGroup ownership.
+            let writable = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o777);
+            std::fs::set_permissions(&path, writable).expect("chmod");
+            let name = format!("{namespace}-v{n}");
+            let pv = format!(
+                "apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: {name}\nspec:\n  capacity:\n    storage: 256Mi\n  accessModes: [ReadWriteOnce]\n  persistentVolumeReclaimPolicy: Retain\n  storageClassName: {class}\n  hostPath:\n    path: {}\n",
+                path.display()
+            );
+            kubectl_apply("default", &pv).expect("create a PersistentVolume");
+            names.push(name);
+        }
+        Self { class, names, root }
+    }
+}
+
+impl Drop for LocalVolumes {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ =
+                std::process::Command::new("kubectl").args(["delete", "pv", name, "--wait=false"]).output();
+        }
+        let _ = &self.root;
+    }
+}
+
+/// Issue 10: every pod of a service with storage deleted at once, under a writing
+/// client (a node drain, a cluster upgrade). The operator recreates each replica under
+/// its id, on its volume; they recover from their disks and the group resumes, whole,
+/// with every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn deleting_every_pod_of_a_durable_service_loses_no_acknowledged_write() {
+    let client = k8s::installed().await;
+    let ns = k8s::namespace(&client, "e2e-durable").await;
+    let volumes = LocalVolumes::create(&ns, 5);
+    let storage = format!("  storage:\n    size: 128Mi\n    storageClassName: {}\n", volumes.class);
+    kubectl_apply(&ns, &manifest("keep", "passive", 3, &storage)).expect("apply");
+    let up = k8s::wait_for(&client, &ns, "keep", UP, "up", healthy(3, 0)).await;
+    let claims = kubectl(&["get", "pvc", "-n", &ns, "-o", "name"]);
+    assert_eq!(claims.lines().count(), 3, "one claim per replica: {claims}");
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), k8s::target(&up).await, Arc::clone(&recorder), stop.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while recorder.acked().len() < 100 {
+        assert!(tokio::time::Instant::now() < deadline, "the workload made no progress");
+        sleep(Duration::from_millis(50)).await;
+    }
+    let epoch = up.status.as_ref().map_or(0, |s| s.epoch);
+    kubectl(&["delete", "pods", "-n", &ns, "-l", "tandem.dev/service=keep", "--wait=false"]);
+    // The old writers lose their endpoints with the pods: stopped, their history kept.
+    stop.cancel();
+    let mut writers = writers;
+    while writers.join_next().await.is_some() {}
+    let back = k8s::wait_for(&client, &ns, "keep", HEAL, "back from the disks", healthy(3, epoch)).await;
+    let reasons = k8s::event_reasons(&client, &ns, "keep").await;
+    assert!(!reasons.iter().any(|r| r == "GroupLost"), "a durable group is never lost: {reasons:?}");
+    let claims_after = kubectl(&["get", "pvc", "-n", &ns, "-o", "name"]);
+    assert_eq!(claims_after, claims, "the same claims, re-attached");
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), k8s::target(&back).await, Arc::clone(&recorder), stop.clone());
+    verify(&ns, &back, &recorder, stop, writers).await;
+}
+
+/// Waits until the service's PodDisruptionBudget counts `members` ready members out of
+/// `members` expected and allows one disruption.
+async fn budget_allows_one_of(ns: &str, name: &str, members: i64) {
+    k8s::wait_until(ns, HEAL, &format!("a budget of 1 over {members} members"), || {
+        let status = k8s::budget_status(ns, name);
+        let field = |key: &str| status[key].as_i64().unwrap_or(-1);
+        let counts = (field("expectedPods"), field("currentHealthy"), field("desiredHealthy"));
+        if counts == (members, members, members - 1) && field("disruptionsAllowed") == 1 {
+            Ok(())
+        } else {
+            Err(status.to_string())
+        }
+    })
+    .await;
+}
+
+/// Waits until the workload has acknowledged some operations (so faults hit a live load).
+async fn writing(ns: &str, recorder: &Arc<Recorder>) {
+    k8s::wait_until(ns, UP, "writing", || match recorder.operations() {
+        n if n >= 20 => Ok(()),
+        n => Err(format!("{n} operations")),
+    })
+    .await;
+}
+
+/// `kubectl scale`, on a service whose manifest leaves `replicas` out (the API server
+/// fills in the default, so the scale subresource has a count): up to 5 and back down to
+/// 3 under a writing client, back to full strength each time within a bound, nothing
+/// lost; the scale subresource and the PodDisruptionBudget follow the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn kubectl_scale_up_and_down_under_a_writing_client_loses_nothing() {
+    let client = k8s::installed().await;
+    let ns = k8s::namespace(&client, "e2e-scale").await;
+    let unset = format!(
+        "apiVersion: tandem.dev/v1alpha1\nkind: ReplicatedService\nmetadata:\n  name: scaled\nspec:\n  image: {}\n",
+        k8s::IMAGE
+    );
+    kubectl_apply(&ns, &unset).expect("apply");
+    let up = k8s::wait_for(&client, &ns, "scaled", UP, "up", healthy(3, 0)).await;
+    assert_eq!(up.spec.replicas, Some(3), "the API server fills in the default count");
+    let scale = k8s::scale(&ns, "scaled");
+    assert_eq!(
+        (&scale["spec"]["replicas"], &scale["status"]["replicas"], &scale["status"]["selector"]),
+        (&3.into(), &3.into(), &"tandem.dev/service=scaled".into()),
+        "{scale}"
+    );
+    // One node here: the preferred anti-affinity spreads nothing, and blocks nothing.
+    for pod in k8s::pods(&client, &ns).await {
+        let anti = pod.spec.and_then(|s| s.affinity?.pod_anti_affinity).expect("anti-affinity");
+        let terms = anti.preferred_during_scheduling_ignored_during_execution.expect("preferred");
+        assert_eq!(terms[0].pod_affinity_term.topology_key, "kubernetes.io/hostname");
+    }
+    budget_allows_one_of(&ns, "scaled", 3).await;
+
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), k8s::target(&up).await, Arc::clone(&recorder), stop.clone());
+    writing(&ns, &recorder).await;
+
+    let epoch = |r: &tandem_operator::crd::ReplicatedService| r.status.as_ref().map_or(0, |s| s.epoch);
+    let scaled = kubectl(&["scale", "rsvc/scaled", "-n", &ns, "--replicas=5"]);
+    assert!(scaled.contains("scaled"), "{scaled}");
+    let five = k8s::wait_for(&client, &ns, "scaled", HEAL, "at 5", healthy(5, epoch(&up))).await;
+    assert_eq!(five.spec.replicas, Some(5));
+    budget_allows_one_of(&ns, "scaled", 5).await;
+    k8s::wait_until(&ns, HEAL, "5 replicas in the scale subresource", || {
+        let scale = k8s::scale(&ns, "scaled");
+        let counts = (scale["spec"]["replicas"].as_i64(), scale["status"]["replicas"].as_i64());
+        if counts == (Some(5), Some(5)) { Ok(()) } else { Err(scale.to_string()) }
+    })
+    .await;
+
+    kubectl(&["scale", "rsvc/scaled", "-n", &ns, "--replicas=3"]);
+    let three = k8s::wait_for(&client, &ns, "scaled", HEAL, "at 3", healthy(3, epoch(&five))).await;
+    k8s::wait_until(&ns, HEAL, "down to 3 pods, as the scale subresource says", || {
+        let scale = k8s::scale(&ns, "scaled");
+        let counts = (scale["spec"]["replicas"].as_i64(), scale["status"]["replicas"].as_i64());
+        if counts == (Some(3), Some(3)) { Ok(()) } else { Err(scale.to_string()) }
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + HEAL;
+    while k8s::pods(&client, &ns).await.len() != 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the removed replicas' pods were not deleted");
+        sleep(Duration::from_millis(500)).await;
+    }
+    budget_allows_one_of(&ns, "scaled", 3).await;
+    let (ok, _, refused) = k8s::run("kubectl", &["scale", "rsvc/scaled", "-n", &ns, "--replicas=10"], None);
+    assert!(!ok && refused.contains("spec.replicas"), "10 replicas refused by the schema: {refused}");
+    verify(&ns, &three, &recorder, stop, writers).await;
+}
+
+/// Evictions (the API `kubectl drain` uses) respect the PodDisruptionBudget: with one
+/// replica evicted, the eviction of a second is refused (429) until the first one's
+/// replacement is back as a ready member (a replica that is merely ready, before the RM
+/// adds it, does not count), then allowed; the group heals under a writing client and
+/// loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn an_eviction_of_a_second_replica_is_refused_until_the_first_is_back_as_a_ready_member() {
+    let client = k8s::installed().await;
+    let ns = k8s::namespace(&client, "e2e-evict").await;
+    kubectl_apply(&ns, &manifest("drained", "passive", 3, "")).expect("apply");
+    let up = k8s::wait_for(&client, &ns, "drained", UP, "up", healthy(3, 0)).await;
+    budget_allows_one_of(&ns, "drained", 3).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), k8s::target(&up).await, Arc::clone(&recorder), stop.clone());
+    writing(&ns, &recorder).await;
+
+    let first = k8s::a_backup(&up);
+    let second = up.status.as_ref().and_then(|s| s.primary.clone()).expect("a primary");
+    let old_uids = k8s::pod_uids(&k8s::pods(&client, &ns).await);
+    let history = k8s::PodHistory::watch(&client, &ns);
+    // Allowed while the group is whole (under load a member may be briefly unready or
+    // re-added, and the budget then rightly refuses: try again within a bound).
+    let deadline = tokio::time::Instant::now() + HEAL;
+    while let Err(refused) = k8s::evict(&ns, &first).await {
+        assert!(
+            refused.0 == 429 && tokio::time::Instant::now() < deadline,
+            "evicting {first} from a whole group: {refused:?}; budget {}",
+            k8s::budget_status(&ns, "drained")
+        );
+        sleep(Duration::from_millis(250)).await;
+    }
+    let refused = k8s::evict(&ns, &second).await.expect_err("a second eviction at once");
+    assert_eq!(refused.0, 429, "refused by the budget: {refused:?}");
+
+    // Every attempt is refused until the replacement is a ready member; then one passes.
+    let replacement_ready = |pods: &[k8s_openapi::api::core::v1::Pod]| {
+        pods.iter().any(|p| p.uid().is_some_and(|uid| !old_uids.contains(&uid)) && k8s::ready_member(p))
+    };
+    let (mut refusals, mut refused_while_replacement_joined) = (1, 0);
+    let deadline = tokio::time::Instant::now() + HEAL;
+    let (epoch, before, evicted_at) = loop {
+        let epoch = k8s::rsvc(&client, &ns, "drained").await.status.map_or(0, |s| s.epoch);
+        let before = k8s::pods(&client, &ns).await;
+        match k8s::evict(&ns, &second).await {
+            Ok(()) => break (epoch, before, history.mark()),
+            Err((429, _)) => {
+                refusals += 1;
+                let joined = before.iter().any(|p| p.uid().is_some_and(|uid| !old_uids.contains(&uid)));
+                if joined && !replacement_ready(&before) {
+                    refused_while_replacement_joined += 1;
+                }
+            }
+            Err(other) => panic!("evicting {second}: {other:?}"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            k8s::dump(&ns);
+            panic!("{second} never became evictable: {}", k8s::budget_status(&ns, "drained"));
+        }
+        sleep(Duration::from_millis(250)).await;
+    };
+    // Allowed because the first one's replacement counted by then: seen a ready member
+    // before the eviction answered (the budget may count a state that lasted less than a
+    // poll, so the watch's history is searched). Or, as Kubernetes documents
+    // (`unhealthyPodEvictionPolicy: IfHealthyBudget`), because the evicted pod was itself
+    // not Ready while the budget's last count was whole: a loaded node can fail a primary's
+    // readiness probe.
+    let after = k8s::pods(&client, &ns).await;
+    let new_ready_member = |p: &k8s_openapi::api::core::v1::Pod| {
+        p.uid().is_some_and(|uid| !old_uids.contains(&uid)) && k8s::ready_member(p)
+    };
+    let unready_second = |p: &k8s_openapi::api::core::v1::Pod| {
+        p.name_any() == second && p.uid().is_some_and(|u| old_uids.contains(&u)) && !k8s::ready(p)
+    };
+    let seen = history.before(evicted_at);
+    let because_replacement = seen.iter().chain(&before).chain(&after).any(new_ready_member);
+    // The last state of the evicted pod before it was evicted (not from `after`: the
+    // evicted pod stops being Ready as it terminates).
+    let because_unready = seen.iter().rev().find(|p| p.name_any() == second).is_some_and(unready_second)
+        || before.iter().any(unready_second);
+    let new_states: Vec<_> =
+        seen.iter().filter(|p| p.uid().is_some_and(|uid| !old_uids.contains(&uid))).cloned().collect();
+    // What Tandem decides is which pods count: a replacement that runs, even Ready, counts
+    // only once it is a member. Whether the budget's count was current is the disruption
+    // controller's: CI once saw an eviction allowed while the first pod still terminated
+    // and no replacement existed at all (budget then currentHealthy 1 of 2), which no
+    // label of ours can cause. That case is reported; the group must still heal and lose
+    // nothing (below).
+    let no_replacement_yet = new_states.is_empty()
+        && before.iter().chain(&after).all(|p| p.uid().is_some_and(|uid| old_uids.contains(&uid)));
+    if !because_replacement && !because_unready && no_replacement_yet {
+        eprintln!(
+            "WARNING: the budget allowed evicting {second} while {first} still terminated and no replacement \
+             existed (a stale count of the disruption controller)\nbefore: {}\nafter: {}\nbudget: {}",
+            k8s::describe_pods(&before),
+            k8s::describe_pods(&after),
+            k8s::budget_status(&ns, "drained")
+        );
+    } else if !because_replacement && !because_unready {
+        k8s::dump(&ns);
+        panic!(
+            "an eviction of {second} was allowed before the replacement of {first} was a ready member\n\
+             before: {}\nafter: {}\nthe new pods' states until then: {}\nbudget: {}",
+            k8s::describe_pods(&before),
+            k8s::describe_pods(&after),
+            k8s::describe_pods(&new_states),
+            k8s::budget_status(&ns, "drained")
+        );
+    }
+    if !because_replacement && because_unready {
+        eprintln!("{second} was evicted while not Ready (allowed by IfHealthyBudget)");
+    }
+    eprintln!(
+        "{refusals} evictions refused, {refused_while_replacement_joined} of them while the replacement pod ran but was not a ready member yet"
+    );
+
+    let healed =
+        k8s::wait_for(&client, &ns, "drained", HEAL, "healed after both evictions", healthy(3, epoch)).await;
+    budget_allows_one_of(&ns, "drained", 3).await;
+    verify(&ns, &healed, &recorder, stop, writers).await;
+}
+
+/// `spec.podTemplate.antiAffinity: required` is a rule the scheduler keeps: on this
+/// one-node cluster, the second replica pod of a service stays Pending as unschedulable
+/// (and the group is never started half-way), while another service's pod still runs
+/// on that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn required_anti_affinity_never_puts_two_replicas_of_a_service_on_one_node() {
+    let client = k8s::installed().await;
+    let ns = k8s::namespace(&client, "e2e-spread").await;
+    kubectl_apply(&ns, &manifest("spread", "passive", 2, "  podTemplate:\n    antiAffinity: required\n"))
+        .expect("apply");
+    kubectl_apply(&ns, &manifest("other", "passive", 1, "")).expect("apply another service");
+    k8s::wait_for(&client, &ns, "other", UP, "up", healthy(1, 0)).await;
+    k8s::wait_until(&ns, UP, "one spread pod on the node, one unschedulable", || {
+        let pods = kubectl(&["get", "pods", "-n", &ns, "-l", "tandem.dev/service=spread", "-o", "json"]);
+        let pods: serde_json::Value = serde_json::from_str(&pods).expect("a pod list");
+        let items = pods["items"].as_array().cloned().unwrap_or_default();
+        let on_node = items.iter().filter(|p| p["spec"]["nodeName"].is_string()).count();
+        let unschedulable = items
+            .iter()
+            .filter(|p| {
+                p["status"]["conditions"].as_array().into_iter().flatten().any(|c| {
+                    c["type"] == "PodScheduled" && c["status"] == "False" && c["reason"] == "Unschedulable"
+                })
+            })
+            .count();
+        if (items.len(), on_node, unschedulable) == (2, 1, 1) {
+            Ok(())
+        } else {
+            Err(format!("{} pods, {on_node} on the node, {unschedulable} unschedulable", items.len()))
+        }
+    })
+    .await;
+}
+
+/// The primary and the last switchover, as the status shows them.
+fn primary_of(rsvc: &tandem_operator::crd::ReplicatedService) -> String {
+    rsvc.status.as_ref().and_then(|s| s.primary.clone()).unwrap_or_default()
+}
+
+fn last_switchover(rsvc: &tandem_operator::crd::ReplicatedService) -> tandem_operator::crd::SwitchoverStatus {
+    rsvc.status.as_ref().and_then(|s| s.last_switchover.clone()).unwrap_or_default()
+}
+
+/// `kubectl annotate rsvc NAME tandem.dev/switchover-to=VALUE --overwrite`, then waits for
+/// the operator's answer to that value. A refusal because no member could safely take
+/// over at that moment (a busy node's detectors flap) is asked again, a few times: the
+/// annotation is removed (so the same value counts as new) and set again.
+async fn switch_over_by_annotation(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    value: &str,
+) -> tandem_operator::crd::ReplicatedService {
+    let key = "tandem.dev/switchover-to";
+    for attempt in 0..5 {
+        kubectl(&["annotate", "--overwrite", "rsvc", name, "-n", ns, &format!("{key}={value}")]);
+        let answered = k8s::wait_for(client, ns, name, HEAL, &format!("answered {value}"), |r| {
+            let last = last_switchover(r);
+            last.request == value && (last.result == "Done" || last.result == "Refused")
+        })
+        .await;
+        let last = last_switchover(&answered);
+        if last.result == "Done" || !last.message.contains("safely take over") || attempt == 4 {
+            return answered;
+        }
+        eprintln!("asking again after: {}", last.message);
+        kubectl(&["annotate", "rsvc", name, "-n", ns, &format!("{key}-")]);
+        k8s::wait_for(client, ns, name, HEAL, "annotation removed", |r| {
+            last_switchover(r).request.is_empty()
+        })
+        .await;
+        k8s::wait_for(client, ns, name, HEAL, "whole", healthy(3, 0)).await;
+    }
+    unreachable!("the loop returns on its last attempt")
+}
+
+/// The documented kubectl way: `kubectl annotate rsvc NAME tandem.dev/switchover-to=POD`
+/// (or `=any`), under a writing client. Each new value is acted on once: a new epoch
+/// with that member as primary, recorded in the status and an event; a target that is
+/// not a member is refused with a Warning event and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn switchover_by_annotation_moves_the_primary_and_loses_nothing() {
+    let client = k8s::installed().await;
+    let ns = k8s::namespace(&client, "e2e-switchover").await;
+    kubectl_apply(&ns, &manifest("sw", "passive", 3, "")).expect("apply");
+    let up = k8s::wait_for(&client, &ns, "sw", UP, "up", healthy(3, 0)).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), k8s::target(&up).await, Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_secs(1)).await;
+
+    // To a named backup (by its pod name).
+    let backup = k8s::a_backup(&up);
+    let before = k8s::wait_for(&client, &ns, "sw", HEAL, "whole", healthy(3, 0)).await;
+    let moved = switch_over_by_annotation(&client, &ns, "sw", &backup).await;
+    let done = last_switchover(&moved);
+    assert_eq!((done.result.as_str(), done.to.as_str()), ("Done", backup.as_str()), "{done:?}");
+    assert_eq!(primary_of(&moved), backup);
+    assert!(done.epoch > before.status.as_ref().map_or(0, |s| s.epoch), "{done:?}");
+    let status = moved.status.clone().expect("status");
+    assert_eq!(status.configuration.as_ref().map(|c| c.members.len()), Some(3), "every member kept");
+    let moved = k8s::wait_for(&client, &ns, "sw", HEAL, "whole", healthy(3, 0)).await;
+    sleep(Duration::from_secs(1)).await;
+
+    // Not a member: refused, said, and nothing changes.
+    let refused = switch_over_by_annotation(&client, &ns, "sw", "r9").await;
+    let last = last_switchover(&refused);
+    assert_eq!(last.result, "Refused");
+    assert!(last.message.contains("not a member"), "{last:?}");
+    assert!(refused.status.as_ref().is_some_and(|s| s.epoch >= done.epoch));
+
+    // Any: the RM picks a safe backup.
+    let primary = primary_of(&moved);
+    let again = switch_over_by_annotation(&client, &ns, "sw", "any").await;
+    let done_again = last_switchover(&again);
+    assert_eq!(done_again.result, "Done", "{done_again:?}");
+    assert_eq!(done_again.from, primary, "{done_again:?}");
+    assert_ne!(done_again.to, primary, "{done_again:?}");
+    // The annotation stays; it is not acted on twice.
+    sleep(Duration::from_secs(3)).await;
+    let later = k8s::wait_for(&client, &ns, "sw", HEAL, "whole", healthy(3, 0)).await;
+    assert_eq!(last_switchover(&later).epoch, done_again.epoch, "acted on once");
+    assert_eq!(last_switchover(&later).request, "any");
+
+    verify(&ns, &later, &recorder, stop, writers).await;
+    let reasons = k8s::event_reasons(&client, &ns, "sw").await;
+    for expected in ["Switchover", "SwitchoverRefused"] {
+        assert!(reasons.iter().any(|r| r == expected), "no {expected} event: {reasons:?}");
+    }
+}
+
+/// The image every container of the pod runs.
+fn pod_images(pod: &k8s_openapi::api::core::v1::Pod) -> Vec<String> {
+    pod.spec.iter().flat_map(|s| &s.containers).filter_map(|c| c.image.clone()).collect()
+}
+
+/// A rolling upgrade: `spec.image` changes on a live active-mode service under a writing
+/// client. The backups' pods are replaced one at a time, then the primary hands over to
+/// an upgraded member by a switchover, then its pod is replaced as a backup: every pod on
+/// the new image, no failover, no lost write, no failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the test cluster: see .ci/run"]
+async fn an_image_change_rolls_every_pod_with_no_failed_request() {
+    const NEW_IMAGE: &str = "tandem:e2e-v2";
+    let client = k8s::installed().await;
+    // The cluster has no registry: the same binary under a second tag is "a new image".
+    let script = format!("{}/tests/cluster/cluster.sh", env!("CARGO_MANIFEST_DIR"));
+    let (ok, out, err) = k8s::run(&script, &["image", NEW_IMAGE, support::cluster::TANDEM], None);
+    assert!(ok, "cannot load {NEW_IMAGE}: {out}{err}");
+    let ns = k8s::namespace(&client, "e2e-roll").await;
+    kubectl_apply(&ns, &manifest("roll", "active", 3, "")).expect("apply");
+    let up = k8s::wait_for(&client, &ns, "roll", UP, "up", healthy(3, 0)).await;
+    let old_pods = k8s::pod_uids(&k8s::pods(&client, &ns).await);
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), k8s::target(&up).await, Arc::clone(&recorder), stop.clone());
+    sleep(Duration::from_secs(1)).await;
+
+    let upgraded = manifest("roll", "active", 3, "").replace(k8s::IMAGE, NEW_IMAGE);
+    kubectl_apply(&ns, &upgraded).expect("change the image");
+    let rolling = std::sync::atomic::AtomicBool::new(false);
+    let epoch = up.status.as_ref().map_or(0, |s| s.epoch);
+    let rolled = k8s::wait_for(&client, &ns, "roll", HEAL * 4, "rolled to the new image", |r| {
+        let status = r.status.clone().unwrap_or_default();
+        let progressing = status.conditions.iter().find(|c| c.type_ == "Progressing");
+        if progressing.is_some_and(|c| c.reason == "RollingUpdate") {
+            rolling.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        status.updated_replicas == Some(3)
+            && progressing.is_some_and(|c| c.status == "False")
+            && healthy(3, epoch)(r)
+    })
+    .await;
+    // The old primary's pod may still be terminating: wait for it to go.
+    let deadline = tokio::time::Instant::now() + HEAL;
+    let pods = loop {
+        let pods = k8s::pods(&client, &ns).await;
+        if pods.len() == 3 {
+            break pods;
+        }
+        if tokio::time::Instant::now() > deadline {
+            k8s::dump(&ns);
+            panic!("old pods never went: {:?}", pods.iter().map(|p| p.name_any()).collect::<Vec<_>>());
+        }
+        sleep(Duration::from_millis(500)).await;
+    };
+    for pod in &pods {
+        assert!(pod_images(pod).iter().all(|i| i == NEW_IMAGE), "{}: {:?}", pod.name_any(), pod_images(pod));
+        assert!(!pod.uid().is_some_and(|uid| old_pods.contains(&uid)), "{} was not replaced", pod.name_any());
+    }
+    assert!(rolling.load(std::sync::atomic::Ordering::Relaxed), "Progressing never said RollingUpdate");
+    let status = rolled.status.clone().expect("status");
+    assert_eq!(status.failovers, 0, "the primary left by a switchover, not a failover");
+    assert_eq!(last_switchover(&rolled).result, "Done");
+    sleep(Duration::from_secs(1)).await;
+
+    verify(&ns, &rolled, &recorder, stop, writers).await;
+    assert_eq!(recorder.failures(), Vec::<String>::new(), "active mode: no client request may fail");
+    let reasons = k8s::event_reasons(&client, &ns, "roll").await;
+    for expected in ["RollingUpdate", "Switchover"] {
+        assert!(reasons.iter().any(|r| r == expected), "no {expected} event: {reasons:?}");
+    }
 }

@@ -28,8 +28,9 @@ async fn kill_and_heal(system: &LocalSystem, id: &str) -> pb::Configuration {
     system
         .wait_for(HEAL, &format!("healed after killing {id}"), |d| {
             let config = d.configuration.clone().unwrap_or_default();
+            // (With its data on disk, the killed replica may lead again: restarted from its
+            // disk with the longest log, it is as safe as a survivor.)
             config.epoch > epoch
-                && config.primary != id
                 && config.members.len() == 3
                 && config.members.iter().any(|m| m.id == id)
                 && config.members.iter().all(|m| d.replicas.iter().any(|r| r.replica_id == m.id && r.ready))
@@ -431,12 +432,12 @@ async fn scaling_down_forgets_the_removed_replicas_everywhere() {
     system.tandem(&["set", "replicas", "3"]);
     system.wait_healthy(3, HEAL).await;
     let deadline = tokio::time::Instant::now() + HEAL;
-    while system.state().replicas.len() != 3 {
-        assert!(tokio::time::Instant::now() < deadline, "{:?}", system.state());
+    // up.json and endpoints are each replaced whole, one after the other: wait for both.
+    let endpoints = || std::fs::read_to_string(system.dir().join("endpoints")).expect("endpoints");
+    while system.state().replicas.len() != 3 || endpoints().split(',').count() != 3 {
+        assert!(tokio::time::Instant::now() < deadline, "{:?}\nendpoints: {}", system.state(), endpoints());
         sleep(Duration::from_millis(50)).await;
     }
-    let endpoints = std::fs::read_to_string(system.dir().join("endpoints")).expect("endpoints");
-    assert_eq!(endpoints.split(',').count(), 3, "{endpoints}");
     assert!(!removed.alive(), "the removed replica's process is gone");
     let refused = std::process::Command::new(support::cluster::TANDEM)
         .args(["chaos", "kill", "r5", "--dir"])
@@ -493,7 +494,9 @@ async fn a_primary_cut_off_from_its_backups_is_replaced_while_the_cut_lasts() {
 /// nothing is made up meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn losing_every_replica_at_once_is_reported_with_the_command_that_recreates_the_group() {
-    let system = LocalSystem::start(3, &[]).await;
+    // In memory: the replicas' state dies with them (a durable group recovers instead,
+    // tests/durability.rs).
+    let system = LocalSystem::start(3, &["--durability", "memory"]).await;
     system.tandem(&["put", "before", "the loss"]);
     let epoch = system.configuration().await.epoch;
     for id in ["r1", "r2", "r3"] {
@@ -586,4 +589,159 @@ async fn tandem_up_prints_its_own_lines_as_json_when_asked() {
     assert!(messages.iter().any(|m| m.starts_with("endpoints: ")), "{messages:?}");
     assert!(messages.iter().any(|m| m.starts_with("RM: epoch 1 (passive)")), "{messages:?}");
     assert!(messages.iter().any(|m| m.contains("stopped every replica")), "{messages:?}");
+}
+
+/// `tandem switchover` under a writing workload: each one installs the next epoch with
+/// the chosen member as primary and every member kept; a bad target is refused and
+/// changes nothing; at the end nothing acknowledged is lost, the history is
+/// linearizable, digests are equal, and the group is whole. On a starved machine the
+/// detectors may flap and the RM reconfigure in between: a switchover refused because
+/// the group changed under it is asked again once the group is whole.
+async fn switchover_under_load(mode: Mode) -> Arc<Recorder> {
+    let mode_arg = if mode == Mode::Active { "active" } else { "passive" };
+    let system = LocalSystem::start(3, &["--mode", mode_arg]).await;
+    let recorder = Recorder::new();
+    let stop = CancellationToken::new();
+    let writers =
+        workload::start(Workload::default(), system.endpoints(), Arc::clone(&recorder), stop.clone());
+    system.wait_healthy(3, HEAL).await;
+    sleep(Duration::from_millis(300)).await;
+
+    let mut switched = 0;
+    let mut refused_meanwhile = 0;
+    while switched < 4 {
+        let before = wait_synced(&system).await;
+        let backup = before.members.iter().map(|m| m.id.clone()).find(|id| *id != before.primary);
+        // Every other one names the target; the others let the RM choose.
+        let target = if switched % 2 == 0 { backup.expect("a backup") } else { "any".to_owned() };
+        let printed = match switchover(&system, &target) {
+            // The backup named became the primary meanwhile (a failover).
+            Ok(printed) if printed.contains("is the primary already") && refused_meanwhile < 10 => {
+                refused_meanwhile += 1;
+                continue;
+            }
+            Ok(printed) => printed,
+            Err(refused) if refused.contains("refused") && refused_meanwhile < 10 => {
+                refused_meanwhile += 1;
+                eprintln!("asked again after: {refused}");
+                continue;
+            }
+            Err(error) => {
+                system.dump();
+                panic!("tandem switchover --to {target}: {error}");
+            }
+        };
+        // "switched over: r1 -> r2 (epoch 5)"
+        let words: Vec<&str> = printed.split_whitespace().collect();
+        let (from, to) = (words[2], words[4]);
+        let epoch = words[6].trim_end_matches(')');
+        assert_ne!(from, to, "{printed}");
+        if target != "any" {
+            assert_eq!(to, target, "{printed}");
+        }
+        // What the RM installed: the new primary, every member of the epoch before kept.
+        let output = system.output();
+        let epoch: u64 = epoch.parse().expect("an epoch");
+        let installed = |epoch: u64| {
+            output
+                .lines()
+                .find(|l| l.contains(&format!("RM: epoch {epoch} (")))
+                .unwrap_or_else(|| panic!("no epoch {epoch} in:\n{output}"))
+                .to_owned()
+        };
+        let members =
+            |line: &str| line.split("members ").nth(1).and_then(|m| m.split(" —").next()).map(str::to_owned);
+        let (new, old) = (installed(epoch), installed(epoch - 1));
+        assert!(new.contains(&format!("primary {to}, ")), "{new}");
+        assert!(new.ends_with(&format!("planned switchover from {from} to {to}")), "{new}");
+        assert_eq!(members(&new), members(&old), "every member kept:\n{old}\n{new}");
+        switched += 1;
+    }
+    // Refused, with the reason, and nothing changes: not a member; the primary itself.
+    let refused = switchover(&system, "r9").expect_err("r9 is no member");
+    assert!(refused.contains("r9 is not a member"), "{refused}");
+    let mut already = false;
+    for _ in 0..5 {
+        let primary = wait_synced(&system).await.primary;
+        match switchover(&system, &primary) {
+            Ok(printed) if printed.contains("is the primary already") => {
+                already = true;
+                break;
+            }
+            // The primary changed in between (a failover on a starved machine).
+            Ok(_) => switched += 1,
+            Err(_) => {}
+        }
+    }
+    assert!(already, "the primary itself was never answered as such");
+
+    system.wait_healthy(3, HEAL).await;
+    system.verify(&recorder, stop, writers).await;
+    // Exactly the switchovers answered as done were installed: refusals change nothing.
+    let output = system.output();
+    assert_eq!(output.matches("planned switchover from").count(), switched, "{output}");
+    recorder
+}
+
+/// Waits until every member of the configuration is ready and synced in its epoch (a
+/// switchover then has safe targets); returns the configuration.
+async fn wait_synced(system: &LocalSystem) -> pb::Configuration {
+    let synced = system
+        .wait_for(HEAL, "whole and synced", |d| {
+            let config = d.configuration.clone().unwrap_or_default();
+            config.members.len() == 3
+                && config.members.iter().all(|m| {
+                    d.replicas
+                        .iter()
+                        .any(|r| r.replica_id == m.id && r.ready && r.synced_epoch == config.epoch)
+                })
+        })
+        .await;
+    synced.configuration.expect("a configuration")
+}
+
+/// `tandem switchover --to TARGET`: what it printed, or its error.
+fn switchover(system: &LocalSystem, target: &str) -> Result<String, String> {
+    let out = std::process::Command::new(support::cluster::TANDEM)
+        .args(["switchover", "--to", target, "--dir"])
+        .arg(system.dir())
+        .output()
+        .expect("run tandem switchover");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn passive_switchover_under_load_loses_nothing() {
+    let recorder = switchover_under_load(Mode::Passive).await;
+    assert_eq!(recorder.failures(), Vec::<String>::new(), "a planned switchover fails no request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn active_switchover_under_load_fails_no_request() {
+    let recorder = switchover_under_load(Mode::Active).await;
+    assert_eq!(recorder.failures(), Vec::<String>::new(), "active mode: no client request may fail");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bench_switchover_prints_per_switchover_numbers_and_the_summary_line() {
+    let port = support::local::free_base_port(6);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = tokio::process::Command::new(support::cluster::TANDEM)
+        .args(["bench", "switchover", "--switchovers", "3", "--clients", "2", "--mode", "active"])
+        .args(["--port", &port.to_string()])
+        .env("TMPDIR", dir.path())
+        .output()
+        .await
+        .expect("run the bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("switchover ")).count(), 3, "{stdout}");
+    let summary = stdout.lines().find(|l| l.starts_with("switchover_unavailable_ms ")).expect("summary line");
+    for field in ["p50=", "p99=", "max=", "decided_ms p50=", "lost_acked=0", "failed_requests=0"] {
+        assert!(summary.contains(field), "{field} missing from {summary:?}");
+    }
 }

@@ -428,6 +428,53 @@ async fn a_request_id_reused_for_another_operation_is_refused_in_both_modes() {
     }
 }
 
+/// Active mode: a request that reaches only a member (the client cannot reach the
+/// order-keeper) is handed to the order-keeper by that member, executes once
+/// everywhere, and is answered; one sent over the stream the client library uses too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_active_member_forwards_a_request_the_order_keeper_never_got() {
+    let group = Group::start(3, Mode::Active).await;
+    let put = |request_id: u64, key: &str| pb::ExecuteRequest {
+        client_id: "only-r2".into(),
+        request_id,
+        op: Some(pb::Operation {
+            kind: Some(pb::operation::Kind::Put(pb::Put { key: key.into(), value: "v".into() })),
+        }),
+        epoch: 0,
+    };
+    let mut member = replica_client(&group.address("r2"));
+    let reply = tokio::time::timeout(Duration::from_secs(10), member.execute(put(1, "unary")))
+        .await
+        .expect("answered within 10 s")
+        .expect("executed");
+    assert_eq!(reply.get_ref().replica_id, "r2");
+    let batch =
+        pb::ExecuteBatch { requests: vec![pb::TaggedRequest { tag: 7, request: Some(put(2, "streamed")) }] };
+    let mut answers = member
+        .execute_stream(futures::stream::iter(vec![batch]))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let answered = tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("answered within 10 s")
+        .expect("a message")
+        .expect("not the end of the stream");
+    assert_eq!(answered.results.len(), 1);
+    assert_eq!(answered.results[0].tag, 7, "the answer carries the request's tag");
+    assert!(
+        matches!(answered.results[0].outcome, Some(pb::execute_result::Outcome::Reply(_))),
+        "{answered:?}"
+    );
+    let mut client = Client::new(ClientSettings::new(group.endpoints())).expect("client");
+    for key in ["unary", "streamed"] {
+        assert_eq!(client.get(key).await.expect("get").as_deref(), Some(&b"v"[..]), "{key}");
+    }
+    let status = replica_client(&group.address("r1")).status(pb::StatusRequest {}).await.expect("status");
+    group.wait_converged(&["r1", "r2", "r3"], CONVERGE).await;
+    assert!(status.get_ref().last_seq >= 2, "the order-keeper ordered both: {:?}", status.get_ref());
+}
+
 /// A follower that answers every call, with numbers no correct follower could send:
 /// matches and checkpoints beyond anything its leader holds. Its first answer asks for a
 /// checkpoint (no state), so both kinds of answer reach the leader.
@@ -486,7 +533,11 @@ impl pb::peer_server::Peer for FaultyFollower {
         while let Ok(Some(_)) = chunks.message().await {}
         let n = self.checkpoints.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let installed_seq = if n.is_multiple_of(2) { u64::MAX } else { 1 << 40 };
-        Ok(tonic::Response::new(pb::InstallCheckpointReply { installed_seq, last_seq: installed_seq }))
+        Ok(tonic::Response::new(pb::InstallCheckpointReply {
+            installed_seq,
+            last_seq: installed_seq,
+            takes_changes: true,
+        }))
     }
 
     async fn join(
@@ -600,6 +651,17 @@ async fn a_broken_or_oversized_checkpoint_stream_is_refused_and_changes_nothing(
         ),
         ("too large", vec![header(r2_before.last_seq + 1_000, u64::MAX)], "more than a replica receives"),
         ("no header", vec![values(0)], "expected a header first"),
+        (
+            "changes to a state r2 does not hold",
+            {
+                let mut changes = header(r2_before.last_seq + 1_000, 100_000);
+                if let Some(Part::Header(header)) = changes.part.as_mut() {
+                    header.base_seq = r2_before.checkpoint_seq + 777;
+                }
+                vec![changes, values(0)]
+            },
+            "the leader sends the whole state next",
+        ),
     ];
     let mut peer = pb::peer_client::PeerClient::new(internal_channel(&group.address("r2")));
     for (what, chunks, reason) in streams {

@@ -177,6 +177,10 @@ async fn attack(
         "Manager.UpdateSpec(replicas=1)",
         within(CALL, async { manager.update_spec(shrink).await.map(drop) }).await,
     ));
+    outcomes.push((
+        "Manager.Switchover(any)",
+        within(CALL, async { manager.switchover(pb::SwitchoverRequest::default()).await.map(drop) }).await,
+    ));
     outcomes
 }
 

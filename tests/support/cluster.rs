@@ -3,7 +3,6 @@
 //! replica; a failing test prints their tails.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -15,16 +14,9 @@ use tonic::transport::Channel;
 pub const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
 
 /// A free loopback port for a replica's clients whose internal port (+10000) is free
-/// too (the OS picks it; it is released right away for the replica).
+/// too.
 pub fn free_port() -> u16 {
-    for _ in 0..1000 {
-        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
-        let internal = port.checked_add(tandem_replica::wire::INTERNAL_PORT_OFFSET);
-        if internal.is_some_and(|internal| TcpListener::bind(("127.0.0.1", internal)).is_ok()) {
-            return port;
-        }
-    }
-    panic!("no free loopback port with a free internal port (+10000) in 1000 tries")
+    super::spare_ports(1)
 }
 
 pub struct Replica {
@@ -137,6 +129,9 @@ impl Group {
                 "info,tandem_replica=debug",
             ])
             .args(["--peers", &seeds.join(",")])
+            // These groups are about replication: a restarted replica starts empty and
+            // rejoins (durability has its own tests, tests/durability.rs).
+            .args(["--durability", "memory"])
             .args(&extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))

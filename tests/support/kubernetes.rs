@@ -392,6 +392,52 @@ pub async fn pods(client: &Client, namespace: &str) -> Vec<Pod> {
         .items
 }
 
+/// Every state the pods of a namespace passed through, in the order the API server
+/// reported them (a watch): a state that lasted less than a poll is still seen.
+pub struct PodHistory {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Pod>>>,
+    watch: tokio::task::JoinHandle<()>,
+}
+
+impl PodHistory {
+    pub fn watch(client: &Client, namespace: &str) -> PodHistory {
+        use futures::StreamExt;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let api = Api::<Pod>::namespaced(client.clone(), namespace);
+        let record = std::sync::Arc::clone(&seen);
+        let watch = tokio::spawn(async move {
+            let mut pods = kube::runtime::watcher(api, kube::runtime::watcher::Config::default()).boxed();
+            while let Some(event) = pods.next().await {
+                match event {
+                    Ok(
+                        kube::runtime::watcher::Event::Apply(pod)
+                        | kube::runtime::watcher::Event::InitApply(pod),
+                    ) => record.lock().expect("pod history").push(pod),
+                    Ok(_) => {}
+                    Err(error) => eprintln!("pod watch: {error} (the watcher retries)"),
+                }
+            }
+        });
+        PodHistory { seen, watch }
+    }
+
+    /// How many states were seen so far: a mark to look back from.
+    pub fn mark(&self) -> usize {
+        self.seen.lock().expect("pod history").len()
+    }
+
+    /// The states seen before `mark`, oldest first.
+    pub fn before(&self, mark: usize) -> Vec<Pod> {
+        self.seen.lock().expect("pod history").iter().take(mark).cloned().collect()
+    }
+}
+
+impl Drop for PodHistory {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
+}
+
 pub async fn delete_pod(client: &Client, namespace: &str, name: &str) {
     Api::<Pod>::namespaced(client.clone(), namespace)
         .delete(name, &DeleteParams::default())
@@ -426,4 +472,89 @@ pub fn dump(namespace: &str) {
         let (_, out, err) = run("kubectl", &args, None);
         eprintln!("===== kubectl {} =====\n{out}{err}", args.join(" "));
     }
+}
+
+/// Asks the Eviction API (what `kubectl drain` calls) to evict `pod`, once: Ok once it
+/// is evicted, else the API server's refusal as (code, message): 429 when a
+/// PodDisruptionBudget forbids it. (kube's client retries a 429 by default, for up to 15
+/// rounds of back-off, which would turn a refusal into a late success.)
+pub async fn evict(namespace: &str, pod: &str) -> Result<(), (u16, String)> {
+    let mut config = kube::Config::infer().await.expect("KUBECONFIG points at the test cluster");
+    config.default_retry = false;
+    let client = Client::try_from(config).expect("a client");
+    let pods: Api<Pod> = Api::namespaced(client, namespace);
+    match pods.evict(pod, &kube::api::EvictParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) => Err((status.code, status.message.clone())),
+        Err(error) => panic!("evict {namespace}/{pod}: {error}"),
+    }
+}
+
+/// The status of the PodDisruptionBudget `name` (`expectedPods`, `currentHealthy`,
+/// `desiredHealthy`, `disruptionsAllowed`), as `kubectl get pdb` reads it (policy/v1 or
+/// v1beta1, whichever the API server serves).
+pub fn budget_status(namespace: &str, name: &str) -> serde_json::Value {
+    let json = kubectl(&["get", "pdb", name, "-n", namespace, "-o", "json"]);
+    let budget: serde_json::Value = serde_json::from_str(&json).expect("a PodDisruptionBudget");
+    budget["status"].clone()
+}
+
+/// The scale subresource of the ReplicatedService `name` (what `kubectl scale` and an
+/// HPA read and write).
+pub fn scale(namespace: &str, name: &str) -> serde_json::Value {
+    let path = format!("/apis/tandem.dev/v1alpha1/namespaces/{namespace}/replicatedservices/{name}/scale");
+    serde_json::from_str(&kubectl(&["get", "--raw", &path])).expect("a Scale")
+}
+
+/// Polls `check` until it gives a value; panics (after a dump of `namespace`) with its
+/// last word when `limit` runs out.
+pub async fn wait_until<T>(
+    namespace: &str,
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(last) if Instant::now() > deadline => {
+                dump(namespace);
+                panic!("{namespace}: not {what} within {limit:?}; last: {last}");
+            }
+            Err(_) => sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+/// A pod the PodDisruptionBudget counts as healthy: a member (`tandem.dev/member=true`),
+/// Ready, and not being deleted.
+pub fn ready_member(pod: &Pod) -> bool {
+    let member = pod.labels().get("tandem.dev/member").map(String::as_str) == Some("true");
+    member && ready(pod) && pod.metadata.deletion_timestamp.is_none()
+}
+
+/// The pod's `Ready` condition is true.
+pub fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// One line per pod: name, uid, member label, Ready, deleting (for a failure message).
+pub fn describe_pods(pods: &[Pod]) -> String {
+    pods.iter()
+        .map(|p| {
+            format!(
+                "{} uid={} member={} ready={} deleting={}",
+                p.name_any(),
+                p.uid().unwrap_or_default(),
+                p.labels().get("tandem.dev/member").map_or("-", String::as_str),
+                ready(p),
+                p.metadata.deletion_timestamp.is_some()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }

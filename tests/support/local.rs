@@ -1,7 +1,6 @@
 //! A real `tandem up` (the local system: RM, GFD, replicas, LFDs as processes), started
 //! in a temporary directory on free loopback ports, for end-to-end tests of local mode.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -28,18 +27,8 @@ pub struct LocalSystem {
 /// A base port whose neighbourhood (GFD, RM API, replicas and their internal ports,
 /// +10000) is free right now.
 pub fn free_base_port(replicas: u16) -> u16 {
-    let internal = tandem_replica::wire::INTERNAL_PORT_OFFSET;
-    loop {
-        let base = 20_000 + rand::random::<u16>() % 30_000;
-        let replica_ports = (1..=replicas + 2).map(|n| base + 10 + n);
-        let ports = [base, base + 1]
-            .into_iter()
-            .chain(replica_ports.clone())
-            .chain(replica_ports.map(|port| port + internal));
-        if ports.into_iter().all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok()) {
-            return base;
-        }
-    }
+    // tandem up: GFD at base, RM API at base + 1, replica n at base + 10 + n.
+    super::spare_ports(10 + replicas + 3)
 }
 
 impl LocalSystem {
@@ -77,12 +66,53 @@ impl LocalSystem {
         self.child = Some(child);
     }
 
+    /// SIGTERM to `tandem up` (what Ctrl-C does): it stops every process it started, then
+    /// itself. Returns once it exited.
+    pub async fn stop_up(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("SIGTERM to tandem up");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("tandem up's status").is_none() {
+            assert!(Instant::now() < deadline, "tandem up did not stop within 30 s of SIGTERM");
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// kill -9 `tandem up` alone: the processes it started keep running.
     pub fn kill_up(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().expect("kill tandem up");
             child.wait().expect("reap tandem up");
         }
+    }
+
+    /// kill -9 every process at once: `tandem up`, the GFD, every replica and LFD (a
+    /// power cut). Returns once none of them runs.
+    pub async fn kill_everything(&mut self) {
+        let state = self.state();
+        self.kill_up();
+        let pids: Vec<u32> = state
+            .replicas
+            .values()
+            .flat_map(|r| [r.pid, r.lfd_pid])
+            .chain([state.gfd_pid])
+            .flatten()
+            .collect();
+        for &pid in &pids {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Signal 0 probes: a killed child of `tandem up` is reaped by init once its
+        // parent is gone; until then it is a zombie, which holds no port or file.
+        while pids.iter().any(|&pid| alive(pid)) {
+            assert!(Instant::now() < deadline, "processes survived kill -9: {pids:?}");
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Where replica `id` keeps its data (`tandem up` gives each id one directory).
+    pub fn data_dir(&self, id: &str) -> PathBuf {
+        self.dir.path().join("data").join(id)
     }
 
     pub fn dir(&self) -> PathBuf {
@@ -162,8 +192,13 @@ impl LocalSystem {
         kill(Pid::from_raw(self.pid(id) as i32), signal).expect("signal the replica");
     }
 
+    /// The RM's configuration (asked again for a while: a loaded machine may miss one
+    /// answer's deadline).
     pub async fn configuration(&self) -> pb::Configuration {
-        self.describe().await.and_then(|d| d.configuration).expect("a configuration")
+        self.wait_for(Duration::from_secs(30), "configured", |d| d.configuration.is_some())
+            .await
+            .configuration
+            .expect("a configuration")
     }
 
     /// Stops the writers and checks the run against the current members: nothing
@@ -230,5 +265,14 @@ impl Drop for LocalSystem {
         for pid in pids {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
+    }
+}
+
+/// Whether `pid` is a live process (not a zombie waiting to be reaped).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses: Z is a zombie.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
     }
 }
