@@ -1425,6 +1425,9 @@ async fn an_image_change_rolls_every_pod_with_no_failed_request() {
     }
     assert!(rolling.load(std::sync::atomic::Ordering::Relaxed), "Progressing never said RollingUpdate");
     let status = rolled.status.clone().expect("status");
+    if status.failovers != 0 {
+        k8s::dump(&ns);
+    }
     assert_eq!(status.failovers, 0, "the primary left by a switchover, not a failover");
     assert_eq!(last_switchover(&rolled).result, "Done");
     sleep(Duration::from_secs(1)).await;

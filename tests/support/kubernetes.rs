@@ -466,7 +466,7 @@ pub fn dump(namespace: &str) {
     for args in [
         vec!["get", "rsvc,pods", "-n", namespace, "-o", "wide"],
         vec!["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"],
-        vec!["logs", "-n", OPERATOR_NAMESPACE, "deploy/tandem-operator", "-c", "operator", "--tail=60"],
+        vec!["logs", "-n", OPERATOR_NAMESPACE, "deploy/tandem-operator", "-c", "operator", "--tail=200"],
         vec!["logs", "-n", OPERATOR_NAMESPACE, "deploy/tandem-operator", "-c", "gfd", "--tail=30"],
     ] {
         let (_, out, err) = run("kubectl", &args, None);
