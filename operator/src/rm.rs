@@ -133,7 +133,7 @@ impl Spec {
     }
 
     /// How long a follower may leave its leader unanswered before it counts as cut off.
-    fn unreachable_ms(&self) -> u64 {
+    pub(crate) fn unreachable_ms(&self) -> u64 {
         UNREACHABLE_MS.max(self.heartbeat_interval_ms * u64::from(self.failure_threshold))
     }
 }

@@ -319,7 +319,7 @@ fn unsafe_to_lead(
     if facts.synced_epoch != config.epoch || facts.synced_epoch < joined {
         return Some(Unsafe::NotSynced { synced_epoch: facts.synced_epoch, current: config.epoch });
     }
-    let limit = rm::UNREACHABLE_MS.max(spec.heartbeat_interval_ms * u64::from(spec.failure_threshold));
+    let limit = spec.unreachable_ms();
     let silence =
         leader.and_then(|l| l.follower_silence.iter().find(|(id, _)| *id == o.id)).map(|(_, ms)| *ms);
     match silence {
