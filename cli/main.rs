@@ -34,6 +34,11 @@ struct Cli {
     /// the admin commands take DIR/tls/manager by themselves.
     #[arg(long, env = "TANDEM_TLS_DIR", global = true)]
     tls_dir: Option<std::path::PathBuf>,
+    /// Threads of this process's async runtime (default: the CPUs it may use, within
+    /// its cgroup's quota). Set as TANDEM_WORKER_THREADS, `tandem up`'s children inherit
+    /// it. Fewer than the CPUs can pay when many processes share a small machine.
+    #[arg(long, env = "TANDEM_WORKER_THREADS", global = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -87,9 +92,22 @@ enum Command {
     Health(replica::HealthArgs),
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.worker_threads {
+        runtime.worker_threads(usize::from(threads));
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> std::process::ExitCode {
     let prints_events = match &cli.command {
         Command::Up(_) => true,
         Command::Bench(args) => args.prints_events(),
