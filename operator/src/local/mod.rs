@@ -626,9 +626,12 @@ impl Local {
         let change = event.change();
         if change != MembershipChange::Snapshot {
             say(format!("GFD: {} {} ({})", event.replica_id, describe_change(change), event.reason));
-            let alive = alive_members(&event);
-            let noun = if alive.len() == 1 { "member" } else { "members" };
-            say(format!("GFD: {} {noun}: {}", alive.len(), alive.join(", ")));
+            // Readiness changes no one's membership: the list would only repeat itself.
+            if !matches!(change, MembershipChange::Ready | MembershipChange::NotReady) {
+                let alive = alive_members(&event);
+                let noun = if alive.len() == 1 { "member" } else { "members" };
+                say(format!("GFD: {} {noun}: {}", alive.len(), alive.join(", ")));
+            }
         }
         if change == MembershipChange::Ready
             && let Some(started) = self.restarted_at.remove(&event.replica_id)

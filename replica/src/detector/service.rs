@@ -382,7 +382,11 @@ impl Gfd {
         if changes.is_empty() {
             return;
         }
-        let routine = changes.iter().all(|c| c.reason == PERIODIC_SNAPSHOT);
+        // Readiness changes no one's membership: the member list would only repeat itself.
+        let membership_changed = changes.iter().any(|c| {
+            c.reason != PERIODIC_SNAPSHOT
+                && !matches!(c.kind, MembershipChange::Ready | MembershipChange::NotReady)
+        });
         let now = unix_ms();
         // Versioned, taken and sent under the core's lock: two publishers racing could
         // otherwise send an older snapshot last, and a subscriber keep a replica's stale
@@ -418,8 +422,9 @@ impl Gfd {
             });
         }
         drop(core);
-        if !routine {
-            info!("GFD: {} members: {}", alive.len(), alive.join(", "));
+        if membership_changed {
+            let noun = if alive.len() == 1 { "member" } else { "members" };
+            info!("GFD: {} {noun}: {}", alive.len(), alive.join(", "));
         }
     }
 
