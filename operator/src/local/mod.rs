@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tandem_replica::detector::gfd;
 use tandem_replica::pb::{self, MembershipChange};
 use tandem_replica::tls::{self, Authority, Identity, Material};
 use tandem_replica::wire::{self, Channels, unix_ms, within};
@@ -626,11 +627,9 @@ impl Local {
         let change = event.change();
         if change != MembershipChange::Snapshot {
             say(format!("GFD: {} {} ({})", event.replica_id, describe_change(change), event.reason));
-            // Readiness changes no one's membership: the list would only repeat itself.
-            if !matches!(change, MembershipChange::Ready | MembershipChange::NotReady) {
-                let alive = alive_members(&event);
-                let noun = if alive.len() == 1 { "member" } else { "members" };
-                say(format!("GFD: {} {noun}: {}", alive.len(), alive.join(", ")));
+            // After a readiness change the member list would only repeat itself.
+            if gfd::changes_members(change) {
+                say(format!("GFD: {}", gfd::members_line(&alive_members(&event))));
             }
         }
         if change == MembershipChange::Ready

@@ -89,6 +89,17 @@ pub struct Change {
     pub reason: String,
 }
 
+/// Whether a change of this kind changes who is a member: readiness changes do not.
+pub fn changes_members(kind: MembershipChange) -> bool {
+    !matches!(kind, MembershipChange::Ready | MembershipChange::NotReady)
+}
+
+/// The log line of a membership: `3 members: r1, r2, r3`.
+pub fn members_line<S: std::borrow::Borrow<str>>(alive: &[S]) -> String {
+    let noun = if alive.len() == 1 { "member" } else { "members" };
+    format!("{} {noun}: {}", alive.len(), alive.join(", "))
+}
+
 #[derive(Debug, Clone)]
 pub struct GfdCore {
     settings: GfdSettings,
@@ -358,6 +369,14 @@ mod tests {
 
     fn report(alive: bool, ready: bool) -> pb::ReplicaReport {
         pb::ReplicaReport { alive, ready, reason: "test".into(), at_unix_ms: 0 }
+    }
+
+    #[test]
+    fn the_members_line_counts_and_lists_the_members() {
+        assert_eq!(members_line(&["r1", "r2", "r3"]), "3 members: r1, r2, r3");
+        assert_eq!(members_line(&["r2".to_owned()]), "1 member: r2");
+        assert!(changes_members(MembershipChange::Failed));
+        assert!(!changes_members(MembershipChange::Ready));
     }
 
     fn kinds(changes: &[Change]) -> Vec<MembershipChange> {

@@ -18,7 +18,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tracing::{Instrument, debug, info, warn};
 
-use super::gfd::{Change, GfdCore, GfdSettings, LinkId, MAX_NAME_BYTES};
+use super::gfd::{self, Change, GfdCore, GfdSettings, LinkId, MAX_NAME_BYTES};
 use super::lfd::{LfdCore, LfdSettings, Probe, Verdict};
 use super::limits;
 use crate::pb::{
@@ -382,11 +382,9 @@ impl Gfd {
         if changes.is_empty() {
             return;
         }
-        // Readiness changes no one's membership: the member list would only repeat itself.
-        let membership_changed = changes.iter().any(|c| {
-            c.reason != PERIODIC_SNAPSHOT
-                && !matches!(c.kind, MembershipChange::Ready | MembershipChange::NotReady)
-        });
+        // After a readiness change the member list would only repeat itself.
+        let membership_changed =
+            changes.iter().any(|c| c.reason != PERIODIC_SNAPSHOT && gfd::changes_members(c.kind));
         let now = unix_ms();
         // Versioned, taken and sent under the core's lock: two publishers racing could
         // otherwise send an older snapshot last, and a subscriber keep a replica's stale
@@ -423,8 +421,7 @@ impl Gfd {
         }
         drop(core);
         if membership_changed {
-            let noun = if alive.len() == 1 { "member" } else { "members" };
-            info!("GFD: {} {noun}: {}", alive.len(), alive.join(", "));
+            info!("GFD: {}", gfd::members_line(&alive));
         }
     }
 
