@@ -477,7 +477,9 @@ async fn an_active_member_forwards_a_request_the_order_keeper_never_got() {
 
 /// A follower that answers every call, with numbers no correct follower could send:
 /// matches and checkpoints beyond anything its leader holds. Its first answer asks for a
-/// checkpoint (no state), so both kinds of answer reach the leader.
+/// checkpoint (no state), so both kinds of answer reach the leader. It has no append
+/// stream (as a follower of an older version): the leader must fall back to unary
+/// appends, or this follower would never hear from it.
 #[derive(Clone, Default)]
 struct FaultyFollower {
     appends: Arc<std::sync::atomic::AtomicU64>,
@@ -516,6 +518,15 @@ impl pb::peer_server::Peer for FaultyFollower {
             },
         };
         Ok(tonic::Response::new(reply))
+    }
+
+    type AppendStreamStream = futures::stream::Empty<Result<pb::AppendReply, tonic::Status>>;
+
+    async fn append_stream(
+        &self,
+        _: tonic::Request<tonic::Streaming<pb::AppendRequest>>,
+    ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("this follower predates the append stream"))
     }
 
     async fn order(

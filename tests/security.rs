@@ -105,7 +105,16 @@ async fn attack(
     };
     outcomes.push((
         "an Append in the primary's name",
-        within(CALL, async { peer.append(append).await.map(drop) }).await,
+        within(CALL, async { peer.append(append.clone()).await.map(drop) }).await,
+    ));
+    outcomes.push((
+        "an append stream in the primary's name",
+        within(CALL, async {
+            let mut replies = peer.append_stream(stream::iter([append])).await?.into_inner();
+            // A refused append ends the stream with the refusal.
+            replies.message().await?.map(drop).ok_or_else(|| tonic::Status::cancelled("no reply"))
+        })
+        .await,
     ));
     let join = pb::JoinRequest { replica_id: "intruder".into(), address: "127.0.0.1:1".into() };
     let mut to_primary = pb::peer_client::PeerClient::new(dial(&targets.primary));

@@ -7,8 +7,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+use tonic::{Code, Status};
 use tracing::{Instrument, debug, info, warn};
 
 use crate::checkpoint::{Base, CHECKPOINT_TRANSFER_LIMIT, Checkpoint};
@@ -64,6 +67,7 @@ async fn replicate_to(node: Arc<Node>, peer: String, address: String) {
     let mut keepalive_due = true;
     let mut failing_since: Option<tokio::time::Instant> = None;
     let mut backoff = Backoff::default();
+    let mut link = AppendLink::default();
     debug!(%peer, %address, "replicating to follower");
     loop {
         let work = node.work_for(&peer, keepalive_due);
@@ -81,7 +85,7 @@ async fn replicate_to(node: Arc<Node>, peer: String, address: String) {
                 }
                 continue;
             }
-            PeerWork::Append(request) => send_append(&node, &peer, &address, request).await,
+            PeerWork::Append(request) => send_append(&node, &peer, &address, &mut link, request).await,
             PeerWork::Checkpoint(checkpoint, base) => {
                 let node = Arc::clone(&node);
                 let (peer, address) = (peer.clone(), address.clone());
@@ -128,17 +132,30 @@ enum Sent {
 }
 
 /// One append, and what the core makes of the answer.
-async fn send_append(node: &Arc<Node>, peer: &str, address: &str, request: pb::AppendRequest) -> Sent {
-    let mut client = match node.peer_client(address) {
+async fn send_append(
+    node: &Arc<Node>,
+    peer: &str,
+    address: &str,
+    link: &mut AppendLink,
+    request: pb::AppendRequest,
+) -> Sent {
+    let client = match node.peer_client(address) {
         Ok(client) => client,
         Err(error) => {
             warn!(%peer, %address, error = %error.message(), "cannot dial the follower");
             return Sent::Failed;
         }
     };
-    match within(node.settings.peer_timeout, client.append(request.clone())).await {
+    // Taken out for the exchange and put back after it: a timeout leaves the link
+    // closed, so a late reply is never taken for the next append's.
+    let exchange = std::mem::take(link).exchange(client, request.clone());
+    let answer = within(node.settings.peer_timeout, async {
+        let (next, answer) = exchange.await;
+        *link = next;
+        answer
+    });
+    match answer.await {
         Ok(reply) => {
-            let reply = reply.into_inner();
             match node.apply(|inner| inner.core.on_append_reply(peer, &request, &reply)) {
                 Ok(()) => {
                     node.follower_answered(peer);
@@ -155,6 +172,62 @@ async fn send_append(node: &Arc<Node>, peer: &str, address: &str, request: pb::A
         Err(status) => {
             handle_refusal(node, peer, &status).await;
             Sent::Failed
+        }
+    }
+}
+
+/// How a leader's sender reaches one follower: one long-lived append stream, opened on
+/// first use and again after it broke, or unary `Append` calls to a follower too old to
+/// have the stream (during a rolling update).
+#[derive(Default)]
+enum AppendLink {
+    #[default]
+    Closed,
+    Open {
+        requests: mpsc::Sender<pb::AppendRequest>,
+        replies: Box<tonic::Streaming<pb::AppendReply>>,
+    },
+    Unary,
+}
+
+impl AppendLink {
+    /// Sends one append and waits for its answer; returns the link for the next. Any
+    /// failure on the stream closes it (the follower ended it with that status).
+    async fn exchange(
+        self,
+        mut client: pb::peer_client::PeerClient<Channel>,
+        request: pb::AppendRequest,
+    ) -> (Self, Result<pb::AppendReply, Status>) {
+        let (requests, mut replies) = match self {
+            Self::Unary => {
+                return (Self::Unary, client.append(request).await.map(tonic::Response::into_inner));
+            }
+            Self::Open { requests, replies } => {
+                if requests.send(request).await.is_err() {
+                    return (
+                        Self::Closed,
+                        Err(Status::unavailable("the append stream to the follower ended")),
+                    );
+                }
+                (requests, replies)
+            }
+            Self::Closed => {
+                let (requests, queue) = mpsc::channel(1);
+                requests.try_send(request.clone()).expect("a new channel has room for one append");
+                match client.append_stream(ReceiverStream::new(queue)).await {
+                    Ok(replies) => (requests, Box::new(replies.into_inner())),
+                    Err(status) if status.code() == Code::Unimplemented => {
+                        debug!("the follower has no append stream (an older version): unary appends");
+                        return (Self::Unary, client.append(request).await.map(tonic::Response::into_inner));
+                    }
+                    Err(status) => return (Self::Closed, Err(status)),
+                }
+            }
+        };
+        match replies.message().await {
+            Ok(Some(reply)) => (Self::Open { requests, replies }, Ok(reply)),
+            Ok(None) => (Self::Closed, Err(Status::unavailable("the follower ended the append stream"))),
+            Err(status) => (Self::Closed, Err(status)),
         }
     }
 }

@@ -219,6 +219,26 @@ async fn finish(
 /// client library never sends more than its sessions' one request each).
 const MAX_OPEN_PER_STREAM: usize = 100_000;
 
+type AppendReplies = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::AppendReply, Status>> + Send>>;
+
+/// A leader's append, from `caller` (unary or on the append stream). What it answers it
+/// holds on disk (fsync durability).
+async fn take_append(
+    node: &Node,
+    caller: &tls::Caller,
+    request: pb::AppendRequest,
+) -> Result<pb::AppendReply, Status> {
+    caller.must_be_replica(&node.settings.group, &request.leader_id, "append entries")?;
+    match node.apply(|inner| inner.core.on_append(&request)) {
+        Ok(reply) if node.wait_durable().await => Ok(reply),
+        Ok(_) => Err(Status::unavailable("this replica's write-ahead log failed; it is stopping")),
+        Err(error) => {
+            debug!(leader = %request.leader_id, epoch = request.epoch, %error, "append refused");
+            Err(error.into())
+        }
+    }
+}
+
 type ResultStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ExecuteResults, Status>> + Send>>;
 
 /// The answers of one stream, each message carrying every answer ready when it is sent.
@@ -357,21 +377,34 @@ impl pb::replica_server::Replica for Service {
 #[tonic::async_trait]
 impl pb::peer_server::Peer for Service {
     async fn append(&self, request: Request<pb::AppendRequest>) -> Result<Response<pb::AppendReply>, Status> {
-        tls::caller(&request).must_be_replica(
-            &self.0.settings.group,
-            &request.get_ref().leader_id,
-            "append entries",
-        )?;
-        let request = request.into_inner();
-        match self.0.apply(|inner| inner.core.on_append(&request)) {
-            // What it answers it holds on disk (fsync durability).
-            Ok(reply) if self.0.wait_durable().await => Ok(Response::new(reply)),
-            Ok(_) => Err(Status::unavailable("this replica's write-ahead log failed; it is stopping")),
-            Err(error) => {
-                debug!(leader = %request.leader_id, epoch = request.epoch, %error, "append refused");
-                Err(error.into())
+        let caller = tls::caller(&request);
+        take_append(&self.0, &caller, request.into_inner()).await.map(Response::new)
+    }
+
+    type AppendStreamStream = AppendReplies;
+
+    async fn append_stream(
+        &self,
+        requests: Request<Streaming<pb::AppendRequest>>,
+    ) -> Result<Response<AppendReplies>, Status> {
+        let caller = tls::caller(&requests);
+        let node = Arc::clone(&self.0);
+        // Each append is taken when the reply stream is polled for its answer: one at a
+        // time, in order, in the call's own task. After a refusal the stream ends.
+        let replies = futures::stream::unfold(Some(requests.into_inner()), move |requests| {
+            let (node, caller) = (Arc::clone(&node), caller.clone());
+            async move {
+                let mut requests = requests?;
+                let request = requests.message().await.transpose()?;
+                let reply = match request {
+                    Ok(request) => take_append(&node, &caller, request).await,
+                    Err(status) => Err(status),
+                };
+                let more = reply.is_ok().then_some(requests);
+                Some((reply, more))
             }
-        }
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn order(&self, request: Request<pb::OrderRequest>) -> Result<Response<pb::OrderReply>, Status> {
