@@ -199,9 +199,7 @@ impl AppendLink {
         request: pb::AppendRequest,
     ) -> (Self, Result<pb::AppendReply, Status>) {
         let (requests, mut replies) = match self {
-            Self::Unary => {
-                return (Self::Unary, client.append(request).await.map(tonic::Response::into_inner));
-            }
+            Self::Unary => return (Self::Unary, unary_append(client, request).await),
             Self::Open { requests, replies } => {
                 if requests.send(request).await.is_err() {
                     return (
@@ -218,7 +216,7 @@ impl AppendLink {
                     Ok(replies) => (requests, Box::new(replies.into_inner())),
                     Err(status) if status.code() == Code::Unimplemented => {
                         debug!("the follower has no append stream (an older version): unary appends");
-                        return (Self::Unary, client.append(request).await.map(tonic::Response::into_inner));
+                        return (Self::Unary, unary_append(client, request).await);
                     }
                     Err(status) => return (Self::Closed, Err(status)),
                 }
@@ -230,6 +228,13 @@ impl AppendLink {
             Err(status) => (Self::Closed, Err(status)),
         }
     }
+}
+
+async fn unary_append(
+    mut client: pb::peer_client::PeerClient<Channel>,
+    request: pb::AppendRequest,
+) -> Result<pb::AppendReply, Status> {
+    client.append(request).await.map(tonic::Response::into_inner)
 }
 
 /// If `status` says the group moved to a newer epoch, installs the configuration it

@@ -388,21 +388,17 @@ impl pb::peer_server::Peer for Service {
         requests: Request<Streaming<pb::AppendRequest>>,
     ) -> Result<Response<AppendReplies>, Status> {
         let caller = tls::caller(&requests);
-        let node = Arc::clone(&self.0);
+        let open = (requests.into_inner(), Arc::clone(&self.0), caller);
         // Each append is taken when the reply stream is polled for its answer: one at a
         // time, in order, in the call's own task. After a refusal the stream ends.
-        let replies = futures::stream::unfold(Some(requests.into_inner()), move |requests| {
-            let (node, caller) = (Arc::clone(&node), caller.clone());
-            async move {
-                let mut requests = requests?;
-                let request = requests.message().await.transpose()?;
-                let reply = match request {
-                    Ok(request) => take_append(&node, &caller, request).await,
-                    Err(status) => Err(status),
-                };
-                let more = reply.is_ok().then_some(requests);
-                Some((reply, more))
-            }
+        let replies = futures::stream::unfold(Some(open), |open| async move {
+            let (mut requests, node, caller) = open?;
+            let reply = match requests.message().await.transpose()? {
+                Ok(request) => take_append(&node, &caller, request).await,
+                Err(status) => Err(status),
+            };
+            let more = reply.is_ok().then_some((requests, node, caller));
+            Some((reply, more))
         });
         Ok(Response::new(Box::pin(replies)))
     }
