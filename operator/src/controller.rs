@@ -530,6 +530,7 @@ fn why_reason(why: &Why) -> &'static str {
     match why {
         Why::Certificate { .. } => "CertificateRotation",
         Why::Template => "RollingUpdate",
+        Why::Expiring { .. } => "CertificateExpiring",
     }
 }
 
@@ -554,10 +555,27 @@ async fn replace_pod(rsvc: &ReplicatedService, ctx: &Context, rotation: Rotation
             format!("replacing {pod_name}{primary}: its pod template is not the spec's (rolling update)"),
             format!("Replace {pod_name} for template {}", rotation::template_hash(&rsvc.spec, &ctx.defaults)),
         ),
+        Why::Expiring { not_after } => (
+            format!(
+                "replacing {pod_name}{primary} without waiting for the group to be whole: its certificates {}, and a member whose certificates expired cannot open connections (the group could not take a new member). Look for why rotation waited: kubectl describe rsvc {}",
+                match not_after - now {
+                    left if left > 0 => format!("expire in {left} s"),
+                    left => format!("expired {} s ago", -left),
+                },
+                rsvc.name_any(),
+            ),
+            format!("Replace {pod_name} for certificates expiring at {not_after}"),
+        ),
     };
-    info!(service = %rsvc.name_any(), "{note}");
+    let urgent = matches!(rotation.why, Why::Expiring { .. });
+    if urgent {
+        warn!(service = %rsvc.name_any(), "{note}");
+    } else {
+        info!(service = %rsvc.name_any(), "{note}");
+    }
     delete_pod(ctx, &namespace, &pod_name).await?;
-    ctx.event(rsvc, EventType::Normal, why_reason(&rotation.why), action, note).await;
+    let kind = if urgent { EventType::Warning } else { EventType::Normal };
+    ctx.event(rsvc, kind, why_reason(&rotation.why), action, note).await;
     Ok(())
 }
 

@@ -701,7 +701,9 @@ fn group_lost(
     })
 }
 
-fn safe_to_lead(record: &Record, o: &Observed) -> bool {
+/// Whether `o` may become primary in a failover: ready, and synced with its leader
+/// during its current membership, so it holds every committed entry.
+pub fn safe_to_lead(record: &Record, o: &Observed) -> bool {
     let joined = record.joined_epoch.get(&o.id).copied().unwrap_or(u64::MAX);
     o.facts.as_ref().is_some_and(|f| f.synced_epoch >= joined && f.has_state)
         && matches!(o.liveness, Liveness::Alive { ready: true })

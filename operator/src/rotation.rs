@@ -6,9 +6,15 @@
 //! Decided here as a pure function: one pod at a time, only while the group is whole,
 //! backups first; the primary last, and then by a planned switchover to a backup that is
 //! done (switchover.rs), so that it leaves as a backup and nobody fails over.
+//!
+//! One exception keeps a group from being stuck for good: a member whose certificates
+//! are about to expire is replaced even while the group is not whole (a member with
+//! expired certificates keeps its open connections but can open none, so a primary
+//! whose certificates expired can never take a new member, and the group would stay
+//! short forever). Only when another member can take over, so it is at worst a failover.
 
 use crate::crd::{Defaults, ReplicatedServiceSpec};
-use crate::rm::{self, Action, Observed, Record, Spec};
+use crate::rm::{self, Action, Instance, Observed, Record, Spec};
 
 /// On each replica pod: a hash of the pod template it was created from
 /// (`template_hash`); a pod whose hash differs from the spec's is replaced.
@@ -29,6 +35,12 @@ impl PodCertificate {
     pub fn renew_at(&self) -> i64 {
         renew_at(self.issued_at, self.not_after)
     }
+
+    /// When waiting for a whole group is over: the last twentieth of the validity
+    /// (4.5 days of 90; 15 s of a 300 s test certificate).
+    pub fn urgent_at(&self) -> i64 {
+        self.not_after - (self.not_after - self.issued_at).max(0) / 20
+    }
 }
 
 /// Two thirds of the way from `issued_at` to `not_after` (the operator's own
@@ -44,6 +56,9 @@ pub enum Why {
     Certificate { not_after: i64, due_since: i64 },
     /// Its pod template is not the spec's (a rolling update).
     Template,
+    /// Its certificates expire at `not_after`, soon or already, and the group is not
+    /// whole: it is replaced without waiting, by a failover if it is the primary.
+    Expiring { not_after: i64 },
 }
 
 /// A pod to replace.
@@ -75,7 +90,8 @@ pub enum Step {
 /// makes the group not whole, so they come one at a time, each back as a member before
 /// the next. Backups go first (certificates by the earliest due, then templates); the
 /// primary only when no backup is due, and by a switchover to a backup that is not due
-/// (the longest log, then the lowest id) when there is one.
+/// (the longest log, then the lowest id) when there is one. The exception: a member
+/// whose certificates are about to expire (`expiring`).
 #[allow(clippy::too_many_arguments)]
 pub fn next(
     spec: &Spec,
@@ -87,8 +103,11 @@ pub fn next(
     outdated: &[String],
     now_s: i64,
 ) -> Option<Step> {
-    if !pending.is_empty() || !rm::whole(spec, record, observed, membership_known) {
+    if !pending.is_empty() {
         return None;
+    }
+    if !rm::whole(spec, record, observed, membership_known) {
+        return expiring(record, observed, membership_known, certificates, now_s).map(Step::Replace);
     }
     let config = record.config.as_ref()?;
     let mut due: Vec<(String, Why)> = certificates
@@ -105,7 +124,7 @@ pub fn next(
     let key = |(id, why): &(String, Why)| {
         let since = match why {
             Why::Certificate { due_since, .. } => *due_since,
-            Why::Template => i64::MAX,
+            Why::Template | Why::Expiring { .. } => i64::MAX,
         };
         (*id == config.primary, since, rm::id_number(id).unwrap_or(u32::MAX))
     };
@@ -125,6 +144,46 @@ pub fn next(
     Some(match successor {
         Some(to) => Step::SwitchOver { from: id, to: to.to_owned(), why },
         None => Step::Replace(Rotation { id, primary: true, why }),
+    })
+}
+
+/// In a group that is not whole, a running member whose certificates are in their last
+/// twentieth (`urgent_at`) or expired, if another member could take over (running,
+/// ready, synced since it joined, as a failover asks of a new primary, and not
+/// expired). A primary whose certificates expired goes first (no replacement can join
+/// it); otherwise backups go first (a backup's replacement joins through the primary
+/// while it can still connect), the earliest to expire first. One at a time: nothing
+/// while a pod is still terminating.
+fn expiring(
+    record: &Record,
+    observed: &[Observed],
+    membership_known: bool,
+    certificates: &[PodCertificate],
+    now_s: i64,
+) -> Option<Rotation> {
+    let config = record.config.as_ref()?;
+    if !membership_known || observed.iter().any(|o| o.instance == Instance::Terminating) {
+        return None;
+    }
+    let running = |id: &str| observed.iter().find(|o| o.id == id && o.instance == Instance::Running);
+    let expired = |id: &str| certificates.iter().any(|c| c.id == id && now_s >= c.not_after);
+    let first = certificates
+        .iter()
+        .filter(|c| config.has_member(&c.id) && now_s >= c.urgent_at() && running(&c.id).is_some())
+        .min_by_key(|c| {
+            let primary = c.id == config.primary;
+            (!(primary && expired(&c.id)), primary, c.not_after, rm::id_number(&c.id).unwrap_or(u32::MAX))
+        })?;
+    let successor = config
+        .members
+        .iter()
+        .map(|m| m.id.as_str())
+        .filter(|id| *id != first.id)
+        .any(|id| !expired(id) && running(id).is_some_and(|o| rm::safe_to_lead(record, o)));
+    successor.then(|| Rotation {
+        id: first.id.clone(),
+        primary: first.id == config.primary,
+        why: Why::Expiring { not_after: first.not_after },
     })
 }
 
@@ -387,6 +446,62 @@ mod tests {
             next(&spec, &record, &observed, true, &[], &certificates, &[], NOW).is_some(),
             "whole: it rotates"
         );
+    }
+
+    #[test]
+    fn an_expiring_member_is_replaced_even_while_the_group_is_not_whole() {
+        let (spec, record, observed) = whole_group();
+        // Not whole: a replacement pod that cannot join (its primary's certificates
+        // are expiring, so the primary cannot connect to it).
+        let mut stuck = observed.clone();
+        let mut joiner = stuck[2].clone();
+        joiner.id = "r4".into();
+        joiner.liveness = Liveness::Alive { ready: false };
+        joiner.facts = None;
+        stuck.push(joiner);
+        let replace = |id: &str, primary: bool, age: i64| {
+            let why = Why::Expiring { not_after: NOW - age * DAY + VALIDITY };
+            Some(Step::Replace(Rotation { id: id.into(), primary, why }))
+        };
+        let at = |certificates: &[PodCertificate], observed: &[Observed], record: &Record| {
+            next(&spec, record, observed, true, &[], certificates, &[], NOW)
+        };
+        // 85 of 90 days: rotation still waits for a whole group.
+        assert_eq!(at(&issued([85, 0, 0], NOW), &stuck, &record), None);
+        // In the last twentieth (86 days), or expired: the primary goes, by a failover.
+        assert_eq!(at(&issued([86, 0, 0], NOW), &stuck, &record), replace("r1", true, 86));
+        assert_eq!(at(&issued([95, 0, 0], NOW), &stuck, &record), replace("r1", true, 95));
+        // Backups before the primary (their replacements join through it while it can
+        // still connect), the first to expire first, though the others expire too.
+        assert_eq!(at(&issued([87, 0, 88], NOW), &stuck, &record), replace("r3", false, 88));
+        assert_eq!(at(&issued([89, 88, 87], NOW), &stuck, &record), replace("r2", false, 88));
+        // A primary whose certificates expired goes first: nobody can join it, and a
+        // member that has not expired yet takes over.
+        assert_eq!(at(&issued([91, 88, 87], NOW), &stuck, &record), replace("r1", true, 91));
+        // Never when nobody could take over: the others expired, not ready, or not
+        // synced since they joined.
+        assert_eq!(at(&issued([92, 91, 91], NOW), &stuck, &record), None, "all expired");
+        let mut unready = stuck.clone();
+        unready[1].liveness = Liveness::Failed;
+        unready[2].facts.as_mut().expect("facts").synced_epoch = 0;
+        assert_eq!(at(&issued([88, 0, 0], NOW), &unready, &record), None, "no safe successor");
+        // Nor while a pod is still terminating (one at a time), the RM has anything
+        // else to do, or the GFD's view is unknown.
+        let mut terminating = stuck.clone();
+        terminating[3].instance = Instance::Terminating;
+        assert_eq!(at(&issued([88, 0, 0], NOW), &terminating, &record), None, "terminating");
+        let pending = [Action::Forget { id: "r9".into() }];
+        let certificates = issued([88, 0, 0], NOW);
+        assert_eq!(next(&spec, &record, &stuck, true, &pending, &certificates, &[], NOW), None);
+        assert_eq!(next(&spec, &record, &stuck, false, &[], &certificates, &[], NOW), None);
+        // Trouble elsewhere (the replacement crash-looping) does not stop it: waiting
+        // would only add an expired primary to it.
+        let mut troubled = record.clone();
+        troubled.trouble = Some(rm::Trouble::CrashLooping { id: "r4".into(), restarts: 5 });
+        assert_eq!(at(&certificates, &stuck, &troubled), replace("r1", true, 88));
+        // A whole group rotates as before: a switchover, not a failover.
+        let why = Why::Certificate { not_after: NOW - 88 * DAY + VALIDITY, due_since: NOW - 28 * DAY };
+        assert_eq!(at(&certificates, &observed, &record), switch_over("r1", "r2", why));
     }
 
     #[test]
