@@ -1410,22 +1410,31 @@ async fn an_image_change_rolls_every_pod_with_no_failed_request() {
             && healthy(3, epoch)(r)
     })
     .await;
-    // The old primary's pod may still be terminating: wait for it to go.
+    // The old primary's pod may still be terminating: wait for every old pod to go, and
+    // for three pods, none terminating (counting pods alone could take a terminating old
+    // one for a member while a new pod is being replaced).
     let deadline = tokio::time::Instant::now() + HEAL;
     let pods = loop {
         let pods = k8s::pods(&client, &ns).await;
-        if pods.len() == 3 {
+        let settled = pods.len() == 3
+            && pods.iter().all(|p| {
+                p.metadata.deletion_timestamp.is_none() && !p.uid().is_some_and(|uid| old_pods.contains(&uid))
+            });
+        if settled {
             break pods;
         }
         if tokio::time::Instant::now() > deadline {
             k8s::dump(&ns);
-            panic!("old pods never went: {:?}", pods.iter().map(|p| p.name_any()).collect::<Vec<_>>());
+            let seen: Vec<_> = pods
+                .iter()
+                .map(|p| (p.name_any(), pod_images(p), p.metadata.deletion_timestamp.is_some()))
+                .collect();
+            panic!("old pods never went (name, images, terminating): {seen:?}");
         }
         sleep(Duration::from_millis(500)).await;
     };
     for pod in &pods {
         assert!(pod_images(pod).iter().all(|i| i == NEW_IMAGE), "{}: {:?}", pod.name_any(), pod_images(pod));
-        assert!(!pod.uid().is_some_and(|uid| old_pods.contains(&uid)), "{} was not replaced", pod.name_any());
     }
     assert!(rolling.load(std::sync::atomic::Ordering::Relaxed), "Progressing never said RollingUpdate");
     let status = rolled.status.clone().expect("status");
